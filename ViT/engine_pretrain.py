@@ -1,0 +1,147 @@
+"""One pretraining epoch: the inner loop, kept flat.
+
+Per optimizer step: one schedule hook (lr, and FreezeOut's freeze events, only at step
+boundaries so accumulation is never split), `accum_iter` micro-batches with DDP's gradient
+all-reduce only on the last, then the optimizer step. The host waits for the device only
+when a console line is printed and at the end of the epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from util import dist
+from util.log import DeviceMeans, format_seconds
+
+SCALE_NAMES = ['4', '2', '1', '0.5']  # LocalMIM's scales, in tap order
+
+
+class ModelHandle:
+    """The model as trained (`module`) and as called (`call`: DDP and/or torch.compile around
+    it). `rewrap` rebuilds the wrapper, e.g. after a freeze event, so DDP only registers (and
+    all-reduces) the parameters that still train."""
+
+    def __init__(self, module: nn.Module, wrap: Callable[[nn.Module], nn.Module]):
+        self.module, self.wrap = module, wrap
+        self.call = wrap(module)
+
+    def rewrap(self) -> None:
+        self.call = None  # drop the old DDP reducer before building the new one
+        self.call = self.wrap(self.module)
+
+    def no_sync(self):
+        ddp = getattr(self.call, '_orig_mod', self.call)  # under torch.compile
+        if isinstance(ddp, nn.parallel.DistributedDataParallel):
+            return ddp.no_sync()
+        return contextlib.nullcontext()
+
+
+def autocast_context(device: torch.device, amp: str):
+    if amp == 'none':
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, loss_scaler, schedule, args,
+                    log_writer=None) -> dict[str, float]:
+    """Trains `len(data_loader) // accum_iter` optimizer steps (left-over micro-batches that
+    could not complete a step are skipped). Returns epoch means for log.txt."""
+    handle.module.train(True)
+    accum = args.accum_iter
+    steps = len(data_loader) // accum
+    first_step = epoch * steps
+    window, totals = DeviceMeans(), DeviceMeans()
+    batch_size, world = args.batch_size, dist.get_world_size()
+    print_freq = max(args.print_freq, 1)
+
+    optimizer.zero_grad(set_to_none=True)
+    epoch_start = window_start = time.perf_counter()
+    data_wait = window_wait = 0.0
+    window_images = 0
+    iterator = iter(data_loader)
+    for it in range(steps * accum):
+        wait_start = time.perf_counter()
+        samples, _ = next(iterator)
+        waited = time.perf_counter() - wait_start
+        data_wait += waited
+        window_wait += waited
+
+        step_in_epoch, micro = divmod(it, accum)
+        step = first_step + step_in_epoch
+        if micro == 0 and schedule.on_step(step):
+            handle.rewrap()
+            print(f'FreezeOut: step {step}: {handle.module.num_frozen} layers frozen, live taps '
+                  f'{[SCALE_NAMES[j] for j in handle.module.live_taps]}')
+
+        samples = samples.to(device, non_blocking=True)
+        update = micro == accum - 1
+        with (contextlib.nullcontext() if update else handle.no_sync()):
+            with autocast_context(device, args.amp):
+                loss, terms = handle.call(samples, mask_ratio=args.mask_ratio, return_terms=True)
+            scaled = loss / accum
+            if loss_scaler is not None:
+                loss_scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        if update:
+            if loss_scaler is not None:
+                loss_scaler.step(optimizer)
+                loss_scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        values = {'loss': loss.detach(), **{f'loss_scale{SCALE_NAMES[k]}': v.detach() for k, v in terms.items()}}
+        window.update(**values)
+        totals.update(**values)
+        window_images += batch_size * world
+
+        last = it == steps * accum - 1
+        if (it + 1) % print_freq == 0 or last:
+            means = window.means()  # the one host-device sync of the window
+            if not math.isfinite(means['loss']):
+                raise SystemExit(f'error: loss is {means["loss"]} at epoch {epoch} iteration {it}; stopping')
+            now = time.perf_counter()
+            images_per_s = window_images / max(now - window_start, 1e-9)
+            elapsed = now - epoch_start
+            eta = elapsed / (it + 1) * (steps * accum - it - 1)
+            lr = optimizer.param_groups[-1]['lr']
+            memory = f'  mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G' if device.type == 'cuda' else ''
+            print(f'Epoch [{epoch}] [{it + 1}/{steps * accum}]  eta {format_seconds(eta)}  '
+                  f'loss {means["loss"]:.4f}  lr {lr:.3e}  {images_per_s:.0f} img/s  '
+                  f'data wait {window_wait / max(now - window_start, 1e-9):.0%}  '
+                  f'frozen {handle.module.num_frozen}{memory}', flush=True)
+            if log_writer is not None:
+                x = int((it / len(data_loader) + epoch) * 1000)  # upstream's epoch_1000x axis
+                log_writer.add_scalar('train_loss', means['loss'], x)
+                for k, v in means.items():
+                    if k.startswith('loss_scale'):
+                        log_writer.add_scalar(f'loss/{k}', v, x)
+                log_writer.add_scalar('lr', lr, x)
+                log_writer.add_scalar('perf/images_per_s', images_per_s, x)
+                log_writer.add_scalar('perf/data_wait_s', window_wait, x)
+                if device.type == 'cuda':
+                    log_writer.add_scalar('perf/max_memory_gib', torch.cuda.max_memory_allocated() / 2**30, x)
+                for layer, layer_lr in schedule.layer_lrs().items():
+                    log_writer.add_scalar(f'freezeout/lr_layer{layer:02d}', layer_lr, x)
+                log_writer.add_scalar('freezeout/frozen_layers', handle.module.num_frozen, x)
+                log_writer.add_scalar('freezeout/live_taps', len(handle.module.live_taps), x)
+            window.reset()
+            window_images, window_wait, window_start = 0, 0.0, time.perf_counter()
+
+    epoch_time = time.perf_counter() - epoch_start
+    stats = totals.means(across_ranks=True)
+    stats.update(lr=optimizer.param_groups[-1]['lr'], epoch_time=epoch_time,
+                 images_per_s=steps * accum * batch_size * world / max(epoch_time, 1e-9),
+                 data_wait_s=data_wait, frozen_layers=handle.module.num_frozen,
+                 live_taps=len(handle.module.live_taps))
+    print(f'Epoch [{epoch}] done in {format_seconds(epoch_time)}: loss {stats["loss"]:.4f}, '
+          f'{stats["images_per_s"]:.0f} img/s, data wait {data_wait:.1f}s', flush=True)
+    return stats

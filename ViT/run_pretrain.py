@@ -1,0 +1,254 @@
+"""LocalMIM pretraining, plain or with FreezeOut (--t_0).
+
+    python run_pretrain.py --model MIM_vit_base_patch16 --data_path /path/to/imagenet ...
+    python -m torch.distributed.launch --nproc_per_node=8 run_pretrain.py ...
+    torchrun --nproc_per_node=8 run_pretrain.py ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import models_mim
+from engine_pretrain import ModelHandle, train_one_epoch
+from util import checkpoint, dist
+from util import freezeout as fo
+from util.data import build_pretrain_loader
+from util.log import append_json_line, format_seconds, make_writer
+from util.lr_sched import PlainSchedule
+from util.optim import build_adamw, param_groups_weight_decay
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('LocalMIM pretraining (optionally with FreezeOut)',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--batch_size', default=128, type=int,
+                        help='batch size per process (effective batch = batch_size * accum_iter * processes)')
+    parser.add_argument('--epochs', default=400, type=int)
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='micro-batches accumulated per optimizer step')
+
+    g = parser.add_argument_group('model')
+    g.add_argument('--model', default='MIM_vit_base_patch16', type=str,
+                   help=f'one of: {", ".join(sorted(models_mim.MODELS))}')
+    g.add_argument('--input_size', default=224, type=int, help='image side; the token grid must be even')
+    g.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
+    g.add_argument('--hog_nbins', default=9, type=int, help='orientation bins of the HOG targets')
+    g.add_argument('--hog_bias', action='store_true', help='bias in the HOG Sobel conv (upstream, ViT-L)')
+
+    g = parser.add_argument_group('optimisation')
+    g.add_argument('--weight_decay', type=float, default=0.05)
+    g.add_argument('--lr', type=float, default=None, help='absolute lr (default: blr * effective batch / 256)')
+    g.add_argument('--blr', type=float, default=1e-3, help='base lr: lr = blr * effective batch / 256')
+    g.add_argument('--min_lr', type=float, default=1e-6,
+                   help='floor of the cosine (plain runs; FreezeOut anneals each layer to 0)')
+    g.add_argument('--warmup_epochs', type=int, default=40, help='epochs of linear lr warmup')
+    g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
+                   help='mixed precision: auto = bf16 on GPUs that support it, none on CPU; '
+                        'fp16 uses a GradScaler')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model (recompiles once per freeze event)')
+
+    g = parser.add_argument_group('FreezeOut (off unless --t_0 is given)')
+    g.add_argument('--t_0', type=float, default=None,
+                   help='fraction of the run at which the first layer (patch embedding) freezes, before '
+                        'scaling; the last block trains to the end')
+    g.add_argument('--how_scale', default='cubic', choices=list(fo.SCALE_FUNCTIONS),
+                   help='freeze time of layer i: s(t_0 + (1 - t_0) i / (L - 1)) with s = x, x^2 or x^3')
+    g.add_argument('--scale_lr', dest='scale_lr', action='store_true', default=True,
+                   help='peak lr of layer i = lr / t_i (FreezeOut\'s default)')
+    g.add_argument('--no_scale_lr', dest='scale_lr', action='store_false', help='every layer peaks at lr')
+    g.add_argument('--decoder_freeze', default='tap', choices=list(fo.DECODER_FREEZE_MODES),
+                   help='tap: a LocalMIM decoder, its norm and HOG scale are dropped when the block it reads '
+                        'freezes; never: decoders train to the end on frozen features')
+
+    g = parser.add_argument_group('data, output, run')
+    g.add_argument('--data_path', default='./dataset/ImageNet/', type=str,
+                   help='ImageFolder root: <path>/train/<class>/..., <path>/train/image_folders/<class>/... '
+                        'or the class folders themselves')
+    g.add_argument('--output_dir', default='./output_dir', help='checkpoints, log.txt, freezeout_schedule.json')
+    g.add_argument('--log_dir', default=None, help='tensorboard folder (default: --output_dir)')
+    g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    g.add_argument('--seed', default=0, type=int)
+    g.add_argument('--resume', default='', help='checkpoint to resume from')
+    g.add_argument('--auto_resume', dest='auto_resume', action='store_true', default=True,
+                   help='resume from the newest checkpoint in --output_dir (default on)')
+    g.add_argument('--no_auto_resume', dest='auto_resume', action='store_false')
+    g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
+    g.add_argument('--save_freq', default=50, type=int,
+                   help='keep checkpoint-<epoch>.pth every N epochs (and the last); checkpoint-last.pth '
+                        'is refreshed every epoch')
+    g.add_argument('--print_freq', default=50, type=int, help='console/tensorboard line every N iterations')
+    g.add_argument('--num_workers', default=10, type=int)
+    g.add_argument('--pin_mem', action='store_true', default=True,
+                   help='pinned host memory for faster copies to the GPU')
+    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    dist.add_dist_args(parser)
+    return parser
+
+
+def resolve_device_and_amp(args: argparse.Namespace) -> torch.device:
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if str(args.device).startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit('error: --device cuda but no CUDA GPU is visible; use --device cpu')
+    device = torch.device(args.device)
+    if args.amp == 'auto':
+        args.amp = 'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'none'
+    if device.type == 'cpu' and args.amp == 'fp16':
+        raise SystemExit('error: --amp fp16 needs a GPU; use --amp none or bf16 on CPU')
+    return device
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
+        raise SystemExit('error: --batch_size, --accum_iter and --epochs must be at least 1')
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise SystemExit(f'error: --mask_ratio must be in [0, 1), got {args.mask_ratio}')
+    if args.warmup_epochs > args.epochs:
+        raise SystemExit(f'error: --warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}')
+    if args.t_0 is not None:
+        fo.validate(args.t_0, args.how_scale, args.decoder_freeze, args.warmup_epochs, args.epochs)
+
+
+def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
+    if args.resume:
+        return Path(args.resume)
+    if not args.auto_resume or not args.output_dir:
+        return None
+    candidates = []
+    numbered = checkpoint.find_latest(args.output_dir)
+    if numbered is not None:
+        candidates.append((int(checkpoint.CHECKPOINT_PATTERN.match(numbered.name).group(1)), numbered))
+    last = Path(args.output_dir) / 'checkpoint-last.pth'
+    if last.is_file():
+        candidates.append((int(checkpoint.load(last)['epoch']), last))
+    return max(candidates)[1] if candidates else None
+
+
+def main(args: argparse.Namespace) -> dict:
+    check_args(args)
+    dist.init_distributed_mode(args)
+    device = resolve_device_and_amp(args)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    args.log_dir = args.log_dir or args.output_dir
+    if args.output_dir and dist.is_main_process():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    print('args: ' + json.dumps(vars(args), default=str))
+
+    seed = args.seed + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.backends.cudnn.benchmark = True
+
+    model = models_mim.build_model(args.model, img_size=args.input_size, hog_nbins=args.hog_nbins,
+                                   hog_bias=args.hog_bias)
+    model.to(device)
+    loader = build_pretrain_loader(args.data_path, args.input_size, args.batch_size, args.seed,
+                                   args.num_workers, args.pin_mem and device.type == 'cuda', world, rank)
+    print(f'data: {loader.dataset.root}: {len(loader.dataset)} images, {len(loader)} batches per process')
+    steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        raise SystemExit(f'error: {len(loader)} batches per epoch is fewer than --accum_iter {args.accum_iter}')
+
+    eff_batch = args.batch_size * args.accum_iter * world
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accum_iter: {args.accum_iter}  '
+          f'effective batch: {eff_batch}  amp: {args.amp}  device: {device}')
+
+    if args.t_0 is not None:
+        schedule_table = fo.FreezeOutSchedule.build(
+            model.num_layers, model.tap_layers, args.lr, args.t_0, args.how_scale, args.scale_lr,
+            args.decoder_freeze, args.epochs, steps_per_epoch, args.warmup_epochs)
+        layer_of = lambda name: fo.schedule_layer(name, model.tap_layers, args.decoder_freeze, model.num_layers)  # noqa: E731
+        optimizer = build_adamw(param_groups_weight_decay(model, args.weight_decay, layer_of), args.lr, device)
+        schedule = fo.FreezeOut(model, optimizer, schedule_table)
+        table = schedule_table.table(fo.param_prefixes(model, schedule_table))
+        print(fo.format_table(table))
+        if args.output_dir and dist.is_main_process():
+            print(f'wrote {fo.write_table(table, args.output_dir)}')
+    else:
+        optimizer = build_adamw(param_groups_weight_decay(model, args.weight_decay), args.lr, device)
+        schedule = PlainSchedule(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs, steps_per_epoch)
+    loss_scaler = torch.amp.GradScaler(device.type) if args.amp == 'fp16' else None
+
+    # resume: the frozen set is recomputed from the step before the optimizer state is loaded
+    start_epoch = args.start_epoch
+    resume_path = find_resume_checkpoint(args)
+    if resume_path is not None:
+        ckpt = checkpoint.load(resume_path)
+        if 'model' not in ckpt:
+            raise checkpoint.CheckpointError(f'{resume_path} has no "model" entry; not a pretraining checkpoint')
+        model.load_state_dict(ckpt['model'])
+        start_epoch = int(ckpt['epoch']) + 1
+        schedule.on_step(start_epoch * steps_per_epoch)
+        if 'optimizer' in ckpt:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        if loss_scaler is not None and ckpt.get('scaler'):
+            loss_scaler.load_state_dict(ckpt['scaler'])
+        rng = ckpt.get('rng')
+        if rng is not None and len(rng) == world:
+            checkpoint.set_rng_state(rng[rank])
+        elif rng is not None:
+            print(f'note: checkpoint saved with {len(rng)} processes, now {world}: RNG streams restart')
+        print(f'resumed from {resume_path} (epoch {ckpt["epoch"]}); continuing at epoch {start_epoch}')
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if args.distributed:
+            ids = [device.index] if device.type == 'cuda' else None
+            module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return torch.compile(module) if args.compile else module
+
+    handle = ModelHandle(model, wrap)
+    log_writer = make_writer(args.log_dir)
+    print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
+    run_start = time.time()
+    stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(handle, loader, optimizer, device, epoch, loss_scaler, schedule, args, log_writer)
+        save_checkpoint(args, model, optimizer, loss_scaler, epoch)
+        append_json_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch})
+        if log_writer is not None:
+            log_writer.flush()
+    total = time.time() - run_start
+    print(f'Training time {format_seconds(total)}')
+    if dist.is_main_process() and args.output_dir:
+        print(f'outputs: {Path(args.output_dir).resolve()} (checkpoints, log.txt); '
+              f'tensorboard: {Path(args.log_dir).resolve()}')
+    if log_writer is not None:
+        log_writer.close()
+    dist.destroy()
+    return stats
+
+
+def save_checkpoint(args, model, optimizer, loss_scaler, epoch: int) -> None:
+    """checkpoint-last.pth every epoch, checkpoint-<epoch>.pth every --save_freq and at the end.
+    RNG states of all ranks are gathered so each rank resumes its own stream."""
+    states = [checkpoint.rng_state()]
+    if dist.is_dist():
+        gathered = [None] * dist.get_world_size()
+        torch.distributed.all_gather_object(gathered, states[0])
+        states = gathered
+    if not args.output_dir or not dist.is_main_process():
+        return
+    obj = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+           'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
+           'args': checkpoint.args_to_dict(args), 'rng': states}
+    out = Path(args.output_dir)
+    checkpoint.save_atomic(obj, out / 'checkpoint-last.pth')
+    if epoch % args.save_freq == 0 or epoch + 1 == args.epochs:
+        checkpoint.keep_copy(out / 'checkpoint-last.pth', out / f'checkpoint-{epoch}.pth')
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

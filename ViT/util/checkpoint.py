@@ -1,0 +1,118 @@
+"""Checkpoints: atomic save, discovery of the newest one, safe loading, RNG state.
+
+Format (upstream's keys): {'model', 'optimizer', 'epoch', 'scaler', 'args', ...} with the
+model under 'model'. Everything is plain tensors / numbers / strings / dicts, so the file
+loads with torch.load(..., weights_only=True); args are stored as a dict, not a Namespace.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r'^checkpoint-(\d+)\.pth$')
+
+
+class CheckpointError(SystemExit):
+    def __init__(self, message: str):
+        super().__init__('error: ' + message)
+
+
+def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """Namespace -> dict of plain values (weights_only-loadable)."""
+    plain = (str, int, float, bool, type(None))
+    out = {}
+    for k, v in vars(args).items():
+        if isinstance(v, plain):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v):
+            out[k] = list(v)
+        else:
+            out[k] = str(v)
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of this process. numpy/python states are stored as tensors/lists so that
+    weights_only loading accepts them."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+        'python': {'version': py_state[0], 'state': list(py_state[1]), 'gauss': py_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'],
+                         n['has_gauss'], n['cached_gaussian']))
+    p = state['python']
+    random.setstate((p['version'], tuple(p['state']), p['gauss']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
+    """Write to a temporary file then rename, so an interruption never leaves a torn file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def keep_copy(src: str | Path, dst: str | Path) -> None:
+    """dst becomes a hard link to src (no second serialisation; src is later replaced by rename,
+    which leaves dst intact), or a copy where links are not supported."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(dst.name + '.tmp')
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def load(path: str | Path, map_location: str | torch.device = 'cpu') -> dict[str, Any]:
+    """torch.load with weights_only and a clear message for missing or unreadable files.
+    Falls back to a full unpickle only for upstream checkpoints that pickled a Namespace
+    (LocalMIM's released files), with a note."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {path} does not exist')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as first_error:  # noqa: BLE001 - re-raised below with context
+        message = str(first_error)
+        if 'Weights only load failed' in message and 'argparse' in message.lower():
+            print(f'note: {path} holds a pickled argparse.Namespace (upstream format); '
+                  'loading it with weights_only=False because it is an upstream checkpoint')
+            try:
+                return torch.load(path, map_location=map_location, weights_only=False)
+            except Exception as e:  # noqa: BLE001
+                first_error = e
+        raise CheckpointError(f'cannot read checkpoint {path}: '
+                              f'{type(first_error).__name__}: {str(first_error).splitlines()[0]}')

@@ -1,0 +1,109 @@
+"""Process-group set-up and rank helpers.
+
+Works for a plain `python run_x.py` (one process, no process group), for
+`python -m torch.distributed.launch` (which passes `--local-rank=N` on torch 2.x
+and `--local_rank=N` on older versions, and sets LOCAL_RANK) and for `torchrun`
+(single or multi-node: RANK / WORLD_SIZE / LOCAL_RANK in the environment).
+gloo on CPU, NCCL on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def add_dist_args(parser: argparse.ArgumentParser) -> None:
+    """Upstream's distributed flags; `--local-rank` and `--local_rank` both accepted."""
+    group = parser.add_argument_group('distributed (set by torch.distributed.launch / torchrun)')
+    group.add_argument('--world_size', default=1, type=int,
+                       help='number of processes; taken from the launcher when it sets WORLD_SIZE')
+    group.add_argument('--local_rank', '--local-rank', dest='local_rank', default=-1, type=int,
+                       help='set by torch.distributed.launch; do not pass by hand')
+    group.add_argument('--dist_on_itp', action='store_true', help=argparse.SUPPRESS)
+    group.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    group.add_argument('--dist_backend', default=None, choices=['nccl', 'gloo'],
+                       help='default: nccl on CUDA, gloo on CPU')
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def _silence_non_main_ranks(is_main: bool) -> None:
+    """Only rank 0 prints, unless a call passes force=True (as upstream's helper)."""
+    builtin_print = builtins.print
+
+    def print_main_only(*args, **kwargs):
+        force = kwargs.pop('force', False)
+        if is_main or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_main_only
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Set args.distributed, args.rank, args.world_size, args.gpu and the device.
+
+    A launcher is recognised by RANK and WORLD_SIZE in the environment. Without one
+    the run is a single process and no process group is created.
+    """
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank = int(os.environ['RANK'])
+        args.world_size = int(os.environ['WORLD_SIZE'])
+        args.gpu = int(os.environ.get('LOCAL_RANK', max(args.local_rank, 0)))
+    else:
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        args.distributed = False
+        return
+
+    args.distributed = True
+    use_cuda = str(args.device).startswith('cuda')
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit('error: --device cuda was asked for but no CUDA GPU is visible; '
+                             'use --device cpu (gloo) for CPU runs')
+        torch.cuda.set_device(args.gpu)
+        args.device = f'cuda:{args.gpu}'
+    backend = args.dist_backend or ('nccl' if use_cuda else 'gloo')
+    print(f'| distributed init (rank {args.rank}/{args.world_size}, backend {backend}): '
+          f'{args.dist_url}', flush=True)
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                            rank=args.rank, timeout=datetime.timedelta(minutes=30))
+    dist.barrier()
+    _silence_non_main_ranks(args.rank == 0)
+
+
+def destroy() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (returns the input on a single process)."""
+    if not is_dist():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / get_world_size()

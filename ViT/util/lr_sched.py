@@ -1,0 +1,54 @@
+"""Learning-rate schedules as pure functions of training progress (in epochs, fractional)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def warmup_cosine_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float,
+                     epochs: float) -> float:
+    """Upstream's schedule: linear warmup from 0 to lr over warmup_epochs, then a half-cycle
+    cosine from lr down to min_lr at `epochs`."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group gets lr, times its 'lr_scale' where it has one (layer-wise decay)."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args) -> float:
+    """Upstream-compatible entry point: sets and returns the lr for fractional `epoch`."""
+    lr = warmup_cosine_lr(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+    set_group_lrs(optimizer, lr)
+    return lr
+
+
+class PlainSchedule:
+    """Upstream LocalMIM's schedule, applied once per optimizer step (per iteration, not per
+    epoch): fractional epoch = step / steps_per_epoch. Same hook as FreezeOut; never freezes."""
+
+    num_frozen = 0
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, min_lr: float,
+                 warmup_epochs: float, epochs: int, steps_per_epoch: int):
+        self.optimizer = optimizer
+        self.lr, self.min_lr = lr, min_lr
+        self.warmup_epochs, self.epochs = warmup_epochs, epochs
+        self.steps_per_epoch = steps_per_epoch
+
+    def lr_at(self, step: int) -> float:
+        return warmup_cosine_lr(step / self.steps_per_epoch, self.lr, self.min_lr,
+                                self.warmup_epochs, self.epochs)
+
+    def on_step(self, step: int) -> bool:
+        set_group_lrs(self.optimizer, self.lr_at(step))
+        return False
+
+    def layer_lrs(self) -> dict[int, float]:
+        return {}
