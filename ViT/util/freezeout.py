@@ -173,7 +173,7 @@ def param_prefixes(model: nn.Module, schedule: FreezeOutSchedule) -> dict[int, l
             continue  # fixed tables (pos_embed, HOG filters)
         layer = schedule_layer(name, list(schedule.tap_layers), schedule.decoder_freeze, schedule.num_layers)
         parts = name.split('.')
-        prefix = '.'.join(parts[:2]) if parts[0] in ('blocks', 'decoder', 'norm', 'patch_embed') else parts[0]
+        prefix = '.'.join(parts[:2]) if parts[0] in ('blocks', 'decoder', 'norm') else parts[0]
         if prefix not in out.setdefault(layer, []):
             out[layer].append(prefix)
     return out

@@ -1,0 +1,70 @@
+"""Draw FreezeOut's per-layer learning-rate schedule for given pretraining flags.
+
+    python plot_lr_schedule.py --epochs 100 --warmup_epochs 10 --blr 2e-4 --batch_size 2048 \
+        --how_scale cubic --t_0 0.8 --out ../image/freezeout_lr_cubic_0.8.png
+
+Takes run_pretrain.py's flags (lr = blr * batch_size / 256 unless --lr; give the effective
+batch as --batch_size). One curve per layer (warmup included) against % of training, with the
+plain LocalMIM schedule dashed for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+from run_pretrain import get_args_parser  # noqa: E402
+from util import flops  # noqa: E402
+from util import freezeout as fo  # noqa: E402
+from util.lr_sched import warmup_cosine_lr  # noqa: E402
+
+IMAGE_DIR = Path(__file__).resolve().parents[1] / 'image'
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False, description=__doc__,
+                                     conflict_handler='resolve')
+    parser.add_argument('--out', default=None, help='PNG path (default: image/freezeout_lr_<how>_<t_0>.png)')
+    parser.add_argument('--points', default=1000, type=int, help='optimizer steps drawn (the x resolution)')
+    args = parser.parse_args(argv)
+    if args.t_0 is None:
+        raise SystemExit('error: give --t_0 (and --how_scale) to draw a FreezeOut schedule')
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter / 256
+    depth = flops.SHAPES.get(args.model, flops.ModelShape()).depth
+    taps = [b + 1 for b in flops.ModelShape(depth=depth).taps]
+    steps_per_epoch = max(args.points // args.epochs, 1)
+    schedule = fo.FreezeOutSchedule.build(depth + 1, taps, lr, args.t_0, args.how_scale, args.scale_lr,
+                                          args.decoder_freeze, args.epochs, steps_per_epoch, args.warmup_epochs)
+    steps = range(schedule.total_steps + 1)
+    x = [100 * s / schedule.total_steps for s in steps]
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    cmap = plt.get_cmap('viridis')
+    for i in range(schedule.num_layers):
+        name = 'patch embed' if i == 0 else f'block {i - 1}'
+        ax.plot(x, [schedule.lr(i, s) for s in steps], color=cmap(i / max(schedule.num_layers - 1, 1)),
+                lw=1.4, label=f'{name} (t={schedule.t[i]:.2f})')
+    plain = [warmup_cosine_lr(s / steps_per_epoch, lr, args.min_lr, args.warmup_epochs, args.epochs) for s in steps]
+    ax.plot(x, plain, 'k--', lw=1.2, label='plain LocalMIM')
+    ax.set_xlabel('% of training')
+    ax.set_ylabel('learning rate')
+    scaled = 'lr / t_i' if args.scale_lr else 'lr'
+    ax.set_title(f'FreezeOut {args.how_scale}, t_0={args.t_0}, peak {scaled}, warmup '
+                 f'{args.warmup_epochs}/{args.epochs} epochs')
+    ax.legend(fontsize=6, ncol=2, loc='upper right')
+    ax.grid(alpha=0.3)
+    out = Path(args.out) if args.out else IMAGE_DIR / f'freezeout_lr_{args.how_scale}_{args.t_0}.png'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    print(f'wrote {out}')
+    return out
+
+
+if __name__ == '__main__':
+    main()
