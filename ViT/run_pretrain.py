@@ -21,7 +21,7 @@ import models_mim
 from engine_pretrain import ModelHandle, train_one_epoch
 from util import checkpoint, dist
 from util import freezeout as fo
-from util.data import build_pretrain_loader
+from util.gpu_data import BACKENDS, build_loader
 from util.log import append_json_line, format_seconds, make_writer
 from util.lr_sched import PlainSchedule
 from util.optim import build_adamw, param_groups_weight_decay
@@ -55,6 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='mixed precision: auto = bf16 on GPUs that support it, none on CPU; '
                         'fp16 uses a GradScaler')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (recompiles once per freeze event)')
+    g.add_argument('--compile_backend', default='inductor', help=argparse.SUPPRESS)  # 'eager' in tests
 
     g = parser.add_argument_group('FreezeOut (off unless --t_0 is given)')
     g.add_argument('--t_0', type=float, default=None,
@@ -87,6 +88,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'is refreshed every epoch')
     g.add_argument('--print_freq', default=50, type=int, help='console/tensorboard line every N iterations')
     g.add_argument('--num_workers', default=10, type=int)
+    g.add_argument('--data_backend', default='pil', choices=list(BACKENDS),
+                   help='pil: CPU workers decode and augment (upstream); gpu: workers read JPEG bytes, the GPU '
+                        'decodes and augments; gpu-cache: all images decoded once and kept on the GPU')
+    g.add_argument('--cache_size', default=None, type=int,
+                   help='gpu-cache: square side of the cached images (default: the images\' own size when '
+                        'they all have one, else input_size * 1.15)')
     g.add_argument('--pin_mem', action='store_true', default=True,
                    help='pinned host memory for faster copies to the GPU')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
@@ -152,8 +159,9 @@ def main(args: argparse.Namespace) -> dict:
     model = models_mim.build_model(args.model, img_size=args.input_size, hog_nbins=args.hog_nbins,
                                    hog_bias=args.hog_bias)
     model.to(device)
-    loader = build_pretrain_loader(args.data_path, args.input_size, args.batch_size, args.seed,
-                                   args.num_workers, args.pin_mem and device.type == 'cuda', world, rank)
+    loader = build_loader(args.data_backend, args.data_path, args.input_size, args.batch_size, args.seed,
+                          args.num_workers, args.pin_mem and device.type == 'cuda', world, rank, device,
+                          args.cache_size)
     print(f'data: {loader.dataset.root}: {len(loader.dataset)} images, {len(loader)} batches per process')
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:
@@ -202,11 +210,17 @@ def main(args: argparse.Namespace) -> dict:
             print(f'note: checkpoint saved with {len(rng)} processes, now {world}: RNG streams restart')
         print(f'resumed from {resume_path} (epoch {ckpt["epoch"]}); continuing at epoch {start_epoch}')
 
+    if args.compile:
+        # each freeze event changes the graph once; keep dynamo from giving up (its default
+        # limit of 8 graphs per function would silently fall back to eager after 8 events)
+        import torch._dynamo.config as dynamo_config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * model.num_layers + 8)
+
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         if args.distributed:
             ids = [device.index] if device.type == 'cuda' else None
             module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
-        return torch.compile(module) if args.compile else module
+        return torch.compile(module, backend=args.compile_backend) if args.compile else module
 
     handle = ModelHandle(model, wrap)
     log_writer = make_writer(args.log_dir)

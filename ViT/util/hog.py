@@ -59,7 +59,8 @@ class HOGLayer(nn.Module):
         """Upstream's per-scale call: x (N, 1, H, W) -> (N, nbins, h, w)."""
         if out_size is None:
             out_size = int(round(x.shape[-1] / self.pool))
-        return self.pool_and_normalize(self.histogram(x.float()), out_size)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.pool_and_normalize(self.histogram(x.float()), out_size)
 
 
 def _channels_to_tokens(hog: torch.Tensor, batch: int) -> torch.Tensor:

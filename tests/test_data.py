@@ -1,0 +1,202 @@
+"""util.data: folder layouts, the seeded crop/flip pipeline and the loader."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets as datasets
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
+
+from util.data import (IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, SeededImageFolder,
+                       build_pretrain_loader, resolve_image_folder, sample_resized_crop)
+
+
+def write_images(folder, n, size=(40, 30), seed=0):
+    """n random RGB JPEGs of size (width, height) in folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f'img_{i}.jpg', quality=95)
+
+
+def make_classes(base, n_per_class=2, classes=('cat', 'dog'), seed=0):
+    for i, c in enumerate(classes):
+        write_images(base / c, n_per_class, seed=seed + i)
+
+
+# ---- layouts ---------------------------------------------------------------------------------
+def test_layout_class_folders_directly(tmp_path):
+    base = tmp_path / 'ds' / 'train' / 'image_folders'  # what the research notes point at
+    make_classes(base)
+    got = resolve_image_folder(str(base))
+    assert got == base
+    assert datasets.ImageFolder(str(got)).classes == ['cat', 'dog']
+
+
+def test_layout_root_train_class(tmp_path):
+    make_classes(tmp_path / 'train')
+    got = resolve_image_folder(str(tmp_path))
+    assert got == tmp_path / 'train'
+    assert datasets.ImageFolder(str(got)).classes == ['cat', 'dog']
+
+
+def test_layout_root_train_image_folders_finds_all_images(tmp_path):
+    make_classes(tmp_path / 'train' / 'image_folders', n_per_class=3)
+    got = resolve_image_folder(str(tmp_path))
+    assert got in (tmp_path / 'train', tmp_path / 'train' / 'image_folders')
+    assert len(datasets.ImageFolder(str(got))) == 6
+
+
+def test_layout_root_train_image_folders_class(tmp_path):
+    make_classes(tmp_path / 'train' / 'image_folders')
+    got = resolve_image_folder(str(tmp_path))
+    # the folder whose sub-folders are the classes, not <root>/train (one class 'image_folders')
+    assert got == tmp_path / 'train' / 'image_folders'
+    assert datasets.ImageFolder(str(got)).classes == ['cat', 'dog']
+
+
+def test_missing_path_message(tmp_path):
+    with pytest.raises(SystemExit, match='does not exist') as e:
+        resolve_image_folder(str(tmp_path / 'nope'))
+    assert 'nope' in str(e.value)
+
+
+def test_empty_folder_message(tmp_path):
+    (tmp_path / 'train' / 'cat').mkdir(parents=True)  # a class folder without images
+    with pytest.raises(SystemExit) as e:
+        resolve_image_folder(str(tmp_path))
+    msg = str(e.value)
+    assert 'no class folders with images' in msg
+    assert '<class>' in msg and 'train' in msg  # says what layout was expected
+
+
+# ---- crop distribution -----------------------------------------------------------------------
+H, W = 375, 500
+N_DRAWS = 4000
+QUANTILES = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+
+
+def _stats(crops):
+    t = torch.tensor(crops, dtype=torch.float64)  # (N, 4): top, left, h, w
+    area = t[:, 2] * t[:, 3] / (H * W)
+    log_ar = torch.log(t[:, 3] / t[:, 2])
+    cy = (t[:, 0] + t[:, 2] / 2) / H
+    cx = (t[:, 1] + t[:, 3] / 2) / W
+    return area, log_ar, cy, cx
+
+
+def test_sample_resized_crop_matches_torchvision_distribution():
+    gen = torch.Generator().manual_seed(0)
+    ours = [sample_resized_crop(gen, H, W, (0.2, 1.0)) for _ in range(N_DRAWS)]
+    torch.manual_seed(1)
+    dummy = torch.empty(3, H, W)
+    theirs = [RandomResizedCrop.get_params(dummy, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
+              for _ in range(N_DRAWS)]
+    for top, left, h, w in ours:
+        assert isinstance(top, int) and isinstance(h, int)
+        assert 0 <= top and 0 <= left and 0 < h and 0 < w
+        assert top + h <= H and left + w <= W
+    a_o, r_o, y_o, x_o = _stats(ours)
+    a_t, r_t, y_t, x_t = _stats(theirs)
+    assert abs(a_o.mean() - a_t.mean()) < 0.02
+    assert abs(r_o.mean() - r_t.mean()) < 0.02
+    assert abs(y_o.mean() - y_t.mean()) < 0.02 and abs(x_o.mean() - x_t.mean()) < 0.02
+    assert torch.all((torch.quantile(a_o, QUANTILES) - torch.quantile(a_t, QUANTILES)).abs() < 0.04)
+    assert torch.all((torch.quantile(r_o, QUANTILES) - torch.quantile(r_t, QUANTILES)).abs() < 0.04)
+    assert abs(a_o.std() - a_t.std()) < 0.02 and abs(r_o.std() - r_t.std()) < 0.02
+    # the ranges themselves: area fraction in [0.2, 1], aspect in [3/4, 4/3] (up to rounding)
+    assert a_o.min() > 0.19 and a_o.max() <= 1.0
+    assert r_o.min() > math.log(3 / 4) - 0.02 and r_o.max() < math.log(4 / 3) + 0.02
+
+
+def test_sample_resized_crop_uses_the_generator():
+    a = [sample_resized_crop(torch.Generator().manual_seed(5), H, W) for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    first = sample_resized_crop(g, H, W)
+    torch.manual_seed(99)  # the global RNG must not matter
+    assert first == a[0]
+    assert sample_resized_crop(g, H, W) != first
+
+
+# ---- transform -------------------------------------------------------------------------------
+def test_transform_shape_and_normalisation():
+    t = PretrainTransform(32)
+    gray = Image.new('RGB', (W, H), (128, 128, 128))
+    x = t(gray, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    for c in range(3):
+        expected = (128 / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        torch.testing.assert_close(x[c], torch.full((32, 32), expected), rtol=0, atol=1e-5)
+    # the extremes map to the ends of the normalised range
+    for value in (0, 255):
+        z = t(Image.new('RGB', (W, H), (value,) * 3), torch.Generator().manual_seed(1))
+        for c in range(3):
+            expected = (value / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+            torch.testing.assert_close(z[c], torch.full((32, 32), expected), rtol=0, atol=1e-5)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, size=(H, W, 3), dtype=np.uint8))
+    y = t(img, torch.Generator().manual_seed(1))
+    lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    assert y.min() >= lo - 1e-5 and y.max() <= hi + 1e-5
+
+
+def test_flip_rate_about_half():
+    # a left-to-right ramp: any crop still increases to the right unless flipped
+    ramp = np.tile(np.linspace(0, 255, W).astype(np.uint8)[None, :, None], (H, 1, 3))
+    img = Image.fromarray(ramp)
+    t = PretrainTransform(32)
+    n, flipped = 300, 0
+    for i in range(n):
+        x = t(img, torch.Generator().manual_seed(i))
+        left, right = x[0, :, 0].mean().item(), x[0, :, -1].mean().item()
+        assert left != right
+        flipped += left > right
+    assert 0.4 * n <= flipped <= 0.6 * n
+
+
+def test_seeded_dataset_determinism(tmp_path):
+    write_images(tmp_path / 'train' / 'a', 3, size=(80, 60))
+    ds = SeededImageFolder(tmp_path / 'train', PretrainTransform(32), seed=0)
+    x1, y1 = ds[(0, 1)]
+    x2, y2 = ds[(0, 1)]
+    assert torch.equal(x1, x2) and y1 == y2
+    assert torch.equal(ds[1][0], x1)  # a plain index means epoch 0
+    x_epoch1, _ = ds[(1, 1)]
+    assert not torch.equal(x_epoch1, x1)
+    other_seed = SeededImageFolder(tmp_path / 'train', PretrainTransform(32), seed=1)
+    assert not torch.equal(other_seed[(0, 1)][0], x1)
+
+
+# ---- loader ----------------------------------------------------------------------------------
+def _first_batch(root, seed, num_workers, epoch=0):
+    loader = build_pretrain_loader(str(root), 32, 4, seed, num_workers, False, 1, 0)
+    loader.sampler.set_epoch(epoch)
+    it = iter(loader)
+    x, y = next(it)
+    del it, loader
+    return x, y
+
+
+def test_loader_same_first_batch_for_any_worker_count(tmp_path):
+    write_images(tmp_path / 'train' / 'a', 5, size=(50, 40), seed=1)
+    write_images(tmp_path / 'train' / 'b', 5, size=(40, 50), seed=2)
+    x0, y0 = _first_batch(tmp_path, 0, 0)
+    x2, y2 = _first_batch(tmp_path, 0, 2)
+    assert x0.shape == (4, 3, 32, 32)
+    assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    x_e1, _ = _first_batch(tmp_path, 0, 0, epoch=1)
+    assert not torch.equal(x_e1, x0)
+    x_s1, _ = _first_batch(tmp_path, 1, 0)
+    assert not torch.equal(x_s1, x0)
+
+
+def test_loader_too_few_images(tmp_path):
+    write_images(tmp_path / 'train' / 'a', 3)
+    with pytest.raises(SystemExit, match='fewer than one batch') as e:
+        build_pretrain_loader(str(tmp_path), 32, 4, 0, 0, False, 1, 0)
+    assert '3 images' in str(e.value) and 'batch_size' in str(e.value)
