@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from util import dist
+
 CHECKPOINT_PATTERN = re.compile(r'^checkpoint-(\d+)\.pth$')
 
 
@@ -116,3 +118,40 @@ def load(path: str | Path, map_location: str | torch.device = 'cpu') -> dict[str
                 first_error = e
         raise CheckpointError(f'cannot read checkpoint {path}: '
                               f'{type(first_error).__name__}: {str(first_error).splitlines()[0]}')
+
+
+def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
+    """--resume, else (with auto-resume) the newest of checkpoint-<N>.pth and checkpoint-last.pth
+    in --output_dir, else None."""
+    if args.resume:
+        return Path(args.resume)
+    if not getattr(args, 'auto_resume', False) or not args.output_dir:
+        return None
+    candidates = []
+    numbered = find_latest(args.output_dir)
+    if numbered is not None:
+        candidates.append((int(CHECKPOINT_PATTERN.match(numbered.name).group(1)), numbered))
+    last = Path(args.output_dir) / 'checkpoint-last.pth'
+    if last.is_file():
+        candidates.append((int(load(last)['epoch']), last))
+    return max(candidates)[1] if candidates else None
+
+
+def save_checkpoint(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    loss_scaler, epoch: int) -> None:
+    """checkpoint-last.pth every epoch, checkpoint-<epoch>.pth every --save_freq and at the end.
+    RNG states of all ranks are gathered so each rank resumes its own stream. Rank 0 writes."""
+    states = [rng_state()]
+    if dist.is_dist():
+        gathered = [None] * dist.get_world_size()
+        torch.distributed.all_gather_object(gathered, states[0])
+        states = gathered
+    if not args.output_dir or not dist.is_main_process():
+        return
+    obj = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+           'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
+           'args': args_to_dict(args), 'rng': states}
+    out = Path(args.output_dir)
+    save_atomic(obj, out / 'checkpoint-last.pth')
+    if epoch % args.save_freq == 0 or epoch + 1 == args.epochs:
+        keep_copy(out / 'checkpoint-last.pth', out / f'checkpoint-{epoch}.pth')

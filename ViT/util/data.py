@@ -49,7 +49,7 @@ def resolve_image_folder(path: str, split: str = 'train') -> Path:
     root = Path(path).expanduser()
     if not root.exists():
         raise DataLayoutError(f'--data_path {path} does not exist')
-    candidates = [root / split, root / split / 'image_folders', root]
+    candidates = [root / split / 'image_folders', root / split, root]
     for c in candidates:
         if _has_class_folders(c):
             return c
@@ -154,4 +154,128 @@ def build_pretrain_loader(data_path: str, input_size: int, batch_size: int, seed
     return torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
         pin_memory=pin_mem, drop_last=True, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None)
+        prefetch_factor=4 if num_workers > 0 else None,
+        # the loader draws its workers' base seed when an iterator is built: once per run with
+        # persistent workers, once per epoch without. From its own generator, not the global
+        # torch RNG, so the masks' stream (restored on resume) does not depend on num_workers.
+        generator=torch.Generator().manual_seed(seed))
+
+
+# =============================================================================================
+# Evaluation data: fine-tuning, linear probing and kNN (run_finetune.py, run_linprobe.py,
+# run_knn.py). Labelled train/val splits, their transforms, and samplers that see every
+# validation image exactly once across processes.
+# =============================================================================================
+import torchvision.transforms as T  # noqa: E402 - kept with the section that uses it
+
+
+def resolve_split_folder(path: str, split: str) -> Path:
+    """Class folders of one labelled split: `<path>/<split>/<class>` or
+    `<path>/<split>/image_folders/<class>`. Unlike pretraining, the split folder is required
+    (labels come from the class folder names, so the train and val splits must be told apart)."""
+    folder = resolve_image_folder(path, split)
+    if folder == Path(path).expanduser():  # the class folders themselves: no split to choose
+        raise DataLayoutError(
+            f'--data_path {path} has no "{split}" split folder. Classification needs both splits: '
+            f'<data_path>/train/<class>/<image> and <data_path>/val/<class>/<image> (or '
+            f'<data_path>/<split>/image_folders/<class>/<image>)')
+    return folder
+
+
+class ClassFolder(datasets.ImageFolder):
+    """ImageFolder whose class list can be imposed, so val labels use train's indices even when
+    val lacks some classes."""
+
+    def __init__(self, root: str | Path, transform=None, classes: Sequence[str] | None = None):
+        self.imposed_classes = list(classes) if classes is not None else None
+        try:
+            super().__init__(str(root), transform=transform, allow_empty=classes is not None)
+        except FileNotFoundError as e:  # an empty class folder
+            raise DataLayoutError(f'{root}: {e}') from None
+
+    def find_classes(self, directory):
+        if self.imposed_classes is None:
+            return super().find_classes(directory)
+        return self.imposed_classes, {c: i for i, c in enumerate(self.imposed_classes)}
+
+
+def build_classification_datasets(data_path: str, train_transform, val_transform
+                                  ) -> tuple[ClassFolder, ClassFolder]:
+    """Train and val ImageFolders with one class index space (train's sorted class names)."""
+    train_root = resolve_split_folder(data_path, 'train')
+    val_root = resolve_split_folder(data_path, 'val')
+    train_set = ClassFolder(train_root, train_transform)
+    unknown = sorted(d.name for d in val_root.iterdir() if d.is_dir() and d.name not in train_set.class_to_idx
+                     and _has_images(d))
+    if unknown:
+        raise DataLayoutError(f'{val_root} has classes that {train_root} lacks: {", ".join(unknown[:10])}')
+    val_set = ClassFolder(val_root, val_transform, classes=train_set.classes)
+    if len(val_set) == 0:
+        raise DataLayoutError(f'{val_root} has no images of the training classes')
+    return train_set, val_set
+
+
+def eval_transform(input_size: int) -> T.Compose:
+    """Upstream's evaluation transform: resize the short side to input_size / crop_pct
+    (crop_pct = 224/256 up to 224 px, else 1), centre crop, normalise."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return T.Compose([
+        T.Resize(int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+        T.CenterCrop(input_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def finetune_train_transform(input_size: int, color_jitter: float | None, auto_augment: str | None,
+                             re_prob: float, re_mode: str, re_count: int):
+    """Fine-tuning augmentation through timm's factory: RandomResizedCrop (bicubic), flip,
+    RandAugment (or colour jitter when no policy is given), normalise, RandomErasing."""
+    from timm.data import create_transform
+    if auto_augment in ('', 'none', 'None'):
+        auto_augment = None
+    return create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
+                            auto_augment=auto_augment, interpolation='bicubic', re_prob=re_prob,
+                            re_mode=re_mode, re_count=re_count, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def linprobe_train_transform(input_size: int) -> T.Compose:
+    """MAE's weak linear-probe augmentation: RandomResizedCrop (bicubic), flip, normalise."""
+    return T.Compose([
+        T.RandomResizedCrop(input_size, interpolation=InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices rank, rank + world, ... in order: each sample is seen exactly once over all
+    processes (no padding, unlike DistributedSampler), so evaluation counts are exact."""
+
+    def __init__(self, num_samples: int, world_size: int = 1, rank: int = 0):
+        self.indices = range(rank, num_samples, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_train_loader(dataset, batch_size: int, num_workers: int, pin_mem: bool, seed: int,
+                       world_size: int, rank: int) -> torch.utils.data.DataLoader:
+    """Shuffled (DistributedSampler, also with one process), full batches only."""
+    if len(dataset) < batch_size * world_size:
+        raise DataLayoutError(f'{dataset.root} has {len(dataset)} images, fewer than one batch per process '
+                              f'({batch_size} x {world_size}); lower --batch_size')
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                                       pin_memory=pin_mem, drop_last=True, persistent_workers=num_workers > 0)
+
+
+def build_eval_loader(dataset, batch_size: int, num_workers: int, pin_mem: bool, world_size: int = 1,
+                      rank: int = 0) -> torch.utils.data.DataLoader:
+    """In dataset order; with world_size > 1 each process gets its ShardSampler share."""
+    sampler = ShardSampler(len(dataset), world_size, rank)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                                       pin_memory=pin_mem, drop_last=False)

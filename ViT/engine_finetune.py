@@ -1,0 +1,251 @@
+"""Loops shared by fine-tuning, linear probing and kNN: one training epoch, evaluation,
+feature extraction, and the epoch loop with checkpoints and log lines.
+
+As in pretraining, the host waits for the device only when a console line is printed and
+at the end of an epoch or evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine_pretrain import ModelHandle, autocast_context
+from util import checkpoint, dist
+from util.log import DeviceMeans, append_json_line, format_seconds
+
+
+def train_one_epoch(handle: ModelHandle, criterion: Callable, data_loader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, loss_scaler, schedule, args: argparse.Namespace,
+                    mixup_fn: Callable | None = None, log_writer=None) -> dict[str, float]:
+    """`len(data_loader) // accum_iter` optimizer steps; the lr is set per step by `schedule`
+    (util.lr_sched.PlainSchedule, which honours each group's lr_scale). Gradients are clipped
+    to --clip_grad (after unscaling) when it is given. Returns epoch means for log.txt."""
+    handle.module.train(True)
+    accum = args.accum_iter
+    steps = len(data_loader) // accum
+    max_norm = getattr(args, 'clip_grad', None)
+    print_freq = max(getattr(args, 'print_freq', 50), 1)
+    params = [p for p in handle.module.parameters() if p.requires_grad]
+    window, totals = DeviceMeans(), DeviceMeans()
+    world = dist.get_world_size()
+
+    optimizer.zero_grad(set_to_none=True)
+    epoch_start = window_start = time.perf_counter()
+    window_images = 0
+    iterator = iter(data_loader)
+    for it in range(steps * accum):
+        samples, targets = next(iterator)
+        step_in_epoch, micro = divmod(it, accum)
+        if micro == 0:
+            schedule.on_step(epoch * steps + step_in_epoch)
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+
+        update = micro == accum - 1
+        # DDP all-reduces gradients only on the micro-batch that completes a step
+        with (contextlib.nullcontext() if update else handle.no_sync()):
+            with autocast_context(device, args.amp):
+                outputs = handle.call(samples)
+            loss = criterion(outputs.float(), targets)
+            scaled = loss / accum
+            if loss_scaler is not None:
+                loss_scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        if update:
+            if max_norm is not None:
+                if loss_scaler is not None:
+                    loss_scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                window.update(grad_norm=grad_norm)
+            if loss_scaler is not None:
+                loss_scaler.step(optimizer)
+                loss_scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        window.update(loss=loss.detach())
+        totals.update(loss=loss.detach())
+        window_images += samples.shape[0] * world
+
+        last = it == steps * accum - 1
+        if (it + 1) % print_freq == 0 or last:
+            means = window.means()  # the one host-device sync of the window
+            if not math.isfinite(means['loss']):
+                raise SystemExit(f'error: loss is {means["loss"]} at epoch {epoch} iteration {it}; stopping')
+            now = time.perf_counter()
+            images_per_s = window_images / max(now - window_start, 1e-9)
+            eta = (now - epoch_start) / (it + 1) * (steps * accum - it - 1)
+            lr = max(g['lr'] for g in optimizer.param_groups)
+            norm = f'  grad norm {means["grad_norm"]:.3f}' if 'grad_norm' in means else ''
+            print(f'Epoch [{epoch}] [{it + 1}/{steps * accum}]  eta {format_seconds(eta)}  '
+                  f'loss {means["loss"]:.4f}  lr {lr:.3e}{norm}  {images_per_s:.0f} img/s', flush=True)
+            if log_writer is not None:
+                x = int((it / len(data_loader) + epoch) * 1000)  # upstream's epoch_1000x axis
+                log_writer.add_scalar('loss', means['loss'], x)
+                log_writer.add_scalar('lr', lr, x)
+                log_writer.add_scalar('perf/images_per_s', images_per_s, x)
+            window.reset()
+            window_images, window_start = 0, time.perf_counter()
+
+    epoch_time = time.perf_counter() - epoch_start
+    stats = totals.means(across_ranks=True)
+    stats.update(lr=max(g['lr'] for g in optimizer.param_groups), epoch_time=epoch_time)
+    return stats
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """Number of samples whose target is among the k highest scores, for each k (k is capped at
+    the number of classes, so top-5 on a 4-class set is top-4)."""
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices  # (B, maxk)
+    hit = top.eq(targets[:, None])
+    return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_loader, device: torch.device, amp: str = 'none',
+             sharded: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over the loader's samples.
+
+    `model` should be the unwrapped module: evaluation needs no DDP, and shards may differ in
+    size. With `sharded`, each process saw its own share (util.data.ShardSampler) and the sums
+    are added over processes."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
+    for samples, targets in data_loader:
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast_context(device, amp):
+            logits = model(samples)
+        logits = logits.float()
+        c1, c5 = topk_correct(logits, targets)
+        sums += torch.stack([F.cross_entropy(logits, targets, reduction='sum').double(),
+                             c1.double(), c5.double(), torch.tensor(float(len(targets)), device=device,
+                                                                     dtype=torch.float64)])
+    if sharded and dist.is_dist():
+        sums = dist.all_reduce_mean(sums) * dist.get_world_size()
+    loss, c1, c5, n = sums.tolist()
+    n = max(n, 1.0)
+    stats = {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'loss': loss / n, 'num_samples': int(n)}
+    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
+          f'({stats["num_samples"]} images)', flush=True)
+    return stats
+
+
+def _all_gather_rows(x: torch.Tensor) -> list[torch.Tensor]:
+    """Each process's (n_r, ...) tensor, on every process (sizes may differ)."""
+    if not dist.is_dist():
+        return [x]
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return [p[:n] for p, n in zip(parts, sizes)]
+
+
+def gather_in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process's share (drawn by `sampler`, e.g. util.data.ShardSampler), collected on every
+    process and put back in dataset order."""
+    if not dist.is_dist():
+        return feats, labels
+    indices = torch.tensor(list(sampler), dtype=torch.long, device=feats.device)
+    all_idx = torch.cat(_all_gather_rows(indices))
+    order = torch.argsort(all_idx)
+    return torch.cat(_all_gather_rows(feats))[order], torch.cat(_all_gather_rows(labels))[order]
+
+
+@torch.no_grad()
+def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], data_loader, device: torch.device,
+                     amp: str = 'none', gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32 (N, D), labels (N,)) of this process's samples in loader order, or with
+    `gather` of all processes' samples in dataset order."""
+    feats, labels = [], []
+    for samples, targets in data_loader:
+        with autocast_context(device, amp):
+            f = forward(samples.to(device, non_blocking=True))
+        feats.append(f.float())
+        labels.append(targets.to(device))
+    feats = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    return gather_in_dataset_order(feats, labels, data_loader.sampler) if gather else (feats, labels)
+
+
+# ---- the epoch loop of fine-tuning and linear probing ------------------------------------------
+
+def best_accuracy_so_far(output_dir: str | None, before_epoch: int) -> float:
+    """Highest test_acc1 of the epochs already in log.txt (for a resumed run's best checkpoint)."""
+    best = 0.0
+    path = Path(output_dir or '') / 'log.txt'
+    if output_dir and path.is_file():
+        for line in path.read_text(encoding='utf-8').splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and 'test_acc1' in rec and rec.get('epoch', before_epoch) < before_epoch:
+                best = max(best, float(rec['test_acc1']))
+    return best
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (e.g. the probe's BatchNorm statistics) on every rank. DDP copies them only
+    at the start of each forward, so after the last training step ranks differ; evaluation and the
+    checkpoint (rank 0's) should see the same model."""
+    if dist.is_dist():
+        for b in module.buffers():
+            torch.distributed.broadcast(b, 0)
+
+
+def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, optimizer, schedule, loss_scaler,
+        device: torch.device, args: argparse.Namespace, start_epoch: int, n_parameters: int,
+        save_checkpoint: Callable, mixup_fn: Callable | None = None, log_writer=None) -> dict[str, float]:
+    """Train from start_epoch to args.epochs; after each epoch: checkpoint-last.pth (via
+    `save_checkpoint(args, model, optimizer, loss_scaler, epoch)`), evaluation, checkpoint-best.pth
+    when top-1 improved, one log.txt line. Returns the last epoch's log record."""
+    sharded = args.dist_eval and dist.get_world_size() > 1
+    max_accuracy = best_accuracy_so_far(args.output_dir, start_epoch)
+    record: dict[str, float] = {}
+    print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
+    run_start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(handle, criterion, train_loader, optimizer, device, epoch, loss_scaler,
+                                      schedule, args, mixup_fn, log_writer)
+        broadcast_buffers(handle.module)
+        save_checkpoint(args, handle.module, optimizer, loss_scaler, epoch)
+        test_stats = evaluate(handle.module, val_loader, device, args.amp, sharded)
+        improved = test_stats['acc1'] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        if args.output_dir and dist.is_main_process():
+            out = Path(args.output_dir)
+            if improved or not (out / 'checkpoint-best.pth').is_file():
+                checkpoint.keep_copy(out / 'checkpoint-last.pth', out / 'checkpoint-best.pth')
+        print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: {test_stats["acc1"]:.1f}%  '
+              f'(max {max_accuracy:.2f}%)')
+        if log_writer is not None:
+            for k in ('acc1', 'acc5', 'loss'):
+                log_writer.add_scalar(f'perf/test_{k}', test_stats[k], epoch)
+            log_writer.flush()
+        record = {**{f'train_{k}': v for k, v in train_stats.items()},
+                  **{f'test_{k}': v for k, v in test_stats.items()},
+                  'max_accuracy': max_accuracy, 'epoch': epoch, 'n_parameters': n_parameters}
+        append_json_line(args.output_dir, record)
+    print(f'Training time {format_seconds(time.time() - run_start)}')
+    return record

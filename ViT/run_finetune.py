@@ -1,0 +1,331 @@
+"""End-to-end fine-tuning of a pretrained encoder for image classification (MAE / LocalMIM
+protocol): AdamW with layer-wise lr decay, per-iteration warmup + cosine, RandAugment, mixup /
+cutmix, label smoothing, random erasing, drop path, evaluation every epoch.
+
+    python run_finetune.py --model vit_base_patch16 --finetune /path/checkpoint-99.pth \
+        --data_path /path/to/imagenet --output_dir out/
+    python -m torch.distributed.launch --nproc_per_node=4 run_finetune.py ... --dist_eval
+    torchrun --nproc_per_node=4 run_finetune.py ... --dist_eval
+
+The helpers below (setup, data, resume, evaluation-only) are shared with run_linprobe.py and
+run_knn.py.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import models_vit
+from engine_finetune import evaluate, fit
+from engine_pretrain import ModelHandle
+from util.checkpoint import find_resume_checkpoint, save_checkpoint
+from util.runtime import setup
+from util import checkpoint, dist
+from util.data import (DataLayoutError, build_classification_datasets, build_eval_loader, build_train_loader,
+                       eval_transform, finetune_train_transform)
+from util.encoder_loading import load_pretrained_encoder
+from util.log import append_json_line, make_writer
+from util.lr_decay import describe_groups, param_groups_lrd
+from util.lr_sched import PlainSchedule
+from util.optim import build_adamw
+
+HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
+
+
+# ---- flags ------------------------------------------------------------------------------------
+
+def add_run_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    """Data, output and process flags common to fine-tuning, linear probing and kNN."""
+    g = parser.add_argument_group('data, output, run')
+    g.add_argument('--data_path', default='./dataset/ImageNet/', type=str,
+                   help='dataset root with labelled splits: <path>/train/<class>/... and <path>/val/<class>/..., '
+                        'or <path>/train/image_folders/<class>/... and <path>/val/image_folders/<class>/...')
+    g.add_argument('--nb_classes', default=None, type=int,
+                   help='number of outputs of the head; unset: the number of class folders in the train split')
+    g.add_argument('--output_dir', default=output_dir, help='folder for log.txt and checkpoints; empty for none')
+    g.add_argument('--device', default=None, help='cuda or cpu; unset: cuda when available')
+    g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
+                   help='mixed precision: auto = bf16 on GPUs that support it, none on CPU; fp16 uses a GradScaler')
+    g.add_argument('--seed', default=0, type=int, help='random seed (each process adds its rank)')
+    g.add_argument('--num_workers', default=10, type=int, help='data-loading processes per training process')
+    g.add_argument('--pin_mem', action='store_true', default=True,
+                   help='pinned host memory for faster copies to the GPU')
+    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='turn --pin_mem off')
+    dist.add_dist_args(parser)
+
+
+def add_training_run_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the trained protocols (fine-tuning, linear probe): logging, resume, evaluation."""
+    g = parser.add_argument_group('logging, checkpoints, evaluation')
+    g.add_argument('--log_dir', default=None, help='tensorboard folder; unset: --output_dir')
+    g.add_argument('--resume', default='',
+                   help='checkpoint of this script to resume from (or to evaluate with --eval)')
+    g.add_argument('--auto_resume', dest='auto_resume', action='store_true', default=True,
+                   help='resume from checkpoint-last.pth / the newest checkpoint-N.pth in --output_dir')
+    g.add_argument('--no_auto_resume', dest='auto_resume', action='store_false', help='turn --auto_resume off')
+    g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
+    g.add_argument('--save_freq', default=20, type=int,
+                   help='keep checkpoint-<epoch>.pth every N epochs and at the end; checkpoint-last.pth is '
+                        'refreshed every epoch and checkpoint-best.pth holds the best top-1 epoch')
+    g.add_argument('--print_freq', default=50, type=int, help='console/tensorboard line every N iterations')
+    g.add_argument('--eval', action='store_true',
+                   help='only evaluate the checkpoint given by --resume (or found in --output_dir) on the val split')
+    g.add_argument('--dist_eval', action='store_true', default=False,
+                   help='split evaluation over the processes (each image once); otherwise every process '
+                        'evaluates the whole val split')
+
+
+def add_readout_args(parser: argparse.ArgumentParser, global_pool_default: bool) -> None:
+    g = parser.add_argument_group('read-out')
+    g.add_argument('--global_pool', action='store_true', default=global_pool_default,
+                   help='classify the mean of the patch tokens, normalised by its own fc_norm (the final norm '
+                        'is not used)')
+    g.add_argument('--cls_token', action='store_false', dest='global_pool', default=argparse.SUPPRESS,
+                   help='classify the cls token after the final norm instead of the pooled tokens')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('Fine-tuning of a pretrained ViT encoder for image classification',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--batch_size', default=64, type=int,
+                        help='batch size per process (effective batch = batch_size * accum_iter * processes)')
+    parser.add_argument('--epochs', default=50, type=int, help='training epochs')
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='micro-batches accumulated per optimizer step (raises the effective batch)')
+
+    g = parser.add_argument_group('model')
+    g.add_argument('--model', default='vit_large_patch16', type=str,
+                   help=f'classifier: one of {", ".join(models_vit.MODELS)} (the encoder of MIM_vit_X is vit_X)')
+    g.add_argument('--input_size', default=224, type=int, help='image side in pixels')
+    g.add_argument('--drop_path', type=float, default=0.1,
+                   help='stochastic depth rate, rising linearly over the blocks to this value at the last')
+    g.add_argument('--finetune', default='',
+                   help='pretraining checkpoint whose encoder initialises the model (ours or LocalMIM\'s release)')
+    add_readout_args(parser, global_pool_default=True)
+
+    g = parser.add_argument_group('optimisation')
+    g.add_argument('--clip_grad', type=float, default=None, help='clip the gradient norm to this value; unset: no clipping')
+    g.add_argument('--weight_decay', type=float, default=0.05,
+                   help='AdamW weight decay (none on biases, norms, pos_embed, cls_token)')
+    g.add_argument('--lr', type=float, default=None, help='absolute peak lr; unset: blr * effective batch / 256')
+    g.add_argument('--blr', type=float, default=1e-3, help='base lr: lr = blr * effective batch / 256')
+    g.add_argument('--layer_decay', type=float, default=0.75,
+                   help='layer-wise lr decay: layer i of L = depth + 1 trains with lr * layer_decay ** (L - i)')
+    g.add_argument('--min_lr', type=float, default=1e-6, help='lr at the end of the cosine')
+    g.add_argument('--warmup_epochs', type=float, default=5, help='epochs of linear lr warmup (per iteration)')
+
+    g = parser.add_argument_group('augmentation (timm create_transform)')
+    g.add_argument('--color_jitter', type=float, default=None,
+                   help='colour jitter strength; used only when --aa is none')
+    g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1',
+                   help='timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment); "none" to disable')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    g.add_argument('--remode', type=str, default='pixel', help='random erasing fill: const, rand or pixel')
+    g.add_argument('--recount', type=int, default=1, help='random erasing regions per image')
+    g.add_argument('--resplit', action='store_true', default=False,
+                   help='do not erase the first augmentation split; kept for upstream commands, no effect here '
+                        '(this script uses no augmentation splits)')
+
+    g = parser.add_argument_group('mixup / cutmix (timm Mixup; on when --mixup or --cutmix > 0)')
+    g.add_argument('--mixup', type=float, default=0, help='mixup alpha; mixup on when > 0')
+    g.add_argument('--cutmix', type=float, default=0, help='cutmix alpha; cutmix on when > 0')
+    g.add_argument('--cutmix_minmax', type=float, nargs='+', default=None,
+                   help='cutmix min/max box ratio; overrides --cutmix alpha and turns cutmix on')
+    g.add_argument('--mixup_prob', type=float, default=1.0, help='probability of mixing a batch at all')
+    g.add_argument('--mixup_switch_prob', type=float, default=0.5,
+                   help='probability of cutmix instead of mixup when both are on')
+    g.add_argument('--mixup_mode', type=str, default='batch', choices=['batch', 'pair', 'elem'],
+                   help='mixing parameters drawn per batch, per pair of samples or per sample')
+
+    add_run_args(parser, output_dir='./output_finetune')
+    add_training_run_args(parser)
+    return parser
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or getattr(args, 'accum_iter', 1) < 1 or getattr(args, 'epochs', 1) < 1:
+        raise SystemExit('error: --batch_size, --accum_iter and --epochs must be at least 1')
+    if getattr(args, 'warmup_epochs', 0) > getattr(args, 'epochs', 1):
+        raise SystemExit(f'error: --warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}')
+    if args.nb_classes is not None and args.nb_classes < 1:
+        raise SystemExit('error: --nb_classes must be at least 1')
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    check_common_args(args)
+    if not 0.0 < args.layer_decay <= 1.0:
+        raise SystemExit(f'error: --layer_decay must be in (0, 1], got {args.layer_decay}')
+    if not 0.0 <= args.smoothing < 1.0:
+        raise SystemExit(f'error: --smoothing must be in [0, 1), got {args.smoothing}')
+    if mixup_active(args) and args.batch_size % 2:
+        raise SystemExit(f'error: mixup/cutmix mixes pairs of samples and needs an even --batch_size, '
+                         f'got {args.batch_size}')
+
+
+# ---- shared set-up ------------------------------------------------------------------------------
+
+def build_data(args: argparse.Namespace, train_transform, val_transform, device: torch.device):
+    """(train_loader or None under --eval, val_loader). Sets args.nb_classes from the train
+    split when it is not given."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    train_set, val_set = build_classification_datasets(args.data_path, train_transform, val_transform)
+    found = len(train_set.classes)
+    if args.nb_classes is None:
+        args.nb_classes = found
+    elif args.nb_classes < found:
+        raise DataLayoutError(f'--nb_classes {args.nb_classes} is smaller than the {found} classes in {train_set.root}')
+    print(f'data: train {train_set.root} ({len(train_set)} images), val {val_set.root} ({len(val_set)} images), '
+          f'{found} classes; head with {args.nb_classes} outputs')
+    pin = args.pin_mem and device.type == 'cuda'
+    train_loader = None if getattr(args, 'eval', False) else build_train_loader(
+        train_set, args.batch_size, args.num_workers, pin, args.seed, world, rank)
+    sharded = getattr(args, 'dist_eval', False)
+    val_loader = build_eval_loader(val_set, args.batch_size, args.num_workers, pin,
+                                   world if sharded else 1, rank if sharded else 0)
+    return train_loader, val_loader
+
+
+def ddp_wrapper(args: argparse.Namespace, device: torch.device):
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if not args.distributed:
+            return module
+        ids = [device.index] if device.type == 'cuda' else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return wrap
+
+
+def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_scaler) -> tuple[int, Path | None]:
+    """Load --resume (or the newest checkpoint in --output_dir). Returns (start epoch, path)."""
+    path = find_resume_checkpoint(args)
+    if path is None:
+        return args.start_epoch, None
+    ckpt = checkpoint.load(path)
+    if not isinstance(ckpt, dict) or 'model' not in ckpt:
+        raise checkpoint.CheckpointError(f'{path} has no "model" entry; not a checkpoint of this script')
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise checkpoint.CheckpointError(
+            f'{path} does not fit this model ({first}); --resume/--eval take checkpoints written by this script '
+            'with the same --model/--nb_classes/read-out; a pretraining checkpoint goes to --finetune') from None
+    if optimizer is not None and 'optimizer' in ckpt and not args.eval:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if loss_scaler is not None and ckpt.get('scaler'):
+            loss_scaler.load_state_dict(ckpt['scaler'])
+        rng = ckpt.get('rng')
+        if rng is not None and len(rng) == dist.get_world_size():
+            checkpoint.set_rng_state(rng[dist.get_rank()])
+    epoch = int(ckpt.get('epoch', -1))
+    print(f'resumed from {path} (epoch {epoch})')
+    return epoch + 1, path
+
+
+def evaluate_only(args: argparse.Namespace, model: torch.nn.Module, val_loader, device: torch.device,
+                  loaded_from: Path | None) -> dict[str, float]:
+    """--eval: one pass over the val split with the resumed weights; a log.txt line."""
+    if loaded_from is None:
+        raise SystemExit('error: --eval needs a checkpoint of this script: --resume PATH (e.g. '
+                         'checkpoint-best.pth), or checkpoint-last.pth / checkpoint-N.pth in --output_dir')
+    stats = evaluate(model, val_loader, device, args.amp, args.dist_eval and dist.get_world_size() > 1)
+    print(f'Accuracy of the network on the {stats["num_samples"]} test images: {stats["acc1"]:.1f}%')
+    append_json_line(args.output_dir, {'mode': 'eval', 'checkpoint': str(loaded_from),
+                                       **{f'test_{k}': v for k, v in stats.items()}})
+    return stats
+
+
+def learning_rate(args: argparse.Namespace) -> int:
+    """Sets args.lr from --blr when not given; returns the effective batch."""
+    eff_batch = args.batch_size * args.accum_iter * dist.get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accum_iter: {args.accum_iter}  '
+          f'effective batch: {eff_batch}  amp: {args.amp}')
+    return eff_batch
+
+
+def grad_scaler(args: argparse.Namespace, device: torch.device) -> torch.amp.GradScaler | None:
+    return torch.amp.GradScaler(device.type) if args.amp == 'fp16' else None
+
+
+def make_schedule(args: argparse.Namespace, optimizer, train_loader) -> PlainSchedule:
+    steps_per_epoch = len(train_loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        raise SystemExit(f'error: {len(train_loader)} batches per epoch is fewer than --accum_iter {args.accum_iter}')
+    return PlainSchedule(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs, steps_per_epoch)
+
+
+# ---- fine-tuning ----------------------------------------------------------------------------------
+
+def build_criterion(args: argparse.Namespace):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if mixup_active(args):
+        return SoftTargetCrossEntropy()  # mixup produces smoothed soft targets itself
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def build_mixup(args: argparse.Namespace):
+    if not mixup_active(args):
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+
+def main(args: argparse.Namespace) -> dict:
+    check_args(args)
+    device = setup(args)
+    train_tf = finetune_train_transform(args.input_size, args.color_jitter, args.aa, args.reprob, args.remode,
+                                        args.recount)
+    train_loader, val_loader = build_data(args, train_tf, eval_transform(args.input_size), device)
+
+    model = models_vit.build_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
+                                   drop_path_rate=args.drop_path, global_pool=args.global_pool)
+    if args.finetune and not args.eval:
+        load_pretrained_encoder(model, args.finetune, HEAD_INIT_STD, args.model)
+    elif not args.eval:
+        print('note: no --finetune given; training from random initialisation')
+    model.to(device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'number of trainable params (M): {n_parameters / 1e6:.2f}')
+
+    optimizer = loss_scaler = None
+    if not args.eval:
+        learning_rate(args)
+        groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
+        print('parameter groups:\n' + describe_groups(groups))
+        optimizer = build_adamw(groups, args.lr, device, betas=(0.9, 0.999))
+        loss_scaler = grad_scaler(args, device)
+    start_epoch, loaded_from = resume(args, model, optimizer, loss_scaler)
+
+    if args.eval:
+        stats = evaluate_only(args, model, val_loader, device, loaded_from)
+        dist.destroy()
+        return stats
+
+    criterion = build_criterion(args)
+    print(f'criterion: {type(criterion).__name__}' + ('  (mixup/cutmix on)' if mixup_active(args) else ''))
+    log_writer = make_writer(args.log_dir)
+    record = fit(ModelHandle(model, ddp_wrapper(args, device)), criterion, train_loader, val_loader, optimizer,
+                 make_schedule(args, optimizer, train_loader), loss_scaler, device, args, start_epoch, n_parameters,
+                 save_checkpoint, build_mixup(args), log_writer)
+    if log_writer is not None:
+        log_writer.close()
+    if dist.is_main_process() and args.output_dir:
+        print(f'outputs: {Path(args.output_dir).resolve()} (log.txt, checkpoint-last.pth, checkpoint-best.pth)')
+    dist.destroy()
+    return record
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

@@ -1,0 +1,152 @@
+"""Weighted k-nearest-neighbour classification on frozen encoder features (DINO's protocol).
+
+Features of the train and val splits (evaluation transform: resize, centre crop) are
+L2-normalised; each val image takes the k train images of highest cosine similarity s, each
+voting for its class with weight exp(s / T); the class with the most weight wins. Defaults
+k = 20, T = 0.07. Feature: the cls token after the final norm, or with --global_pool the
+fc_norm'ed mean of the patch tokens (the pretraining model has no final norm, so these norms
+are at init, i.e. plain standardisation).
+
+Distributed: each process extracts its share of both splits; train features are gathered on
+every process, each process classifies its own val share, and the counts are summed.
+
+    python run_knn.py --model vit_base_patch16 --finetune /path/checkpoint-99.pth \
+        --data_path /path/to/imagenet --output_dir knn_out/
+    torchrun --nproc_per_node=4 run_knn.py ...
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import models_vit
+from engine_finetune import extract_features, gather_in_dataset_order
+from run_finetune import add_readout_args, add_run_args, check_common_args
+from util.runtime import setup
+from util import dist
+from util.data import build_classification_datasets, build_eval_loader, eval_transform
+from util.encoder_loading import load_pretrained_encoder
+from util.log import append_json_line, format_seconds
+
+
+def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int,
+                 T: float, num_classes: int, chunk_size: int = 1024) -> torch.Tensor:
+    """Class scores (n_test, num_classes) of weighted kNN.
+
+    Features are L2-normalised here; the score of class c for a test sample is the sum of
+    exp(cos_sim / T) over its k most similar train samples of class c (k is capped at the
+    number of train samples). Test samples are processed `chunk_size` at a time, so memory
+    is chunk_size x n_train similarities."""
+    train = F.normalize(train_feats.float(), dim=1)
+    test = F.normalize(test_feats.float(), dim=1)
+    k = min(k, train.shape[0])
+    labels = train_labels.long()
+    scores = []
+    for chunk in test.split(chunk_size):
+        sim, idx = (chunk @ train.T).topk(k, dim=1)  # (b, k)
+        weights = (sim / T).exp()
+        votes = torch.zeros(chunk.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
+        scores.append(votes.scatter_add_(1, labels[idx], weights))
+    if not scores:
+        return torch.zeros(0, num_classes, device=test.device)
+    return torch.cat(scores)
+
+
+def knn_correct(scores: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(top-1 hits, top-5 hits); top-5 is capped at the number of classes."""
+    if scores.shape[0] == 0:
+        return 0, 0
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hit = top.eq(labels[:, None])
+    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('Weighted kNN evaluation of a pretrained ViT encoder',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--batch_size', default=128, type=int, help='images per forward pass per process')
+    g = parser.add_argument_group('model')
+    g.add_argument('--model', default='vit_base_patch16', type=str,
+                   help=f'encoder: one of {", ".join(models_vit.MODELS)} (the encoder of MIM_vit_X is vit_X)')
+    g.add_argument('--input_size', default=224, type=int, help='image side in pixels')
+    g.add_argument('--finetune', default='',
+                   help='pretraining checkpoint whose encoder is evaluated (ours or LocalMIM\'s release); '
+                        'without it a randomly initialised encoder is evaluated (a baseline)')
+    add_readout_args(parser, global_pool_default=False)
+    g = parser.add_argument_group('kNN')
+    g.add_argument('--nb_knn', default=[20], type=int, nargs='+',
+                   help='number of neighbours k; several values give one result each')
+    g.add_argument('--temperature', default=0.07, type=float, help='T in the vote weight exp(cos_sim / T)')
+    g.add_argument('--chunk_size', default=256, type=int,
+                   help='val images compared with all train features at once (memory: chunk x train images)')
+    g.add_argument('--dump_features', action='store_true',
+                   help='also save the features and labels of both splits (dataset order) to '
+                        '<output_dir>/knn_features.pth')
+    add_run_args(parser, output_dir='./output_knn')
+    return parser
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    check_common_args(args)
+    device = setup(args)
+    transform = eval_transform(args.input_size)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    train_set, val_set = build_classification_datasets(args.data_path, transform, transform)
+    num_classes = max(args.nb_classes or 0, len(train_set.classes))
+    pin = args.pin_mem and device.type == 'cuda'
+    # every process extracts its own share of both splits
+    train_loader = build_eval_loader(train_set, args.batch_size, args.num_workers, pin, world, rank)
+    val_loader = build_eval_loader(val_set, args.batch_size, args.num_workers, pin, world, rank)
+    print(f'data: train {train_set.root} ({len(train_set)} images), val {val_set.root} ({len(val_set)} images), '
+          f'{len(train_set.classes)} classes')
+
+    model = models_vit.build_model(args.model, img_size=args.input_size, num_classes=0, global_pool=args.global_pool)
+    if args.finetune:
+        load_pretrained_encoder(model, args.finetune, 0.0, args.model)
+    else:
+        print('note: no --finetune given; evaluating a randomly initialised encoder')
+    model.to(device).eval()
+
+    start = time.time()
+    train_feats, train_labels = extract_features(model.forward_pooled, train_loader, device, args.amp, gather=True)
+    test_feats, test_labels = extract_features(model.forward_pooled, val_loader, device, args.amp, gather=False)
+    print(f'features: train {tuple(train_feats.shape)}, val (this process) {tuple(test_feats.shape)} '
+          f'in {format_seconds(time.time() - start)}')
+
+    if args.dump_features:
+        all_test = gather_in_dataset_order(test_feats, test_labels, val_loader.sampler)
+        if args.output_dir and dist.is_main_process():
+            path = Path(args.output_dir) / 'knn_features.pth'
+            torch.save({'train_feats': train_feats.cpu(), 'train_labels': train_labels.cpu(),
+                        'test_feats': all_test[0].cpu(), 'test_labels': all_test[1].cpu(),
+                        'classes': train_set.classes}, path)
+            print(f'features saved to {path}')
+
+    records = []
+    for k in args.nb_knn:
+        scores = knn_classify(train_feats, train_labels, test_feats, k, args.temperature, num_classes,
+                              args.chunk_size)
+        top1, top5 = knn_correct(scores, test_labels)
+        counts = torch.tensor([top1, top5, test_labels.shape[0]], dtype=torch.float64, device=device)
+        if dist.is_dist():
+            counts = dist.all_reduce_mean(counts) * world
+        top1, top5, n = counts.tolist()
+        record = {'mode': 'knn', 'k': k, 'temperature': args.temperature, 'acc1': 100.0 * top1 / max(n, 1),
+                  'acc5': 100.0 * top5 / max(n, 1), 'num_train': int(train_feats.shape[0]), 'num_test': int(round(n)),
+                  'global_pool': args.global_pool, 'checkpoint': args.finetune, 'model': args.model}
+        print(f'{k}-NN (T={args.temperature}): top-1 {record["acc1"]:.2f}%  top-5 {record["acc5"]:.2f}%  '
+              f'({record["num_test"]} val images, {record["num_train"]} train images)')
+        append_json_line(args.output_dir, record)
+        records.append(record)
+    if dist.is_main_process() and args.output_dir:
+        print(f'results appended to {Path(args.output_dir).resolve() / "log.txt"}')
+    dist.destroy()
+    return records
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

@@ -1,0 +1,119 @@
+"""Linear probing of a pretrained encoder (MAE's protocol, with SGD instead of LARS).
+
+The encoder is frozen; a linear classifier is trained on its feature (the cls token after the
+final norm by default, the fc_norm'ed mean of the patch tokens with --global_pool), behind a
+BatchNorm1d without affine parameters (eps 1e-6), which only standardises the features.
+Optimiser: SGD, momentum 0.9, weight decay 0, lr = blr * effective batch / 256 with blr 0.1,
+linear warmup then cosine to --min_lr, per iteration; augmentation: RandomResizedCrop + flip.
+MAE uses LARS (90 epochs, batch 16384, blr 0.1); SGD with momentum is the usual substitute at
+ordinary batch sizes.
+
+    python run_linprobe.py --model vit_base_patch16 --finetune /path/checkpoint-99.pth \
+        --data_path /path/to/imagenet --output_dir linprobe_out/
+    torchrun --nproc_per_node=4 run_linprobe.py ... --dist_eval
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import models_vit
+from engine_finetune import fit
+from engine_pretrain import ModelHandle
+from run_finetune import (add_readout_args, add_run_args, add_training_run_args, build_data, check_common_args,
+                          ddp_wrapper, evaluate_only, grad_scaler, learning_rate, make_schedule, resume)
+from util.runtime import setup
+from util.checkpoint import save_checkpoint
+from util import dist
+from util.data import eval_transform, linprobe_train_transform
+from util.encoder_loading import load_pretrained_encoder
+from util.log import make_writer
+from util.optim import param_groups_weight_decay
+
+HEAD_INIT_STD = 0.01  # MAE's linear-probe head init (MoCo v3)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('Linear probing of a pretrained ViT encoder',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--batch_size', default=512, type=int,
+                        help='batch size per process (effective batch = batch_size * accum_iter * processes)')
+    parser.add_argument('--epochs', default=90, type=int, help='training epochs')
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='micro-batches accumulated per optimizer step (raises the effective batch)')
+
+    g = parser.add_argument_group('model')
+    g.add_argument('--model', default='vit_base_patch16', type=str,
+                   help=f'encoder: one of {", ".join(models_vit.MODELS)} (the encoder of MIM_vit_X is vit_X)')
+    g.add_argument('--input_size', default=224, type=int, help='image side in pixels')
+    g.add_argument('--finetune', default='',
+                   help='pretraining checkpoint whose encoder is probed (ours or LocalMIM\'s release); '
+                        'without it a randomly initialised encoder is probed (a baseline)')
+    add_readout_args(parser, global_pool_default=False)
+
+    g = parser.add_argument_group('optimisation (SGD with momentum on the linear head)')
+    g.add_argument('--weight_decay', type=float, default=0.0, help='SGD weight decay of the head weight')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    g.add_argument('--lr', type=float, default=None, help='absolute peak lr; unset: blr * effective batch / 256')
+    g.add_argument('--blr', type=float, default=0.1, help='base lr: lr = blr * effective batch / 256')
+    g.add_argument('--min_lr', type=float, default=0.0, help='lr at the end of the cosine')
+    g.add_argument('--warmup_epochs', type=float, default=10, help='epochs of linear lr warmup (per iteration)')
+
+    add_run_args(parser, output_dir='./output_linprobe')
+    add_training_run_args(parser)
+    return parser
+
+
+def build_probe(args: argparse.Namespace) -> models_vit.VisionTransformer:
+    """Classifier with the pretrained encoder frozen and a BatchNorm1d + Linear head."""
+    model = models_vit.build_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
+                                   global_pool=args.global_pool)
+    if args.finetune and not args.eval:
+        load_pretrained_encoder(model, args.finetune, HEAD_INIT_STD, args.model)
+    elif not args.eval:
+        print('note: no --finetune given; probing a randomly initialised encoder')
+    # standardises the features so one lr suits every encoder
+    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith('head.'))
+    return model
+
+
+def main(args: argparse.Namespace) -> dict:
+    check_common_args(args)
+    device = setup(args)
+    train_loader, val_loader = build_data(args, linprobe_train_transform(args.input_size),
+                                          eval_transform(args.input_size), device)
+    model = build_probe(args).to(device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'trainable params (head): {n_parameters}')
+
+    optimizer = loss_scaler = None
+    if not args.eval:
+        learning_rate(args)
+        optimizer = torch.optim.SGD(param_groups_weight_decay(model, args.weight_decay), lr=args.lr,
+                                    momentum=args.momentum)
+        loss_scaler = grad_scaler(args, device)
+    start_epoch, loaded_from = resume(args, model, optimizer, loss_scaler)
+    if args.eval:
+        stats = evaluate_only(args, model, val_loader, device, loaded_from)
+        dist.destroy()
+        return stats
+
+    log_writer = make_writer(args.log_dir)
+    record = fit(ModelHandle(model, ddp_wrapper(args, device)), nn.CrossEntropyLoss(), train_loader, val_loader,
+                 optimizer, make_schedule(args, optimizer, train_loader), loss_scaler, device, args, start_epoch,
+                 n_parameters, save_checkpoint, None, log_writer)
+    if log_writer is not None:
+        log_writer.close()
+    if dist.is_main_process() and args.output_dir:
+        print(f'outputs: {Path(args.output_dir).resolve()} (log.txt, checkpoint-last.pth, checkpoint-best.pth)')
+    dist.destroy()
+    return record
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

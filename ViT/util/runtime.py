@@ -1,0 +1,47 @@
+"""Start-of-run set-up shared by every entry script: device, mixed precision, process group,
+seeds, output folder."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from util import dist
+
+
+def resolve_device_and_amp(args: argparse.Namespace) -> torch.device:
+    """--device None -> cuda when available, else cpu; --amp auto -> bf16 on GPUs that support
+    it, none on CPU. Idempotent: called before the process group (which reads --device) and
+    after it (which pins cuda:<local rank>)."""
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if str(args.device).startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit('error: --device cuda but no CUDA GPU is visible; use --device cpu')
+    device = torch.device(args.device)
+    if args.amp == 'auto':
+        args.amp = 'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'none'
+    if device.type == 'cpu' and args.amp == 'fp16':
+        raise SystemExit('error: --amp fp16 needs a GPU; use --amp none or bf16 on CPU')
+    return device
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Process group, device, AMP mode, per-rank seeds, output folder. Returns this process's device."""
+    resolve_device_and_amp(args)
+    dist.init_distributed_mode(args)
+    device = resolve_device_and_amp(args)
+    if hasattr(args, 'log_dir'):
+        args.log_dir = args.log_dir or args.output_dir
+    if args.output_dir and dist.is_main_process():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    print('args: ' + json.dumps(vars(args), default=str))
+    seed = args.seed + dist.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.backends.cudnn.benchmark = True
+    return device

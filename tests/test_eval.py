@@ -1,0 +1,161 @@
+"""Linear probe and kNN: the kNN vote on a hand-computed toy set, accuracy counting, the probe's
+head, and small runs of run_linprobe.py and run_knn.py (one process and two under torchrun)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VIT = ROOT / 'ViT'
+if str(VIT) not in sys.path:
+    sys.path.insert(0, str(VIT))
+
+import models_mim  # noqa: E402
+from engine_finetune import evaluate, topk_correct  # noqa: E402
+from run_knn import knn_classify, knn_correct  # noqa: E402
+from util.demo_data import make_demo_dataset  # noqa: E402
+
+
+def run_script(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([sys.executable, *args], cwd=VIT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope='session')
+def demo_data(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.getbasetemp() / 'eval_demo_data', num_classes=4,
+                             images_per_class=8, size=64)
+
+
+@pytest.fixture(scope='session')
+def pretrain_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.getbasetemp() / 'eval_pretrain_tiny32.pth'
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save({'model': models_mim.MIM_vit_tiny_patch16(img_size=32).state_dict(), 'epoch': 0}, path)
+    return path
+
+
+# ---- kNN math ----------------------------------------------------------------------------------
+
+# train: a=(1,0) class 0, b=(0,1) class 1, c=(1,1) class 1, d=(-1,0) class 2, e=(0,-3) class 0
+TRAIN = torch.tensor([[1., 0.], [0., 1.], [1., 1.], [-1., 0.], [0., -3.]])
+TRAIN_Y = torch.tensor([0, 1, 1, 2, 0])
+# test: x=(2,0), y=(0,1), z=(-2,-1)
+TEST = torch.tensor([[2., 0.], [0., 1.], [-2., -1.]])
+T = 0.5
+R2 = 2 ** -0.5  # cos(45 deg)
+
+
+def test_knn_classify_hand_computed():
+    scores = knn_classify(TRAIN, TRAIN_Y, TEST, k=2, T=T, num_classes=3)
+    expected = torch.tensor([
+        # x: nearest a (cos 1) and c (cos 1/sqrt2)
+        [math.exp(1 / T), math.exp(R2 / T), 0.0],
+        # y: nearest b (cos 1) and c (cos 1/sqrt2), both class 1
+        [0.0, math.exp(1 / T) + math.exp(R2 / T), 0.0],
+        # z: nearest d (cos 2/sqrt5, class 2) and e (cos 1/sqrt5, class 0)
+        [math.exp(5 ** -0.5 / T), 0.0, math.exp(2 * 5 ** -0.5 / T)],
+    ])
+    assert torch.allclose(scores, expected, rtol=1e-5)
+    assert scores.argmax(1).tolist() == [0, 1, 2]
+
+    # k larger than the train set: every train sample votes
+    all_votes = knn_classify(TRAIN, TRAIN_Y, TEST[:1], k=50, T=T, num_classes=3)
+    x_expected = [math.exp(1 / T) + math.exp(0.0), math.exp(0.0) + math.exp(R2 / T), math.exp(-1 / T)]
+    assert torch.allclose(all_votes[0], torch.tensor(x_expected), rtol=1e-5)
+
+    # chunking does not change the result
+    assert torch.allclose(knn_classify(TRAIN, TRAIN_Y, TEST, 2, T, 3, chunk_size=1), scores)
+
+    # z's true class 0 is second: a top-1 miss, a top-5 (capped at 3 classes) hit
+    assert knn_correct(scores, torch.tensor([0, 1, 0])) == (2, 3)
+
+
+def test_topk_correct_and_evaluate():
+    logits = torch.tensor([[3., 2., 1., 0., -1., -2.],
+                           [0., 1., 2., 3., 4., 5.],
+                           [1., 0.5, 0.4, 0.3, 0.2, -1.]])
+    targets = torch.tensor([0, 1, 5])
+    c1, c5 = topk_correct(logits, targets)
+    assert (int(c1), int(c5)) == (1, 2)
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(logits, targets), batch_size=2)
+    stats = evaluate(Identity(), loader, torch.device('cpu'))
+    assert stats['acc1'] == pytest.approx(100 / 3) and stats['acc5'] == pytest.approx(200 / 3)
+    assert stats['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-6)
+    assert stats['num_samples'] == 3
+
+
+# ---- linear probe ----------------------------------------------------------------------------------
+
+def test_linprobe_head_is_bn_plus_linear_and_only_trainable_part(pretrain_ckpt):
+    import run_linprobe
+    args = run_linprobe.get_args_parser().parse_args(
+        ['--model', 'vit_tiny_patch16', '--input_size', '32', '--finetune', str(pretrain_ckpt)])
+    args.nb_classes = 4
+    assert args.global_pool is False and args.blr == 0.1 and args.weight_decay == 0.0
+    model = run_linprobe.build_probe(args)
+    bn, linear = model.head
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
+    assert linear.weight.shape == (4, 192)
+    assert 0.005 < linear.weight.std() < 0.02  # trunc_normal std 0.01
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {'head.1.weight', 'head.1.bias'}
+
+
+def test_linprobe_smoke(tmp_path, demo_data, pretrain_ckpt):
+    out = tmp_path / 'lp'
+    res = run_script(['run_linprobe.py', '--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4',
+                      '--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0', '--device', 'cpu',
+                      '--finetune', str(pretrain_ckpt), '--data_path', str(demo_data), '--output_dir', str(out)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = [json.loads(l) for l in (out / 'log.txt').read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]['epoch'] == 0
+    assert 0 <= lines[0]['test_acc1'] <= 100 and lines[0]['n_parameters'] == 192 * 4 + 4
+    assert (out / 'checkpoint-best.pth').is_file()
+
+
+# ---- kNN runs -----------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt):
+    common = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '3', '--num_workers', '0',
+              '--device', 'cpu', '--finetune', str(pretrain_ckpt), '--data_path', str(demo_data),
+              '--nb_knn', '1', '20', '--dump_features']
+    one, two = tmp_path / 'knn1', tmp_path / 'knn2'
+    res = run_script(['run_knn.py', *common, '--output_dir', str(one)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_script(['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+                      'run_knn.py', *common, '--output_dir', str(two)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    lines = {d: [json.loads(l) for l in (d / 'log.txt').read_text().splitlines()] for d in (one, two)}
+    assert [l['k'] for l in lines[one]] == [1, 20]
+    for a, b in zip(lines[one], lines[two]):
+        assert a['num_train'] == b['num_train'] == 32 and a['num_test'] == b['num_test'] == 8
+        assert a['acc1'] == b['acc1'] and a['acc5'] == b['acc5'] and 0 <= a['acc1'] <= 100
+    f1 = torch.load(one / 'knn_features.pth', weights_only=True)
+    f2 = torch.load(two / 'knn_features.pth', weights_only=True)
+    assert f1['train_feats'].shape == (32, 192)
+    for k in ('train_feats', 'test_feats'):
+        assert torch.allclose(f1[k], f2[k], atol=1e-4), k
+    for k in ('train_labels', 'test_labels'):
+        assert torch.equal(f1[k], f2[k]), k

@@ -1,0 +1,339 @@
+"""Fine-tuning: encoder loading (ours, upstream format, other resolution, wrong files),
+layer-wise lr decay groups, data layouts, flags, and a tiny end-to-end run plus --eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VIT = ROOT / 'ViT'
+if str(VIT) not in sys.path:
+    sys.path.insert(0, str(VIT))
+
+import models_mim  # noqa: E402
+import models_vit  # noqa: E402
+from util.demo_data import make_demo_dataset  # noqa: E402
+from util.encoder_loading import load_pretrained_encoder  # noqa: E402
+from util.lr_decay import layer_id_for_vit, param_groups_lrd  # noqa: E402
+from util.pos_embed import resize_pos_embed  # noqa: E402
+
+HEAD_GLOBAL = {'head.weight', 'head.bias', 'fc_norm.weight', 'fc_norm.bias'}
+HEAD_CLS = {'head.weight', 'head.bias', 'norm.weight', 'norm.bias'}
+
+
+def run_script(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([sys.executable, *args], cwd=VIT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope='session')
+def demo_data(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.getbasetemp() / 'eval_demo_data', num_classes=4,
+                             images_per_class=8, size=64)
+
+
+def _pretrain_state(img_size: int = 32, builder=models_mim.MIM_vit_tiny_patch16) -> dict:
+    torch.manual_seed(0)
+    return builder(img_size=img_size).state_dict()
+
+
+@pytest.fixture(scope='session')
+def pretrain_ckpt(tmp_path_factory) -> Path:
+    """A pretraining checkpoint as run_pretrain.py writes it (model under 'model')."""
+    path = tmp_path_factory.getbasetemp() / 'eval_pretrain_tiny32.pth'
+    if not path.exists():
+        torch.save({'model': _pretrain_state(), 'epoch': 0}, path)
+    return path
+
+
+def _tiny(global_pool: bool = True, img_size: int = 32) -> models_vit.VisionTransformer:
+    return models_vit.build_model('vit_tiny_patch16', img_size=img_size, num_classes=4, global_pool=global_pool)
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('global_pool', [True, False])
+def test_load_ours(pretrain_ckpt, global_pool):
+    model = _tiny(global_pool)
+    report = load_pretrained_encoder(model, pretrain_ckpt, 2e-5)
+    assert set(report.missing) == (HEAD_GLOBAL if global_pool else HEAD_CLS)
+    assert report.unexpected == []
+    assert any(k.startswith('norm.0.') for k in report.dropped)
+    assert any(k.startswith('decoder.') for k in report.dropped)
+    assert any(k.startswith('hog_enc.') for k in report.dropped)
+    src = torch.load(pretrain_ckpt, weights_only=True)['model']
+    dst = model.state_dict()
+    for k in ('patch_embed.proj.weight', 'cls_token', 'pos_embed', 'blocks.0.attn.qkv.weight',
+              'blocks.11.mlp.fc2.bias', 'blocks.5.norm1.weight'):
+        assert torch.equal(dst[k], src[k]), k
+    assert report.head_initialised
+    assert 0 < model.head.weight.std() < 1e-4  # trunc_normal std 2e-5
+    assert torch.count_nonzero(model.head.bias) == 0
+
+
+def test_load_upstream_format(tmp_path):
+    """LocalMIM's released files: same keys, plus entries such as 'args' (a dict here, a pickled
+    Namespace in the releases) and 'optimizer'."""
+    state = _pretrain_state()
+    for i, args in enumerate([{'model': 'MIM_vit_tiny_patch16', 'input_size': 32},
+                              argparse.Namespace(model='MIM_vit_tiny_patch16', input_size=32)]):
+        path = tmp_path / f'upstream{i}.pth'
+        torch.save({'model': state, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 1599,
+                    'scaler': {}, 'args': args}, path)
+        model = _tiny(global_pool=True)
+        report = load_pretrained_encoder(model, path, 2e-5)
+        assert set(report.missing) == HEAD_GLOBAL and report.unexpected == []
+        assert torch.equal(model.state_dict()['blocks.3.attn.proj.weight'], state['blocks.3.attn.proj.weight'])
+
+
+def test_load_other_resolution_interpolates_pos_embed(pretrain_ckpt):
+    model = _tiny(global_pool=True, img_size=64)  # 4x4 tokens; checkpoint has 2x2
+    report = load_pretrained_encoder(model, pretrain_ckpt, 2e-5)
+    assert report.pos_embed_resized == (2, 4)
+    src = torch.load(pretrain_ckpt, weights_only=True)['model']['pos_embed']
+    assert model.pos_embed.shape == (1, 17, 192)
+    assert torch.allclose(model.pos_embed.data, resize_pos_embed(src, 1, 4))
+    assert torch.equal(model.pos_embed.data[:, 0], src[:, 0])  # cls entry untouched
+    assert set(report.missing) == HEAD_GLOBAL
+
+
+def _resnet_like() -> dict:
+    return {'conv1.weight': torch.zeros(64, 3, 7, 7), 'bn1.weight': torch.ones(64), 'fc.weight': torch.zeros(10, 512)}
+
+
+@pytest.mark.parametrize('kind, phrase', [
+    ('garbage', 'cannot read checkpoint'),
+    ('no_model', 'no "model" entry'),
+    ('bare_resnet', 'no "model" entry'),
+    ('resnet', 'not a ViT encoder checkpoint'),
+    ('wrong_width', 'width 384'),
+    ('missing_blocks', 'blocks'),
+    ('not_a_dict', 'not a checkpoint dict'),
+])
+def test_wrong_files_are_refused(tmp_path, kind, phrase):
+    path = tmp_path / f'{kind}.pth'
+    if kind == 'garbage':
+        path.write_bytes(os.urandom(2048))
+    elif kind == 'no_model':
+        torch.save({'state_dict': _pretrain_state(), 'epoch': 3}, path)
+    elif kind == 'bare_resnet':
+        torch.save(_resnet_like(), path)
+    elif kind == 'resnet':
+        torch.save({'model': _resnet_like(), 'epoch': 0}, path)
+    elif kind == 'wrong_width':
+        torch.save({'model': _pretrain_state(builder=models_mim.MIM_vit_small_patch16)}, path)
+    elif kind == 'missing_blocks':
+        state = {k: v for k, v in _pretrain_state().items() if not k.startswith('blocks.11.')}
+        torch.save({'model': state}, path)
+    elif kind == 'not_a_dict':
+        torch.save([torch.zeros(3)], path)
+    with pytest.raises(SystemExit) as info:
+        load_pretrained_encoder(_tiny(), path, 2e-5, 'vit_tiny_patch16')
+    message = str(info.value.code)
+    assert message.startswith('error: ') and phrase in message, message
+
+
+def test_wrong_file_cli_exits_cleanly(tmp_path, demo_data):
+    bad = tmp_path / 'garbage.pth'
+    bad.write_bytes(b'definitely not a checkpoint' * 10)
+    res = run_script(['run_finetune.py', '--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4',
+                      '--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0', '--device', 'cpu',
+                      '--data_path', str(demo_data), '--output_dir', str(tmp_path / 'out'), '--finetune', str(bad)])
+    assert res.returncode != 0
+    assert 'error: cannot read checkpoint' in res.stderr
+    assert 'Traceback' not in res.stderr + res.stdout
+
+
+# ---- layer-wise lr decay -------------------------------------------------------------------------
+
+def test_layer_decay_groups():
+    model = _tiny(global_pool=True)
+    groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), layer_decay=0.75)
+    num_layers = 12 + 1
+    expected_layer = {'cls_token': 0, 'pos_embed': 0, 'patch_embed.proj.weight': 0, 'patch_embed.proj.bias': 0,
+                      'blocks.0.attn.qkv.weight': 1, 'blocks.0.norm1.bias': 1, 'blocks.5.mlp.fc1.weight': 6,
+                      'blocks.11.mlp.fc2.weight': 12, 'fc_norm.weight': 13, 'head.weight': 13, 'head.bias': 13}
+    seen = {}
+    for g in groups:
+        for name in g['param_names']:
+            assert name not in seen
+            seen[name] = g
+    assert set(seen) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, layer in expected_layer.items():
+        assert layer_id_for_vit(name, num_layers) == layer
+        assert seen[name]['lr_scale'] == pytest.approx(0.75 ** (num_layers - layer)), name
+    assert seen['head.weight']['lr_scale'] == 1.0
+    no_decay = {'cls_token', 'pos_embed', 'patch_embed.proj.bias', 'blocks.0.norm1.weight', 'blocks.0.norm1.bias',
+                'blocks.0.attn.qkv.bias', 'fc_norm.weight', 'fc_norm.bias', 'head.bias'}
+    decay = {'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight', 'blocks.11.mlp.fc2.weight', 'head.weight'}
+    for name in no_decay:
+        assert seen[name]['weight_decay'] == 0.0, name
+    for name in decay:
+        assert seen[name]['weight_decay'] == 0.05, name
+    for name, g in seen.items():  # the rule as stated: no decay on 1-D, biases, pos_embed, cls_token
+        p = dict(model.named_parameters())[name]
+        wanted = 0.0 if (p.ndim <= 1 or name.endswith('.bias') or name in ('pos_embed', 'cls_token')) else 0.05
+        assert g['weight_decay'] == wanted, name
+
+    # the per-iteration schedule applies lr * lr_scale to each group
+    from util.lr_sched import set_group_lrs
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    set_group_lrs(opt, 4e-3)
+    for g in opt.param_groups:
+        assert g['lr'] == pytest.approx(4e-3 * 0.75 ** (num_layers - g['layer']))
+
+
+# ---- model read-out ------------------------------------------------------------------------------
+
+def test_readout_global_pool_and_cls_token():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    gp = _tiny(global_pool=True).eval()
+    assert isinstance(gp.norm, torch.nn.Identity) and isinstance(gp.fc_norm, torch.nn.LayerNorm)
+    tokens = gp.blocks(gp._pos_embed(gp.patch_embed(x)))
+    assert torch.allclose(gp.forward_pooled(x), gp.fc_norm(tokens[:, 1:].mean(1)), atol=1e-5)
+    cls = _tiny(global_pool=False).eval()
+    assert isinstance(cls.fc_norm, torch.nn.Identity) and isinstance(cls.norm, torch.nn.LayerNorm)
+    tokens = cls.blocks(cls._pos_embed(cls.patch_embed(x)))
+    assert torch.allclose(cls.forward_pooled(x), cls.norm(tokens)[:, 0], atol=1e-5)
+    assert cls(x).shape == gp(x).shape == (2, 4)
+    with pytest.raises(SystemExit, match='pretraining name'):
+        models_vit.build_model('MIM_vit_base_patch16')
+
+
+# ---- data layouts ----------------------------------------------------------------------------------
+
+def test_data_layouts(tmp_path, demo_data):
+    from util.data import build_classification_datasets
+    # the researcher's layout: <root>/<split>/image_folders/<class>
+    nested = tmp_path / 'nested'
+    for split in ('train', 'val'):
+        shutil.copytree(demo_data / split, nested / split / 'image_folders')
+    train, val = build_classification_datasets(str(nested), None, None)
+    plain_train, _ = build_classification_datasets(str(demo_data), None, None)
+    assert train.classes == plain_train.classes and len(train.classes) == 4
+    assert train.root.endswith('image_folders') and len(val) == 8
+
+    # val with fewer classes keeps train's indices
+    partial = tmp_path / 'partial'
+    shutil.copytree(demo_data / 'train', partial / 'train')
+    last = plain_train.classes[-1]
+    shutil.copytree(demo_data / 'val' / last, partial / 'val' / last)
+    train, val = build_classification_datasets(str(partial), None, None)
+    assert {t for _, t in val.samples} == {train.class_to_idx[last]} == {3}
+
+    # only a train split
+    only_train = tmp_path / 'only_train'
+    shutil.copytree(demo_data / 'train', only_train / 'train')
+    with pytest.raises(SystemExit, match='no "val" split folder'):
+        build_classification_datasets(str(only_train), None, None)
+    with pytest.raises(SystemExit, match='does not exist'):
+        build_classification_datasets(str(tmp_path / 'missing'), None, None)
+
+
+# ---- flags -------------------------------------------------------------------------------------------
+
+UPSTREAM_FLAGS = """--batch_size --epochs --accum_iter --model --input_size --drop_path --clip_grad --weight_decay --lr
+--blr --layer_decay --min_lr --warmup_epochs --color_jitter --aa --smoothing --reprob --remode --recount --resplit
+--mixup --cutmix --cutmix_minmax --mixup_prob --mixup_switch_prob --mixup_mode --finetune --global_pool --cls_token
+--data_path --nb_classes --output_dir --log_dir --device --seed --resume --eval --dist_eval --num_workers --pin_mem
+--world_size --local_rank --dist_url""".split()
+
+
+def test_flags_and_help_texts():
+    import run_finetune
+    import run_knn
+    import run_linprobe
+    parser = run_finetune.get_args_parser()
+    options = {s for a in parser._actions for s in a.option_strings}
+    assert set(UPSTREAM_FLAGS) <= options
+    for p in (parser, run_linprobe.get_args_parser(), run_knn.get_args_parser()):
+        for action in p._actions:
+            if action.help == argparse.SUPPRESS:
+                continue
+            assert action.help and len(action.help) > 10, action.option_strings
+
+
+def test_research_notes_command_parses(tmp_path):
+    """The notes' command, as torch.distributed.launch passes it (plus --local-rank=N)."""
+    import run_finetune
+    cmd = ('--local-rank=0 --world_size 4 --accum_iter 2 --batch_size 128 --model vit_base_patch16 --finetune '
+           '/path/checkpoint-99.pth --epochs 100 --warmup_epochs 20 --lr 4e-3 --min_lr 1e-6 --layer_decay 0.75 '
+           '--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval --data_path '
+           '/raid/utku/datasets/imagenet/classification/ --output_dir full_finetune_out/ --log_dir full_finetune_out')
+    args = run_finetune.get_args_parser().parse_args(cmd.split())
+    run_finetune.check_args(args)
+    assert (args.local_rank, args.world_size, args.accum_iter, args.batch_size) == (0, 4, 2, 128)
+    assert args.lr == 4e-3 and args.layer_decay == 0.75 and args.dist_eval and args.global_pool
+    assert run_finetune.mixup_active(args)
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+
+def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
+    out = tmp_path / 'ft'
+    common = ['--model', 'vit_tiny_patch16', '--input_size', '64', '--batch_size', '4', '--num_workers', '0',
+              '--device', 'cpu', '--data_path', str(demo_data), '--output_dir', str(out)]
+    res = run_script(['run_finetune.py', *common, '--finetune', str(pretrain_ckpt), '--epochs', '2',
+                      '--warmup_epochs', '1', '--accum_iter', '2', '--blr', '1e-2', '--mixup', '0.8', '--cutmix',
+                      '1.0', '--reprob', '0.25', '--clip_grad', '5.0', '--drop_path', '0.1', '--print_freq', '2'])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert 'position embedding interpolated from 2x2 to 4x4' in res.stdout
+    assert "missing keys (left at init): ['fc_norm.weight', 'fc_norm.bias', 'head.weight', 'head.bias']" in res.stdout
+    lines = [json.loads(l) for l in (out / 'log.txt').read_text().splitlines()]
+    assert [l['epoch'] for l in lines] == [0, 1]
+    for l in lines:
+        assert {'train_loss', 'train_lr', 'test_acc1', 'test_acc5', 'test_loss', 'n_parameters'} <= set(l)
+        assert 0 <= l['test_acc1'] <= l['test_acc5'] <= 100 and l['test_num_samples'] == 8
+    for name in ('checkpoint-last.pth', 'checkpoint-best.pth', 'checkpoint-1.pth'):
+        assert (out / name).is_file(), name
+    assert list(out.glob('events.out.tfevents.*'))
+    best = torch.load(out / 'checkpoint-best.pth', weights_only=True)
+    best_line = lines[best['epoch']]
+    assert best_line['test_acc1'] == max(l['test_acc1'] for l in lines)
+    assert set(best['model']) == set(_tiny(img_size=64).state_dict())
+
+    res = run_script(['run_finetune.py', *common, '--eval', '--resume', str(out / 'checkpoint-best.pth')])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    last = json.loads((out / 'log.txt').read_text().splitlines()[-1])
+    assert last['mode'] == 'eval'
+    assert last['test_acc1'] == best_line['test_acc1']
+    assert last['test_loss'] == pytest.approx(best_line['test_loss'], rel=1e-4)
+
+    # a longer run in the same folder resumes from checkpoint-last.pth and keeps the best so far
+    res = run_script(['run_finetune.py', *common, '--finetune', str(pretrain_ckpt), '--epochs', '3',
+                      '--warmup_epochs', '1', '--accum_iter', '2', '--blr', '1e-2'])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert 'resumed from' in res.stdout and 'checkpoint-last.pth (epoch 1)' in res.stdout
+    lines = [json.loads(l) for l in (out / 'log.txt').read_text().splitlines()]
+    assert [l.get('epoch') for l in lines] == [0, 1, None, 2]
+    assert lines[-1]['max_accuracy'] == max(l['test_acc1'] for l in lines)
+
+
+def test_finetune_two_processes_distributed_launch(tmp_path, demo_data, pretrain_ckpt):
+    """The research notes' launcher and flags (--world_size, --accum_iter, --dist_eval), 2 CPU processes."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    out = tmp_path / 'ftd'
+    res = run_script(['-m', 'torch.distributed.launch', '--nproc_per_node=2', f'--master_port={port}',
+                      'run_finetune.py', '--world_size', '2', '--accum_iter', '2', '--batch_size', '4',
+                      '--model', 'vit_tiny_patch16', '--input_size', '32', '--finetune', str(pretrain_ckpt),
+                      '--epochs', '1', '--warmup_epochs', '0', '--lr', '4e-3', '--layer_decay', '0.75',
+                      '--drop_path', '0.1', '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0', '--dist_eval',
+                      '--data_path', str(demo_data), '--output_dir', str(out), '--log_dir', str(out),
+                      '--num_workers', '0', '--device', 'cpu'])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert 'distributed init (rank 0/2' in res.stdout
+    line = json.loads((out / 'log.txt').read_text().splitlines()[-1])
+    assert line['epoch'] == 0 and line['test_num_samples'] == 8  # every val image once over both ranks
+    assert (out / 'checkpoint-best.pth').is_file()
