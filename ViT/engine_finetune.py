@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from engine_pretrain import ModelHandle, autocast_context
 from util import checkpoint, dist
 from util.log import DeviceMeans, append_json_line, format_seconds
+from util.optim import backward, optimizer_step
 
 
 def train_one_epoch(handle: ModelHandle, criterion: Callable, data_loader, optimizer: torch.optim.Optimizer,
@@ -58,23 +59,11 @@ def train_one_epoch(handle: ModelHandle, criterion: Callable, data_loader, optim
             with autocast_context(device, args.amp):
                 outputs = handle.call(samples)
             loss = criterion(outputs.float(), targets)
-            scaled = loss / accum
-            if loss_scaler is not None:
-                loss_scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            backward(loss / accum, loss_scaler)
         if update:
-            if max_norm is not None:
-                if loss_scaler is not None:
-                    loss_scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            grad_norm = optimizer_step(optimizer, loss_scaler, params, max_norm)
+            if grad_norm is not None:
                 window.update(grad_norm=grad_norm)
-            if loss_scaler is not None:
-                loss_scaler.step(optimizer)
-                loss_scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
 
         window.update(loss=loss.detach())
         totals.update(loss=loss.detach())

@@ -38,3 +38,30 @@ def build_adamw(groups: list[dict], lr: float, device: torch.device,
     """AdamW; the fused CUDA kernel on GPU (one launch for all tensors of a group)."""
     fused = device.type == 'cuda'
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def backward(loss: torch.Tensor, loss_scaler: torch.amp.GradScaler | None) -> None:
+    """loss.backward(), through the GradScaler under fp16."""
+    if loss_scaler is not None:
+        loss_scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss_scaler: torch.amp.GradScaler | None,
+                   clip_params: list[torch.Tensor] | None = None, max_norm: float | None = None
+                   ) -> torch.Tensor | None:
+    """Optional gradient clipping (on unscaled gradients), the step, zeroed gradients.
+    Returns the gradient norm when clipping (a device tensor: no sync), else None."""
+    grad_norm = None
+    if max_norm is not None:
+        if loss_scaler is not None:
+            loss_scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, max_norm)
+    if loss_scaler is not None:
+        loss_scaler.step(optimizer)
+        loss_scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
