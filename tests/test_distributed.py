@@ -1,0 +1,136 @@
+"""Two CPU processes (gloo) under `python -m torch.distributed.launch` and `torchrun`, with
+FreezeOut events inside the run: clean exit, rank 0 alone writes, and every rank ends with the
+same weights and optimizer state (DDP is rebuilt at each freeze event; a hang fails the test)."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import (BATCH, COMMON, NUM_IMAGES, VIT, assert_same_optimizer_state, assert_same_tensors,
+                     free_port, frozen_at, load_ckpt, make_demo_data, read_log, read_schedule, run_cmd,
+                     subprocess_env)
+
+NPROC = 2
+TIMEOUT = 120
+
+# run_pretrain.main, with save_checkpoint wrapped so that every rank (not only rank 0) also dumps
+# its model and optimizer state after the last epoch
+WRAPPER = '''
+import os, sys
+sys.path.insert(0, {vit!r})
+import torch
+import run_pretrain
+
+_save = run_pretrain.save_checkpoint
+
+
+def save_checkpoint(args, model, optimizer, loss_scaler, epoch):
+    _save(args, model, optimizer, loss_scaler, epoch)
+    if epoch + 1 == args.epochs:
+        torch.save({{'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch}},
+                   os.path.join(os.environ['RANK_DUMP_DIR'], 'rank%s.pt' % os.environ['RANK']))
+
+
+run_pretrain.save_checkpoint = save_checkpoint
+
+if __name__ == '__main__':
+    run_pretrain.main(run_pretrain.get_args_parser().parse_args())
+'''
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_demo_data(tmp_path_factory.getbasetemp())
+
+
+def launcher(kind: str, port: int) -> list[str]:
+    opts = [f'--nproc_per_node={NPROC}', '--master_addr=127.0.0.1', f'--master_port={port}']
+    if kind == 'launch':
+        return [sys.executable, '-m', 'torch.distributed.launch', *opts]
+    torchrun = Path(sys.executable).with_name('torchrun')
+    if torchrun.exists():
+        return [str(torchrun), *opts]
+    found = shutil.which('torchrun')
+    return [found, *opts] if found else [sys.executable, '-m', 'torch.distributed.run', *opts]
+
+
+def run_two_processes(kind: str, data: Path, tmp_path: Path, flags: list[str]):
+    wrapper = tmp_path / 'wrapped_run_pretrain.py'
+    wrapper.write_text(WRAPPER.format(vit=str(VIT)))
+    dumps, out = tmp_path / 'dumps', tmp_path / 'out'
+    dumps.mkdir()
+    cmd = [*launcher(kind, free_port()), str(wrapper), *COMMON, '--data_path', str(data),
+           '--output_dir', str(out), '--save_freq', '1', *flags]
+    res = run_cmd(cmd, timeout=TIMEOUT, cwd=VIT, env=subprocess_env(RANK_DUMP_DIR=str(dumps)))
+    assert res.returncode == 0, res.describe()
+    assert 'Traceback' not in res.output, res.describe()
+    return res, out, dumps
+
+
+def check_run(res, out: Path, dumps: Path, epochs: int, steps_per_epoch: int) -> dict:
+    sched = read_schedule(out)
+    total = epochs * steps_per_epoch
+    assert sched['total_steps'] == total
+
+    # rank 0 alone writes: one log line per epoch, and the checkpoints
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == list(range(epochs))
+    assert log[-1]['train_frozen_layers'] == frozen_at(sched, total - 1) > 0
+    assert (out / 'checkpoint-last.pth').is_file() and (out / f'checkpoint-{epochs - 1}.pth').is_file()
+    assert res.stdout.count('Start training') == 1  # non-zero ranks are silent
+
+    # every freeze event happened, once, at its step
+    events = sorted({r['freeze_step'] for r in sched['layers'] if r['freeze_step'] < total})
+    announced = [int(line.split()[2].rstrip(':')) for line in res.stdout.splitlines()
+                 if line.startswith('FreezeOut: step')]
+    assert events and announced == events, (events, announced)
+
+    # all ranks hold the same weights and optimizer state; rank 0's are the checkpoint's
+    files = sorted(p.name for p in dumps.iterdir())
+    assert files == [f'rank{r}.pt' for r in range(NPROC)], files
+    ranks = [torch.load(dumps / f'rank{r}.pt', map_location='cpu', weights_only=True) for r in range(NPROC)]
+    for r in range(1, NPROC):
+        assert ranks[r]['epoch'] == epochs - 1
+        assert_same_tensors(ranks[0]['model'], ranks[r]['model'], f'model rank 0 vs {r}')
+        assert_same_optimizer_state(ranks[0]['optimizer'], ranks[r]['optimizer'], f'optimizer rank 0 vs {r}')
+    ckpt = load_ckpt(out / 'checkpoint-last.pth')
+    assert_same_tensors(ckpt['model'], ranks[0]['model'], 'checkpoint vs rank 0')
+    assert len(ckpt['rng']) == NPROC  # each rank's RNG stream is kept for resuming
+    assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])  # ranks draw different masks
+    return sched
+
+
+def test_launch_with_accumulation_and_freezeout(data, tmp_path):
+    """torch.distributed.launch (passes --local-rank), accum_iter 2: freeze events only at
+    optimizer-step boundaries, some at epoch starts and some inside an epoch."""
+    epochs, accum = 4, 2
+    res, out, dumps = run_two_processes('launch', data, tmp_path, [
+        '--epochs', str(epochs), '--accum_iter', str(accum), '--t_0', '0.5', '--how_scale', 'linear'])
+    assert f'effective batch: {BATCH * accum * NPROC}' in res.stdout
+    steps_per_epoch = NUM_IMAGES // (BATCH * NPROC) // accum  # 2
+    sched = check_run(res, out, dumps, epochs, steps_per_epoch)
+    events = {r['freeze_step'] for r in sched['layers'] if r['freeze_step'] < sched['total_steps']}
+    assert any(s % steps_per_epoch for s in events) and any(s % steps_per_epoch == 0 for s in events)
+
+
+def test_torchrun_freeze_events_mid_epoch_no_hang(data, tmp_path):
+    """torchrun; every freeze event (layers and LocalMIM taps) falls inside an epoch, so the
+    DDP wrapper is rebuilt between two iterations on both ranks. A hang is a timeout failure."""
+    epochs = 4
+    res, out, dumps = run_two_processes('torchrun', data, tmp_path, [
+        '--epochs', str(epochs), '--t_0', '0.85', '--how_scale', 'linear'])
+    steps_per_epoch = NUM_IMAGES // (BATCH * NPROC)  # 4
+    sched = check_run(res, out, dumps, epochs, steps_per_epoch)
+    total = sched['total_steps']
+    events = sorted({r['freeze_step'] for r in sched['layers'] if r['freeze_step'] < total})
+    assert len(events) >= 2 and all(s % steps_per_epoch for s in events), events
+    # LocalMIM taps read blocks 1, 3, 9, 11 (FreezeOut layers 2, 4, 10, 12); a tap is dropped
+    # (decoder_freeze 'tap') with its block, here inside an epoch too
+    frozen = frozen_at(sched, total - 1)
+    expected_live = sum(1 for layer in (2, 4, 10, 12) if layer >= frozen)
+    assert 0 < expected_live < 4
+    assert read_log(out)[-1]['train_live_taps'] == expected_live

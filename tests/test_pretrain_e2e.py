@@ -1,0 +1,256 @@
+"""End-to-end runs of ViT/run_pretrain.py on a tiny real-photo ImageFolder (CPU, one process):
+outputs, FreezeOut schedule and frozen weights, bit-exact resume, clear errors, flags, layouts."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from helpers import (BATCH, NUM_IMAGES, VIT, args_line, assert_same_optimizer_state, assert_same_tensors,
+                     ceil_steps, expected_fractions, frozen_at, keys_of_prefixes, load_ckpt,
+                     make_demo_data, read_log, read_schedule, run_ok, run_pretrain)
+
+STEPS_PER_EPOCH = NUM_IMAGES // BATCH  # 8
+TINY_LAYERS = 13  # patch embedding + 12 blocks
+
+
+@pytest.fixture(scope='session')
+def data(tmp_path_factory):
+    return make_demo_data(tmp_path_factory.getbasetemp())
+
+
+# ---- 1. plain run ---------------------------------------------------------------------------
+@pytest.fixture(scope='session')
+def plain_run(data, tmp_path_factory):
+    """2 epochs, --data_path <root> (upstream's layout), 0 workers; reused by tests 1, 3b and 6."""
+    base = tmp_path_factory.mktemp('plain')
+    out, tb = base / 'out', base / 'tb'
+    res = run_ok('--data_path', data, '--output_dir', out, '--log_dir', tb,
+                 '--epochs', '2', '--save_freq', '1')
+    return res, out, tb
+
+
+def test_plain_run_writes_checkpoints_log_and_tensorboard(plain_run):
+    res, out, tb = plain_run
+
+    names = sorted(p.name for p in out.iterdir())
+    for name in ('checkpoint-0.pth', 'checkpoint-1.pth', 'checkpoint-last.pth', 'log.txt'):
+        assert name in names, names
+    assert 'checkpoint-2.pth' not in names
+    assert not [n for n in names if n.endswith('.tmp')], names  # atomic saves leave nothing behind
+
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == [0, 1]
+    for r in log:
+        assert math.isfinite(r['train_loss']) and r['train_loss'] > 0
+        assert r['train_epoch_time'] > 0
+        assert r['train_frozen_layers'] == 0
+
+    events = list(tb.glob('events.out.tfevents.*'))
+    assert events, f'no tensorboard file in --log_dir {tb}: {list(tb.iterdir())}'
+    assert not list(out.glob('events.out.tfevents.*')), 'tensorboard ignored --log_dir'
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    scalars = acc.Tags()['scalars']
+    assert 'train_loss' in scalars and 'lr' in scalars, scalars
+    # print_freq 2, 8 iterations per epoch, 2 epochs
+    assert len(acc.Scalars('train_loss')) == 2 * STEPS_PER_EPOCH // 2
+
+    ckpts = {n: load_ckpt(out / n) for n in ('checkpoint-0.pth', 'checkpoint-1.pth', 'checkpoint-last.pth')}
+    for name, ck in ckpts.items():
+        assert {'model', 'optimizer', 'epoch', 'args'} <= ck.keys(), (name, ck.keys())
+        assert isinstance(ck['args'], dict)
+        assert ck['args']['model'] == 'MIM_vit_tiny_patch16' and ck['args']['epochs'] == 2
+        assert 'patch_embed.proj.weight' in ck['model']
+        assert ck['model']['patch_embed.proj.weight'].shape == (192, 3, 16, 16)
+    assert ckpts['checkpoint-0.pth']['epoch'] == 0
+    assert ckpts['checkpoint-1.pth']['epoch'] == ckpts['checkpoint-last.pth']['epoch'] == 1
+    assert_same_tensors(ckpts['checkpoint-1.pth']['model'], ckpts['checkpoint-last.pth']['model'], 'last vs 1')
+    assert not torch.equal(ckpts['checkpoint-0.pth']['model']['blocks.0.attn.qkv.weight'],
+                           ckpts['checkpoint-1.pth']['model']['blocks.0.attn.qkv.weight']), 'no training?'
+    assert 'resumed from' not in res.stdout
+
+
+# ---- 2. FreezeOut run -----------------------------------------------------------------------
+def test_freezeout_run_schedule_and_frozen_weights(data, tmp_path):
+    out = tmp_path / 'out'
+    epochs = 4
+    res = run_ok('--data_path', data, '--output_dir', out, '--epochs', str(epochs), '--save_freq', '1',
+                 '--t_0', '0.5', '--how_scale', 'linear')
+    total = epochs * STEPS_PER_EPOCH
+
+    sched = read_schedule(out)
+    assert sched['total_steps'] == total
+    rows = sched['layers']
+    assert [r['index'] for r in rows] == list(range(TINY_LAYERS))
+    for r, t in zip(rows, expected_fractions(TINY_LAYERS, 0.5, 'linear')):
+        assert r['t'] == pytest.approx(t, rel=1e-12)
+        assert r['freeze_step'] == ceil_steps(t, total), r
+    assert rows[-1]['freeze_step'] == total  # the last block trains to the end
+
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == list(range(epochs))
+    final_frozen = frozen_at(sched, total - 1)
+    assert log[-1]['train_frozen_layers'] == final_frozen > 0
+    assert log[0]['train_frozen_layers'] == 0
+
+    # every freeze event is announced once, at its step
+    events = sorted({r['freeze_step'] for r in rows if r['freeze_step'] < total})
+    announced = [int(line.split()[2].rstrip(':')) for line in res.stdout.splitlines()
+                 if line.startswith('FreezeOut: step')]
+    assert announced == events
+
+    # layers frozen during epoch 2 stay bitwise equal to the end; the rest keeps training
+    ck = {e: load_ckpt(out / f'checkpoint-{e}.pth') for e in (0, 2, 3)}
+    frozen_by_2 = frozen_at(sched, 3 * STEPS_PER_EPOCH - 1)
+    assert 2 <= frozen_by_2 < final_frozen
+    frozen_prefixes = [p for r in rows[:frozen_by_2] for p in r['params']]
+    frozen_keys = keys_of_prefixes(ck[3]['model'], frozen_prefixes)
+    assert 'patch_embed.proj.weight' in frozen_keys and 'blocks.0.attn.qkv.weight' in frozen_keys
+    assert 'cls_token' in frozen_keys
+    for k in frozen_keys:
+        assert torch.equal(ck[2]['model'][k], ck[3]['model'][k]), f'{k} changed after it was frozen'
+    # ... and they did train before freezing
+    assert not torch.equal(ck[0]['model']['blocks.0.attn.qkv.weight'], ck[2]['model']['blocks.0.attn.qkv.weight'])
+    live_keys = keys_of_prefixes(ck[3]['model'], rows[-1]['params'])  # blocks.11, last tap
+    assert 'blocks.11.attn.qkv.weight' in live_keys
+    assert any(not torch.equal(ck[2]['model'][k], ck[3]['model'][k]) for k in live_keys)
+
+    # frozen parameters have no optimizer state (Adam moments freed), trainable ones do
+    opt = ck[3]['optimizer']
+    for g in opt['param_groups']:
+        for idx, name in zip(g['params'], g['param_names']):
+            if g['layer'] < final_frozen:
+                assert idx not in opt['state'], f'{name} is frozen but keeps optimizer state'
+            elif name.startswith('blocks.11.'):
+                assert idx in opt['state'], f'{name} trains but has no optimizer state'
+
+
+# ---- 3. resume is bit-exact -----------------------------------------------------------------
+@pytest.mark.parametrize('kind, extra, workers, explicit_resume', [
+    ('plain', [], 0, True),
+    ('freezeout', ['--t_0', '0.5', '--how_scale', 'linear'], 2, False),
+], ids=['plain-workers0-resume-flag', 'freezeout-workers2-auto-resume'])
+def test_resume_is_bitwise_equal_to_uninterrupted_run(data, tmp_path, kind, extra, workers, explicit_resume):
+    flags = ['--data_path', data, '--epochs', '3', '--save_freq', '1', '--num_workers', str(workers), *extra]
+    a, c = tmp_path / 'A', tmp_path / 'C'
+    run_ok(*flags, '--output_dir', a)
+
+    if kind == 'freezeout':  # the resume point (epoch 2 = step 16) is in the middle of the freezing
+        sched = read_schedule(a)
+        resume_step, total = 2 * STEPS_PER_EPOCH, sched['total_steps']
+        assert 0 < frozen_at(sched, resume_step) < frozen_at(sched, total - 1)
+        assert frozen_at(sched, resume_step - 1) > 0  # the checkpoint itself was saved with frozen layers
+
+    c.mkdir()
+    shutil.copy2(a / 'checkpoint-1.pth', c / 'checkpoint-1.pth')
+    resume = ['--resume', c / 'checkpoint-1.pth'] if explicit_resume else []  # else: auto-resume from C
+    res = run_ok(*flags, '--output_dir', c, *resume)
+    assert 'resumed from' in res.stdout and 'checkpoint-1.pth' in res.stdout, res.stdout[-3000:]
+    assert 'continuing at epoch 2' in res.stdout
+
+    ck_a, ck_c = load_ckpt(a / 'checkpoint-last.pth'), load_ckpt(c / 'checkpoint-last.pth')
+    assert ck_a['epoch'] == ck_c['epoch'] == 2
+    assert_same_tensors(ck_a['model'], ck_c['model'], f'{kind}: model after resume')
+    assert_same_optimizer_state(ck_a['optimizer'], ck_c['optimizer'], f'{kind}: optimizer after resume')
+    # the resumed run did train epoch 2 (and only epoch 2)
+    assert not torch.equal(load_ckpt(c / 'checkpoint-1.pth')['model']['blocks.11.attn.qkv.weight'],
+                           ck_c['model']['blocks.11.attn.qkv.weight'])
+    log_a, log_c = read_log(a), read_log(c)
+    assert [r['epoch'] for r in log_c] == [2]
+    assert log_c[0]['train_loss'] == log_a[2]['train_loss']
+    assert log_c[0]['train_frozen_layers'] == log_a[2]['train_frozen_layers']
+
+
+def test_result_does_not_depend_on_num_workers(data, plain_run, tmp_path):
+    """Augmentations are seeded per (seed, epoch, index) and the loader does not touch the
+    global RNG that draws the masks, so 0 and 2 (persistent) workers train the same weights."""
+    _, out0, _ = plain_run
+    run_ok('--data_path', data, '--output_dir', tmp_path / 'w2', '--epochs', '2', '--num_workers', '2')
+    assert_same_tensors(load_ckpt(out0 / 'checkpoint-last.pth')['model'],
+                        load_ckpt(tmp_path / 'w2' / 'checkpoint-last.pth')['model'], 'workers 0 vs 2')
+
+
+# ---- 4. bad input: a clear message, a non-zero exit, no traceback ----------------------------
+def _garbage(tmp_path):
+    path = tmp_path / 'garbage.pth'
+    path.write_bytes(bytes(range(256)) * 8)
+    return ['--resume', path]
+
+
+def _no_model_entry(tmp_path):
+    path = tmp_path / 'not_pretrain.pth'
+    torch.save({'epoch': 3, 'weights': torch.zeros(2)}, path)
+    return ['--resume', path]
+
+
+def _empty_folder(tmp_path):
+    (tmp_path / 'empty' / 'train' / 'some_class').mkdir(parents=True)
+    return ['--data_path', tmp_path / 'empty']
+
+
+BAD_INPUTS = {
+    'missing-data-path': (lambda tmp, data: [], 'does not exist'),  # default ./dataset/ImageNet/
+    'empty-data-folder': (lambda tmp, data: _empty_folder(tmp), 'no class folders'),
+    'unknown-model': (lambda tmp, data: ['--data_path', data, '--model', 'MIM_vit_nope'], 'unknown --model'),
+    'garbage-checkpoint': (lambda tmp, data: ['--data_path', data, *_garbage(tmp)], 'cannot read checkpoint'),
+    'checkpoint-without-model': (lambda tmp, data: ['--data_path', data, *_no_model_entry(tmp)], '"model"'),
+    't0-above-one': (lambda tmp, data: ['--data_path', data, '--t_0', '1.5'], '--t_0'),
+    't0-freeze-in-warmup': (lambda tmp, data: ['--data_path', data, '--epochs', '10', '--warmup_epochs', '5',
+                                               '--t_0', '0.5', '--how_scale', 'cubic'], 'warmup'),
+    'cuda-without-gpu': (lambda tmp, data: ['--data_path', data, '--device', 'cuda'], 'no cuda gpu'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_bad_input_gives_clear_error(data, tmp_path, case):
+    make_flags, fragment = BAD_INPUTS[case]
+    if case == 'missing-data-path' and (VIT / 'dataset' / 'ImageNet').exists():
+        pytest.skip('the default --data_path ./dataset/ImageNet/ exists in this checkout')
+    out = tmp_path / 'out'
+    # flags come last: argparse keeps the last --epochs / --device / --model given
+    res = run_pretrain('--epochs', '2', '--output_dir', out, *make_flags(tmp_path, data), timeout=120)
+    assert res.returncode != 0, res.describe()
+    assert 'Traceback' not in res.output, res.describe()
+    assert 'error' in res.stderr.lower(), res.describe()
+    assert fragment.lower() in res.stderr.lower(), res.describe()
+    assert not (out.exists() and list(out.glob('checkpoint-*.pth'))), 'a failed run wrote checkpoints'
+
+
+# ---- 5. both spellings of the launcher's local-rank flag --------------------------------------
+@pytest.mark.parametrize('flag', ['--local-rank', '--local_rank'])
+def test_local_rank_flag_spellings(data, tmp_path, flag):
+    res = run_ok('--data_path', data, '--output_dir', tmp_path / 'out', '--epochs', '1', flag, '0')
+    args = args_line(res.stdout)
+    assert args['local_rank'] == 0 and args['distributed'] is False
+    assert [r['epoch'] for r in read_log(tmp_path / 'out')] == [0]
+
+
+# ---- 6. data folder layouts -----------------------------------------------------------------
+@pytest.fixture(scope='session')
+def layouts(data, tmp_path_factory):
+    nested = tmp_path_factory.mktemp('nested')
+    shutil.copytree(data / 'train', nested / 'train' / 'image_folders')
+    return {'root': (data, data / 'train'),
+            'class-folders': (data / 'train', data / 'train'),
+            'train-image_folders': (nested, nested / 'train' / 'image_folders')}
+
+
+def test_data_path_root_layout_uses_train_split(layouts, plain_run):
+    res = plain_run[0]
+    path, expected = layouts['root']
+    assert f'data: {expected}: {NUM_IMAGES} images' in res.stdout, res.stdout[-3000:]  # not train+val
+
+
+@pytest.mark.parametrize('layout', ['class-folders', 'train-image_folders'])
+def test_data_path_layouts(layouts, plain_run, tmp_path, layout):
+    """The class folders themselves and <root>/train/image_folders find the same 32 training
+    images as <root> and train the same weights."""
+    path, expected = layouts[layout]
+    res = run_ok('--data_path', path, '--output_dir', tmp_path / 'out', '--epochs', '2')
+    assert f'data: {expected}: {NUM_IMAGES} images' in res.stdout, res.stdout[-3000:]
+    assert_same_tensors(load_ckpt(plain_run[1] / 'checkpoint-last.pth')['model'],
+                        load_ckpt(tmp_path / 'out' / 'checkpoint-last.pth')['model'], f'{layout} vs <root>')
