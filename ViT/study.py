@@ -1,0 +1,245 @@
+"""Small-scale FreezeOut study: pretraining time saved vs representation quality.
+
+    python study.py --data_path ../../shared/data/imagenette-128        # on one GPU
+    python study.py --quick --device cpu --data_path <small ImageFolder>  # smoke run (tests)
+
+LocalMIM pretraining of a small ViT (patch 16 at 128 px: an 8x8 grid, all four scales) under
+plain LocalMIM and FreezeOut (cubic t_0 0.8, linear t_0 0.5, each with and without lr
+scaling), then `--decoder_freeze never` for the best FreezeOut config; regular and the best
+config again with a second seed. Every encoder is scored by kNN and a linear probe on val;
+regular and the best config also by a short fine-tune. Each run is recorded (wall time, images/s,
+the FLOP estimate, accuracies, device) in a results JSON that later invocations extend (runs
+already there are skipped unless --rerun), rendered as a markdown table and a plot.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from util import flops  # noqa: E402
+
+FREEZEOUT_CONFIGS = {
+    'cubic0.8': ['--how_scale', 'cubic', '--t_0', '0.8'],
+    'cubic0.8-noscale': ['--how_scale', 'cubic', '--t_0', '0.8', '--no_scale_lr'],
+    'linear0.5': ['--how_scale', 'linear', '--t_0', '0.5'],
+    'linear0.5-noscale': ['--how_scale', 'linear', '--t_0', '0.5', '--no_scale_lr'],
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data_path', default=str(ROOT.parent / 'shared' / 'data' / 'imagenette-128'),
+                   help='ImageFolder with train/ and val/ (default: ../shared/data/imagenette-128)')
+    p.add_argument('--out', default=str(ROOT / 'study_out'), help='run folders (checkpoints, logs)')
+    p.add_argument('--results', default=str(ROOT / 'image' / 'study_results.json'),
+                   help='results JSON, extended by every invocation; the table and plot go beside it')
+    p.add_argument('--model', default='MIM_vit_small_patch16')
+    p.add_argument('--input_size', default=128, type=int)
+    p.add_argument('--epochs', default=40, type=int, help='pretraining epochs')
+    p.add_argument('--warmup_epochs', default=4, type=int)
+    p.add_argument('--batch_size', default=256, type=int)
+    p.add_argument('--blr', default=1.5e-4, type=float)
+    p.add_argument('--linprobe_epochs', default=20, type=int)
+    p.add_argument('--finetune_epochs', default=15, type=int)
+    p.add_argument('--seeds', default=[0, 1], type=int, nargs=2, metavar=('FIRST', 'SECOND'),
+                   help='seed of every config, and the second seed for regular and the best config')
+    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    p.add_argument('--data_backend', default=None,
+                   help='pretraining input backend (default: gpu-cache on a GPU, pil on CPU)')
+    p.add_argument('--num_workers', default=8, type=int)
+    p.add_argument('--rerun', action='store_true', help='run again configs already in the results JSON')
+    p.add_argument('--no_finetune', action='store_true', help='skip the fine-tuning runs')
+    p.add_argument('--quick', action='store_true',
+                   help='tiny model, 64 px, 2 epochs, small batches: a smoke run on CPU in a few minutes')
+    return p
+
+
+QUICK_CONFIGS = ['cubic0.8', 'linear0.5-noscale']
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """Every step of the study, at toy size: tiny ViT at 32 px, 2 epochs, two FreezeOut configs."""
+    args.model, args.input_size, args.epochs, args.warmup_epochs = 'MIM_vit_tiny_patch16', 32, 2, 0
+    args.batch_size, args.linprobe_epochs, args.finetune_epochs, args.num_workers = 8, 1, 1, 0
+
+
+def device_name(device: str) -> str:
+    import torch
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_name(0)
+    return 'cpu'
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Runs a script from ViT/, its output appended to `log`; returns the wall time."""
+    print(f'$ {" ".join(cmd)}', flush=True)
+    start = time.perf_counter()
+    with open(log, 'a') as f:
+        proc = subprocess.run([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    if proc.returncode != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise SystemExit(f'error: {cmd[0]} failed (exit {proc.returncode}); last lines of {log}:\n' + '\n'.join(tail))
+    return time.perf_counter() - start
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.results_path = Path(args.results)
+        self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {'runs': {}}
+        self.device = args.device
+        self.encoder = args.model.replace('MIM_', '')
+        self.common = ['--device', args.device, '--input_size', str(args.input_size),
+                       '--data_path', args.data_path, '--num_workers', str(args.num_workers)]
+
+    def save(self) -> None:
+        self.results_path.parent.mkdir(parents=True, exist_ok=True)
+        self.results_path.write_text(json.dumps(self.results, indent=1))
+        render(self.results, self.results_path.parent)
+
+    def pretrain(self, config: str, flags: list[str], seed: int) -> dict | None:
+        """Pretrain + kNN + linear probe for one config and seed; recorded and saved at once."""
+        key = f'{config}/seed{seed}'
+        if key in self.results['runs'] and not self.args.rerun:
+            print(f'{key}: in {self.results_path}, skipped (--rerun to redo)')
+            return self.results['runs'][key]
+        a = self.args
+        folder = self.out / config.replace('/', '_') / f'seed{seed}'
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / 'study_log.txt'
+        pre = folder / 'pretrain'
+        cmd = ['run_pretrain.py', '--model', a.model, '--epochs', str(a.epochs), '--warmup_epochs',
+               str(a.warmup_epochs), '--batch_size', str(a.batch_size), '--blr', str(a.blr), '--seed', str(seed),
+               '--output_dir', str(pre), '--no_auto_resume', '--save_freq', str(a.epochs), '--print_freq', '1000',
+               '--data_backend', a.data_backend, *self.common, *flags]
+        wall = run(cmd, log)
+        epochs = json_lines(pre / 'log.txt')
+        train_time = sum(e['train_epoch_time'] for e in epochs)
+        ckpt = pre / f'checkpoint-{a.epochs - 1}.pth'
+        record = {'config': config, 'seed': seed, 'flags': flags, 'device': device_name(self.device),
+                  'model': a.model, 'input_size': a.input_size, 'epochs': a.epochs, 'batch_size': a.batch_size,
+                  'pretrain_wall_s': wall, 'pretrain_train_s': train_time,
+                  'pretrain_img_per_s': sum(e['train_images_per_s'] for e in epochs) / len(epochs),
+                  'final_loss': epochs[-1]['train_loss'], 'flops_saving_estimate': self.flops_saving(flags),
+                  'checkpoint': str(ckpt), 'date': datetime.date.today().isoformat()}
+        run(['run_knn.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir', str(folder / 'knn'),
+             '--batch_size', str(a.batch_size), *self.common], log)
+        record['knn_top1'] = json_lines(folder / 'knn' / 'log.txt')[-1]['acc1']
+        run(['run_linprobe.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir',
+             str(folder / 'linprobe'), '--epochs', str(a.linprobe_epochs), '--warmup_epochs', '1',
+             '--batch_size', str(a.batch_size), '--no_auto_resume', '--print_freq', '1000', *self.common], log)
+        record['linprobe_top1'] = json_lines(folder / 'linprobe' / 'log.txt')[-1]['max_accuracy']
+        self.results['runs'][key] = record
+        self.save()
+        print(f'{key}: pretrain {train_time:.0f}s, kNN {record["knn_top1"]:.1f}%, '
+              f'linear probe {record["linprobe_top1"]:.1f}%', flush=True)
+        return record
+
+    def finetune(self, key: str) -> None:
+        record = self.results['runs'][key]
+        if 'finetune_top1' in record and not self.args.rerun:
+            return
+        a = self.args
+        folder = Path(record['checkpoint']).parents[1]
+        run(['run_finetune.py', '--model', self.encoder, '--finetune', record['checkpoint'],
+             '--output_dir', str(folder / 'finetune'), '--epochs', str(a.finetune_epochs),
+             '--warmup_epochs', '1', '--batch_size', str(min(a.batch_size, 128)), '--blr', '1e-3',
+             '--layer_decay', '0.75', '--no_auto_resume', '--print_freq', '1000', *self.common],
+            folder / 'study_log.txt')
+        record['finetune_top1'] = json_lines(folder / 'finetune' / 'log.txt')[-1]['max_accuracy']
+        self.save()
+
+    def flops_saving(self, flags: list[str]) -> float:
+        if '--t_0' not in flags:
+            return 0.0
+        shape = dataclasses.replace(flops.SHAPES[self.args.model], img_size=self.args.input_size)
+        t_0 = float(flags[flags.index('--t_0') + 1])
+        how = flags[flags.index('--how_scale') + 1]
+        mode = flags[flags.index('--decoder_freeze') + 1] if '--decoder_freeze' in flags else 'tap'
+        return flops.freezeout_speedup(shape, t_0, how, mode)['saving']
+
+
+def render(results: dict, folder: Path) -> None:
+    """study_results.md (table) and study_accuracy_vs_time.png beside the JSON."""
+    runs = sorted(results['runs'].values(), key=lambda r: (r['config'] != 'regular', r['config'], r['seed']))
+    if not runs:
+        return
+    regular = [r['pretrain_train_s'] for r in runs if r['config'] == 'regular']
+    base = sum(regular) / len(regular) if regular else None
+    lines = ['| config | seed | pretrain time (s) | time saved | FLOP estimate | img/s | kNN top-1 | '
+             'linear probe top-1 | fine-tune top-1 | device | date |', '|' + '---|' * 11]
+    for r in runs:
+        saved = f'{1 - r["pretrain_train_s"] / base:.1%}' if base else 'n/a'
+        ft = f'{r["finetune_top1"]:.2f}' if 'finetune_top1' in r else ''
+        lines.append(f'| {r["config"]} | {r["seed"]} | {r["pretrain_train_s"]:.1f} | {saved} | '
+                     f'{r["flops_saving_estimate"]:.1%} | {r["pretrain_img_per_s"]:.0f} | {r["knn_top1"]:.2f} | '
+                     f'{r["linprobe_top1"]:.2f} | {ft} | {r["device"]} | {r["date"]} |')
+    (folder / 'study_results.md').write_text('\n'.join(lines) + '\n')
+
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for metric, marker in (('knn_top1', 'o'), ('linprobe_top1', 's')):
+        xs = [r['pretrain_train_s'] for r in runs]
+        ax.scatter(xs, [r[metric] for r in runs], marker=marker, label=metric.replace('_top1', ' top-1'))
+        for r in runs:
+            ax.annotate(f'{r["config"]}/s{r["seed"]}', (r['pretrain_train_s'], r[metric]), fontsize=6,
+                        xytext=(3, 3), textcoords='offset points')
+    ax.set_xlabel('pretraining time (s)')
+    ax.set_ylabel('val accuracy (%)')
+    ax.set_title(f'{runs[0]["model"]}, {runs[0]["epochs"]} epochs, {runs[0]["device"]}')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / 'study_accuracy_vs_time.png')
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    if args.quick:
+        apply_quick(args)
+    import torch
+    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    args.data_backend = args.data_backend or ('gpu-cache' if args.device.startswith('cuda') else 'pil')
+    if not (Path(args.data_path) / 'train').is_dir() or not (Path(args.data_path) / 'val').is_dir():
+        raise SystemExit(f'error: --data_path {args.data_path} needs train/ and val/ class folders '
+                         '(e.g. ../shared/data/imagenette-128)')
+    study = Study(args)
+    first, second = args.seeds
+    study.pretrain('regular', [], first)
+    names = QUICK_CONFIGS if args.quick else list(FREEZEOUT_CONFIGS)
+    scored = {name: study.pretrain(name, FREEZEOUT_CONFIGS[name], first) for name in names}
+    best = max(scored, key=lambda n: (scored[n]['knn_top1'] + scored[n]['linprobe_top1']))
+    print(f'best FreezeOut config by kNN + linear probe: {best}')
+    study.pretrain(f'{best}-never', FREEZEOUT_CONFIGS[best] + ['--decoder_freeze', 'never'], first)
+    study.pretrain('regular', [], second)
+    study.pretrain(best, FREEZEOUT_CONFIGS[best], second)
+    if not args.no_finetune:
+        for key in (f'regular/seed{first}', f'{best}/seed{first}'):
+            study.finetune(key)
+    study.save()
+    print((Path(args.results).parent / 'study_results.md').read_text())
+    return study.results
+
+
+if __name__ == '__main__':
+    main()
