@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from util import dist
 from util.log import DeviceMeans, format_seconds
+from util.optim import backward, optimizer_step
 
 SCALE_NAMES = ['4', '2', '1', '0.5']  # LocalMIM's scales, in tap order
 
@@ -85,18 +86,9 @@ def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Opt
         with (contextlib.nullcontext() if update else handle.no_sync()):
             with autocast_context(device, args.amp):
                 loss, terms = handle.call(samples, mask_ratio=args.mask_ratio, return_terms=True)
-            scaled = loss / accum
-            if loss_scaler is not None:
-                loss_scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            backward(loss / accum, loss_scaler)
         if update:
-            if loss_scaler is not None:
-                loss_scaler.step(optimizer)
-                loss_scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, loss_scaler)
 
         values = {'loss': loss.detach(), **{f'loss_scale{SCALE_NAMES[k]}': v.detach() for k, v in terms.items()}}
         window.update(**values)

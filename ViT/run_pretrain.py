@@ -7,24 +7,21 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import models_mim
 from engine_pretrain import ModelHandle, train_one_epoch
 from util import checkpoint, dist
+from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util import freezeout as fo
 from util.gpu_data import BACKENDS, build_loader
 from util.log import append_json_line, format_seconds, make_writer
 from util.lr_sched import PlainSchedule
 from util.optim import build_adamw, param_groups_weight_decay
+from util.runtime import setup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -101,19 +98,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_device_and_amp(args: argparse.Namespace) -> torch.device:
-    if args.device is None:
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if str(args.device).startswith('cuda') and not torch.cuda.is_available():
-        raise SystemExit('error: --device cuda but no CUDA GPU is visible; use --device cpu')
-    device = torch.device(args.device)
-    if args.amp == 'auto':
-        args.amp = 'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'none'
-    if device.type == 'cpu' and args.amp == 'fp16':
-        raise SystemExit('error: --amp fp16 needs a GPU; use --amp none or bf16 on CPU')
-    return device
-
-
 def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
         raise SystemExit('error: --batch_size, --accum_iter and --epochs must be at least 1')
@@ -125,36 +109,10 @@ def check_args(args: argparse.Namespace) -> None:
         fo.validate(args.t_0, args.how_scale, args.decoder_freeze, args.warmup_epochs, args.epochs)
 
 
-def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
-    if args.resume:
-        return Path(args.resume)
-    if not args.auto_resume or not args.output_dir:
-        return None
-    candidates = []
-    numbered = checkpoint.find_latest(args.output_dir)
-    if numbered is not None:
-        candidates.append((int(checkpoint.CHECKPOINT_PATTERN.match(numbered.name).group(1)), numbered))
-    last = Path(args.output_dir) / 'checkpoint-last.pth'
-    if last.is_file():
-        candidates.append((int(checkpoint.load(last)['epoch']), last))
-    return max(candidates)[1] if candidates else None
-
-
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
-    dist.init_distributed_mode(args)
-    device = resolve_device_and_amp(args)
+    device = setup(args)
     world, rank = dist.get_world_size(), dist.get_rank()
-    args.log_dir = args.log_dir or args.output_dir
-    if args.output_dir and dist.is_main_process():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    print('args: ' + json.dumps(vars(args), default=str))
-
-    seed = args.seed + rank
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    torch.backends.cudnn.benchmark = True
 
     model = models_mim.build_model(args.model, img_size=args.input_size, hog_nbins=args.hog_nbins,
                                    hog_bias=args.hog_bias)
@@ -243,25 +201,6 @@ def main(args: argparse.Namespace) -> dict:
         log_writer.close()
     dist.destroy()
     return stats
-
-
-def save_checkpoint(args, model, optimizer, loss_scaler, epoch: int) -> None:
-    """checkpoint-last.pth every epoch, checkpoint-<epoch>.pth every --save_freq and at the end.
-    RNG states of all ranks are gathered so each rank resumes its own stream."""
-    states = [checkpoint.rng_state()]
-    if dist.is_dist():
-        gathered = [None] * dist.get_world_size()
-        torch.distributed.all_gather_object(gathered, states[0])
-        states = gathered
-    if not args.output_dir or not dist.is_main_process():
-        return
-    obj = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-           'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
-           'args': checkpoint.args_to_dict(args), 'rng': states}
-    out = Path(args.output_dir)
-    checkpoint.save_atomic(obj, out / 'checkpoint-last.pth')
-    if epoch % args.save_freq == 0 or epoch + 1 == args.epochs:
-        checkpoint.keep_copy(out / 'checkpoint-last.pth', out / f'checkpoint-{epoch}.pth')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,516 @@
+"""Throughput of one training step and of the input pipelines, on one device.
+
+    python benchmark.py --device cuda --model MIM_vit_base_patch16 --batch_size 256 --out bench \
+        --how_scale cubic --t_0 0.8 --data_path ../data/imagenet-sample-40 --repeat 64
+
+Measures, on synthetic input (random normal images on the device):
+  (a) the upstream LocalMIM step, re-implemented as upstream ran it: fp16 autocast with a
+      GradScaler, the total gradient norm every step, HOG targets per scale and channel
+      (4 x 3 HOGLayer calls), AdamW without foreach/fused kernels, loss.item() and a
+      synchronisation every step (on CPU: fp32, no scaler, otherwise the same);
+  (b) this project's step as run_pretrain.py runs it: engine_pretrain.train_one_epoch itself on
+      a loader repeating the batch (autocast, return_terms, fused AdamW from util.optim,
+      device-side loss means), with k = 0 .. L-1 layers frozen by the FreezeOut applier (--ks
+      for a subset), optionally under torch.compile;
+  (c) the FreezeOut schedule average for --how_scale/--t_0: time per image with k frozen,
+      weighted by the fraction of the run with k frozen (t_k - t_{k-1}), the projected epoch
+      time, and util.flops' estimate for comparison;
+  (d) images/s of each input backend (pil, gpu, gpu-cache) on --data_path, if given (GPU
+      backends are skipped, with a note, on a CPU device).
+Writes <out>/benchmark.json, <out>/benchmark.md and <out>/benchmark_freeze.png.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import models_mim
+from engine_pretrain import ModelHandle, train_one_epoch
+from util import flops
+from util import freezeout as fo
+from util.data import IMAGE_EXTENSIONS, resolve_image_folder
+from util.gpu_data import BACKENDS, build_loader
+from util.lr_sched import set_group_lrs, warmup_cosine_lr
+from util.optim import build_adamw, param_groups_weight_decay
+from util.runtime import resolve_device_and_amp
+
+LR, WEIGHT_DECAY = 1.5e-4, 0.05
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('LocalMIM / FreezeOut throughput benchmark',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', default='MIM_vit_base_patch16', help=f'one of: {", ".join(sorted(models_mim.MODELS))}')
+    p.add_argument('--input_size', default=224, type=int)
+    p.add_argument('--batch_size', default=256, type=int)
+    p.add_argument('--mask_ratio', default=0.75, type=float)
+    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
+                   help="the project step's precision, as run_pretrain.py (the reference is always fp16 on CUDA)")
+    p.add_argument('--steps', default=20, type=int, help='timed steps (and timed loader batches)')
+    p.add_argument('--warmup', default=5, type=int, help='untimed steps first (and after each freeze change)')
+    p.add_argument('--ks', default=None, type=int, nargs='+',
+                   help='numbers of frozen layers to time (default: all, 0 .. L-1)')
+    p.add_argument('--how_scale', default='cubic', choices=list(fo.SCALE_FUNCTIONS))
+    p.add_argument('--t_0', default=0.8, type=float)
+    p.add_argument('--decoder_freeze', default='tap', choices=list(fo.DECODER_FREEZE_MODES))
+    p.add_argument('--compile', action='store_true', help='torch.compile the project step')
+    p.add_argument('--skip_reference', action='store_true', help='do not time the upstream step')
+    p.add_argument('--epoch_images', default=IMAGENET_TRAIN_IMAGES, type=int,
+                   help='images per epoch for the projected epoch times (default: ImageNet-1k train)')
+    p.add_argument('--data_path', default=None, help='ImageFolder for the input-pipeline timings (optional)')
+    p.add_argument('--repeat', default=1, type=int, help='repeat the file list N times (symlinks) for a longer epoch')
+    p.add_argument('--backends', default=list(BACKENDS), nargs='+', choices=list(BACKENDS),
+                   help='input backends to time')
+    p.add_argument('--num_workers', default=10, type=int, help='loader workers (pil, gpu; gpu-cache decoding)')
+    p.add_argument('--cache_size', default=None, type=int, help='gpu-cache image side (default as run_pretrain.py)')
+    p.add_argument('--out', default='benchmark_out', help='folder for benchmark.json / .md / _freeze.png')
+    return p
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` calls of step() after `warmup` untimed ones, device synchronised."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def synthetic_images(batch: int, size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g).to(device)
+
+
+# ---- (a) the upstream step -------------------------------------------------------------------
+def upstream_hog(model, imgs: torch.Tensor, k: int) -> torch.Tensor:
+    """Upstream's MaskedAutoencoderViT.HOG: one HOGLayer call per channel for scale k."""
+    feats = [model.hog_enc[k](imgs[:, c:c + 1]) for c in range(imgs.shape[1])]
+    return torch.cat(feats, 1).flatten(2, 3).transpose(1, 2)
+
+
+def upstream_forward(model, imgs: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """Upstream's forward: every block, every tap, 4 decoders, per-scale HOG targets."""
+    x = model.patch_embed(imgs)
+    x = x + model.pos_embed[:, 1:]
+    x, mask, ids_restore = model.random_masking(x, mask_ratio)
+    cls_tokens = (model.cls_token + model.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    x = torch.cat((cls_tokens, x), dim=1)
+    latent = []
+    for i, blk in enumerate(model.blocks):
+        x = blk(x)
+        if i in model.ID:
+            latent.append(model.norm[model.ID.index(i)](x))
+    pred = [model.decoder[i](latent[i], ids_restore) for i in range(len(latent))]
+    target = [upstream_hog(model, imgs, k) for k in range(len(model.hog_enc))]
+    loss = 0.
+    for k in range(len(pred)):
+        m = model.recal_mask(mask, k)
+        loss += (((pred[k] - target[k]) ** 2).mean(dim=-1) * m).sum() / m.sum()
+    return loss
+
+
+def upstream_grad_norm(parameters) -> torch.Tensor:
+    """util.misc.get_grad_norm_ of upstream (MAE): a norm per tensor, then their norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.norm(torch.stack([torch.norm(g.detach(), 2.0) for g in grads]), 2.0)
+
+
+class ReferenceStep:
+    """Upstream engine_pretrain's iteration: per-step lr, fp16 autocast, loss.item(),
+    NativeScalerWithGradNormCount (scale, backward, unscale, grad norm, step, update),
+    zero_grad, synchronize."""
+
+    def __init__(self, model_name: str, input_size: int, device: torch.device, mask_ratio: float):
+        self.device, self.mask_ratio = device, mask_ratio
+        self.model = models_mim.build_model(model_name, img_size=input_size).to(device)
+        self.model.train(True)
+        groups = param_groups_weight_decay(self.model, WEIGHT_DECAY)
+        self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), foreach=False, fused=False)
+        self.cuda = device.type == 'cuda'
+        self.scaler = torch.amp.GradScaler('cuda') if self.cuda else None
+        self.it = 0
+
+    def step(self, imgs: torch.Tensor) -> float:
+        # upstream's per-iteration lr (here at epoch 100 of 400, past the warmup)
+        set_group_lrs(self.optimizer, warmup_cosine_lr(100 + self.it / 1000, LR, 1e-6, 40, 400))
+        self.it += 1
+        ctx = torch.autocast('cuda', dtype=torch.float16) if self.cuda else contextlib.nullcontext()
+        with ctx:
+            loss = upstream_forward(self.model, imgs, self.mask_ratio)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise SystemExit(f'error: reference loss is {loss_value}')
+        params = list(self.model.parameters())
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            upstream_grad_norm(params)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            upstream_grad_norm(params)
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        sync(self.device)
+        return loss_value
+
+
+# ---- (b) the project's step ------------------------------------------------------------------
+class _SameBatch:
+    """A loader (the engine's interface) yielding one device batch n times."""
+
+    def __init__(self, images: torch.Tensor, n: int):
+        self.images, self.n = images, n
+        self.targets = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield self.images, self.targets
+
+
+class _Applied:
+    """Schedule hook for the engine: the frozen set and lrs were applied beforehand."""
+
+    def on_step(self, step: int) -> bool:
+        return False
+
+    def layer_lrs(self) -> dict:
+        return {}
+
+
+class ProjectStep:
+    """The project's step as run_pretrain.py runs it: engine_pretrain.train_one_epoch itself
+    (autocast, return_terms, backward and fused AdamW step, device-side loss means, one
+    sync per --print_freq window) on FreezeOut's param groups, k layers frozen by the applier."""
+
+    PRINT_FREQ = 50  # run_pretrain.py's default
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.device, self.amp, self.mask_ratio = device, args.amp, args.mask_ratio
+        model = models_mim.build_model(args.model, img_size=args.input_size).to(device)
+        model.train(True)
+        self.model = model
+        # a long run, so that every k is reached at its own step
+        self.schedule = fo.FreezeOutSchedule.build(model.num_layers, model.tap_layers, LR, args.t_0, args.how_scale,
+                                                   True, args.decoder_freeze, 1, 10_000_000, 0)
+        layer_of = lambda name: fo.schedule_layer(name, model.tap_layers, args.decoder_freeze,  # noqa: E731
+                                                  model.num_layers)
+        self.optimizer = build_adamw(param_groups_weight_decay(model, WEIGHT_DECAY, layer_of), LR, device)
+        self.freezeout = fo.FreezeOut(model, self.optimizer, self.schedule)
+        self.scaler = torch.amp.GradScaler(device.type) if args.amp == 'fp16' else None
+        if args.compile:
+            import torch._dynamo.config as dynamo_config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * model.num_layers + 8)
+        self.handle = ModelHandle(model, torch.compile if args.compile else (lambda m: m))
+
+    def step_with_frozen(self, k: int) -> int:
+        """The first schedule step at which exactly k layers are frozen (0 for k = 0)."""
+        step = 0 if k == 0 else self.schedule.freeze_steps[k - 1]
+        if self.schedule.num_frozen(step) != k:
+            raise SystemExit(f'error: no step of the schedule has exactly {k} layers frozen')
+        return step
+
+    def set_frozen(self, k: int) -> None:
+        if self.freezeout.on_step(self.step_with_frozen(k)):
+            self.handle.rewrap()  # as the engine does after a freeze event
+        assert self.model.num_frozen == k
+
+    def run(self, images: torch.Tensor, steps: int) -> dict:
+        """`steps` training steps on `images` through the engine (its console lines muted)."""
+        if steps < 1:
+            return {}
+        args = argparse.Namespace(accum_iter=1, batch_size=images.shape[0], print_freq=self.PRINT_FREQ,
+                                  mask_ratio=self.mask_ratio, amp=self.amp)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return train_one_epoch(self.handle, _SameBatch(images, steps), self.optimizer, self.device, 0,
+                                   self.scaler, _Applied(), args)
+
+
+def time_runs(run, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds of run(steps) after run(warmup), device synchronised."""
+    run(warmup)
+    sync(device)
+    start = time.perf_counter()
+    run(steps)
+    sync(device)
+    return time.perf_counter() - start
+
+
+# ---- (c) the schedule average ----------------------------------------------------------------
+def schedule_average(ks: list[int], img_per_s: list[float], num_layers: int, t_0: float,
+                     how_scale: str) -> dict:
+    """Images/s averaged over a FreezeOut run: time per image with k frozen weighted by
+    t_k - t_{k-1} (util.flops.freezeout_speedup's weighting). Unmeasured k are interpolated
+    linearly in time per image (constant beyond the measured ends)."""
+    t = fo.freeze_fractions(num_layers, t_0, how_scale)
+    pairs = sorted(zip(ks, img_per_s))
+    xs, ys = [k for k, _ in pairs], [1.0 / v for _, v in pairs]
+
+    def time_per_image(k: int) -> float:
+        if k <= xs[0]:
+            return ys[0]
+        if k >= xs[-1]:
+            return ys[-1]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if x0 <= k <= x1:
+                return y0 + (y1 - y0) * (k - x0) / (x1 - x0)
+        raise AssertionError
+
+    average, previous, weights = 0.0, 0.0, []
+    for k in range(num_layers):
+        weights.append(t[k] - previous)
+        average += (t[k] - previous) * time_per_image(k)
+        previous = t[k]
+    return {'img_per_s': 1.0 / average, 'weights': weights,
+            'interpolated': sorted(set(range(num_layers)) - set(xs))}
+
+
+def flops_estimate(args: argparse.Namespace, ks: list[int]) -> dict | None:
+    if args.model not in flops.SHAPES:
+        return None
+    shape = dataclasses.replace(flops.SHAPES[args.model], img_size=args.input_size, mask_ratio=args.mask_ratio)
+    out = flops.freezeout_speedup(shape, args.t_0, args.how_scale, args.decoder_freeze)
+    plain = flops.step_flops(shape, 0, args.decoder_freeze)
+    out['speedup_per_k'] = [plain / flops.step_flops(shape, k, args.decoder_freeze) for k in ks]
+    return out
+
+
+# ---- (d) input pipelines ---------------------------------------------------------------------
+def repeated_folder(data_path: str, repeat: int, tmp: Path) -> str:
+    """The ImageFolder of data_path, its file list repeated `repeat` times (symlinks under tmp)."""
+    root = resolve_image_folder(data_path, 'train')
+    if repeat <= 1:
+        return str(root)
+    for class_dir in sorted(d for d in root.iterdir() if d.is_dir()):
+        files = sorted(f for f in class_dir.rglob('*') if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            continue
+        target = tmp / 'train' / class_dir.name
+        target.mkdir(parents=True, exist_ok=True)
+        for r in range(repeat):
+            for i, f in enumerate(files):
+                os.symlink(f.resolve(), target / f'r{r:04d}_{i:05d}{f.suffix}')
+    return str(tmp / 'train')
+
+
+def time_loader(loader, warmup: int, batches: int, device: torch.device) -> float:
+    """Images/s over `batches` batches (moved to the device, as the engine does) after `warmup`."""
+    def endless():
+        epoch = 0
+        while True:
+            loader.sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    it = endless()
+    for _ in range(warmup):
+        images, _ = next(it)
+        images.to(device, non_blocking=True)
+    sync(device)
+    start = time.perf_counter()
+    count = 0
+    for _ in range(batches):
+        images, _ = next(it)
+        images = images.to(device, non_blocking=True)
+        count += images.shape[0]
+    sync(device)
+    return count / (time.perf_counter() - start)
+
+
+def bench_loaders(args: argparse.Namespace, device: torch.device, notes: list[str]) -> tuple[dict, dict]:
+    rates, setup = {}, {}
+    if not args.data_path:
+        return rates, setup
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = repeated_folder(args.data_path, args.repeat, Path(tmp))
+        for backend in args.backends:
+            if backend != 'pil' and device.type != 'cuda':
+                notes.append(f'loader {backend} skipped: needs a CUDA device (running on {device})')
+                log(f'[loader {backend}] skipped: needs a CUDA device')
+                continue
+            start = time.perf_counter()
+            try:
+                loader = build_loader(backend, folder, args.input_size, args.batch_size, 0, args.num_workers,
+                                      device.type == 'cuda', 1, 0, device, args.cache_size)
+            except SystemExit as e:
+                notes.append(f'loader {backend} skipped: {e}')
+                log(f'[loader {backend}] skipped: {e}')
+                continue
+            setup[backend] = time.perf_counter() - start
+            rates[backend] = time_loader(loader, max(args.warmup, 1), args.steps, device)
+            log(f'[loader {backend}] {rates[backend]:.0f} img/s ({len(loader.dataset)} images, '
+                f'set-up {setup[backend]:.1f}s, {args.num_workers} workers)')
+            del loader
+    return rates, setup
+
+
+# ---- report ----------------------------------------------------------------------------------
+def markdown(result: dict) -> str:
+    ref = result['reference_step_img_per_s']
+    lines = [f'# Benchmark: {result["model"]}, batch {result["batch_size"]}, {result["input_size"]} px, '
+             f'{result["device"]}', '',
+             f'amp {result["amp"]}, compile {result["compile"]}, {result["steps"]} timed steps after '
+             f'{result["warmup"]} warm-up, {result["date"]}', '',
+             '| step | images/s | vs reference |', '|---|---|---|']
+    if ref:
+        precision = 'fp32 on CPU' if result['device'] == 'cpu' else 'fp16 + GradScaler'
+        lines.append(f'| upstream reference ({precision}, grad norm, 4x3 HOG, item() per step) | {ref:,.0f} | 1.00x |')
+    for k, v in zip(result['ks'], result['freeze_img_per_s']):
+        lines.append(f'| project, {k} layers frozen | {v:,.0f} | {v / ref:.2f}x |' if ref else
+                     f'| project, {k} layers frozen | {v:,.0f} | |')
+    avg = result['schedule_average_img_per_s']
+    sched = f'{result["how_scale"]} t_0={result["t_0"]}'
+    lines.append(f'| FreezeOut schedule average ({sched}) | {avg:,.0f} | ' + (f'{avg / ref:.2f}x |' if ref else '|'))
+    if result['flops_estimate']:
+        f = result['flops_estimate']
+        lines += ['', f'FLOP estimate ({sched}): {f["plain_gflops_per_image"]:.1f} GFLOP/image plain, '
+                      f'{f["average_gflops_per_image"]:.1f} on average, speedup {f["speedup"]:.2f}x '
+                      f'(measured schedule average over project k=0: '
+                      f'{result["schedule_speedup_vs_k0"] or float("nan"):.2f}x)']
+    epoch = result['projected_epoch_s']
+    lines += ['', f'Projected epoch of {result["epoch_images"]:,} images on this device: ' +
+              ', '.join(f'{k} {v / 60:.1f} min' for k, v in epoch.items() if v)]
+    if result['loader_img_per_s']:
+        lines += ['', '| input backend | images/s | set-up s |', '|---|---|---|']
+        for k, v in result['loader_img_per_s'].items():
+            lines.append(f'| {k} | {v:,.0f} | {result["loader_setup_s"].get(k, 0):.1f} |')
+    if result['notes']:
+        lines += [''] + [f'- {n}' for n in result['notes']]
+    return '\n'.join(lines) + '\n'
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(result['ks'], result['freeze_img_per_s'], 'o-', label='project step, k layers frozen')
+    if result['reference_step_img_per_s']:
+        ax.axhline(result['reference_step_img_per_s'], color='gray', ls='--', label='upstream step')
+    ax.axhline(result['schedule_average_img_per_s'], color='tab:green', ls=':',
+               label=f'schedule average ({result["how_scale"]}, t_0={result["t_0"]})')
+    ax.set_xlabel('frozen layers k (0 = none; 1 = patch embedding; k = blocks 0..k-2 too)')
+    ax.set_ylabel('images/s')
+    ax.set_title(f'{result["model"]}, batch {result["batch_size"]}, {result["device"]}')
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    device = resolve_device_and_amp(args)
+    if min(args.steps, args.batch_size) < 1 or args.warmup < 0 or args.repeat < 1:
+        raise SystemExit('error: --steps and --batch_size must be at least 1, --warmup at least 0, --repeat at least 1')
+    fo.validate(args.t_0, args.how_scale, args.decoder_freeze, 0, 1)
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True
+    device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    log(f'benchmark: {args.model}, batch {args.batch_size}, {args.input_size}px on {device_name}, amp {args.amp}, '
+        f'{args.warmup} warm-up + {args.steps} timed steps')
+    notes: list[str] = []
+    imgs = synthetic_images(args.batch_size, args.input_size, device)
+    images = args.steps * args.batch_size
+
+    project = ProjectStep(args, device)
+    num_layers = project.model.num_layers
+    ks = sorted(set(args.ks)) if args.ks else list(range(num_layers))
+    if ks[0] < 0 or ks[-1] >= num_layers:
+        raise SystemExit(f'error: --ks must lie in 0..{num_layers - 1} for {args.model}')
+
+    ref = None
+    if not args.skip_reference:
+        reference = ReferenceStep(args.model, args.input_size, device, args.mask_ratio)
+        ref = images / time_steps(lambda: reference.step(imgs), args.warmup, args.steps, device)
+        log(f'[reference] upstream step: {ref:.1f} img/s')
+        reference = None  # frees its model and optimizer state
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    if device.type != 'cuda':
+        notes.append('CPU: the reference runs in fp32 without GradScaler (no fp16 autocast on CPU)')
+
+    rates = []
+    for k in ks:
+        project.set_frozen(k)
+        seconds = time_runs(lambda n: project.run(imgs, n), args.warmup, args.steps, device)
+        rates.append(images / seconds)
+        mem = (f', peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB'
+               if device.type == 'cuda' else '')
+        log(f'[project] k={k:2d} frozen, live taps {project.model.live_taps}: {rates[-1]:.1f} img/s{mem}')
+    project = None
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+
+    avg = schedule_average(ks, rates, num_layers, args.t_0, args.how_scale)
+    if avg['interpolated']:
+        notes.append(f'schedule average interpolates k = {avg["interpolated"]} (not measured)')
+    k0 = rates[ks.index(0)] if 0 in ks else None
+    loader_rates, loader_setup = bench_loaders(args, device, notes)
+
+    result = {
+        'device': device_name, 'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
+        'amp': args.amp, 'compile': args.compile, 'steps': args.steps, 'warmup': args.warmup,
+        'reference_step_img_per_s': ref,
+        'ks': ks, 'freeze_img_per_s': rates,
+        'how_scale': args.how_scale, 't_0': args.t_0, 'decoder_freeze': args.decoder_freeze,
+        'schedule_average_img_per_s': avg['img_per_s'], 'schedule_weights': avg['weights'],
+        'speedup_vs_reference': {'project_k0': k0 / ref if ref and k0 else None,
+                                 'schedule_average': avg['img_per_s'] / ref if ref else None},
+        'schedule_speedup_vs_k0': avg['img_per_s'] / k0 if k0 else None,
+        'epoch_images': args.epoch_images,
+        'projected_epoch_s': {'reference': args.epoch_images / ref if ref else None,
+                              'project_k0': args.epoch_images / k0 if k0 else None,
+                              'schedule_average': args.epoch_images / avg['img_per_s']},
+        'flops_estimate': flops_estimate(args, ks),
+        'loader_img_per_s': loader_rates, 'loader_setup_s': loader_setup,
+        'data_path': args.data_path, 'repeat': args.repeat, 'num_workers': args.num_workers,
+        'notes': notes, 'torch': torch.__version__,
+        'command': list(sys.argv) if argv is None else ['benchmark.py', *argv],
+        'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'benchmark.json').write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (out / 'benchmark.md').write_text(table)
+    plot(result, out / 'benchmark_freeze.png')
+    log('\n' + table)
+    log(f'wrote {out / "benchmark.json"}, {out / "benchmark.md"}, {out / "benchmark_freeze.png"}')
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,419 @@
+"""GPU input pipelines for pretraining (run_pretrain.py --data_backend gpu | gpu-cache).
+
+On a 16-core-per-GPU server the PIL pipeline (util.data) delivers about 1,000 images/s, slower
+than the model step (design.md section 4). Two backends move the work to the GPU:
+
+gpu        DataLoader workers only read the JPEG files (bytes); the batch is decoded on the GPU
+           in one nvjpeg call and cropped, flipped and normalised there in one batched resample.
+gpu-cache  for data sets that fit in GPU memory: every image is decoded once (PIL, CPU),
+           resized so its shorter side is `cache_size`, centre-cropped to a square and kept on
+           the GPU as one uint8 tensor; each step gathers its batch and augments it on the GPU.
+
+The augmentation is upstream's RandomResizedCrop(scale=(0.2, 1), ratio=(3/4, 4/3)) + horizontal
+flip + ImageNet normalisation, done for the whole batch by one `grid_sample` whose per-sample
+affine grid maps the output square onto that sample's crop box (a flip negates the x scale).
+Crop boxes have torchvision's RandomResizedCrop.get_params distribution (`sample_crop_boxes`:
+the 10 tries of every sample drawn at once, the first valid one kept, else the centre crop).
+Differences from the PIL pipeline: no antialiasing when a crop is shrunk (grid_sample samples,
+PIL filters over the whole footprint), bicubic taps at a crop's edge read the pixels just
+outside it (PIL clamps at the crop), and libjpeg/nvjpeg decodes differ by a grey level or so.
+
+Randomness: one CPU generator per batch, seeded from (seed, epoch, batch index, rank), so an
+interrupted run resumes with the same inputs; a batch draws its crop boxes first, then its flips.
+The augmentation core takes any device (tests run it on CPU); only `build_loader` insists on
+CUDA for the GPU backends.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.data
+import torchvision.datasets as datasets
+import torchvision.transforms.functional as TF
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.transforms import InterpolationMode
+
+from util.data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, EpochSampler, build_pretrain_loader,
+                       resolve_image_folder)
+
+BACKENDS = ('pil', 'gpu', 'gpu-cache')
+CROP_SCALE = (0.2, 1.0)
+CROP_RATIO = (3. / 4., 4. / 3.)
+# pixels of one padded canvas (batch x height x width); larger batches are resampled in groups
+MAX_CANVAS_PIXELS = 256 * 512 * 512
+
+
+# ---- randomness ------------------------------------------------------------------------------
+def batch_seed(seed: int, epoch: int, batch_index: int, rank: int) -> int:
+    """Seed of one batch's augmentation generator."""
+    return (((seed * 1_000_003 + rank) * 1_000_003 + epoch) * 1_000_000_007 + batch_index) % (2 ** 63)
+
+
+def batch_generator(seed: int, epoch: int, batch_index: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(batch_seed(seed, epoch, batch_index, rank))
+
+
+def sample_crop_boxes(heights, widths, generator: torch.Generator | None = None,
+                      scale: Sequence[float] = CROP_SCALE, ratio: Sequence[float] = CROP_RATIO,
+                      tries: int = 10) -> torch.Tensor:
+    """Crop boxes (B, 4) int64 CPU rows (top, left, h, w), distributed as torchvision's
+    RandomResizedCrop.get_params for each (height, width): `tries` random (area, log-aspect)
+    draws per sample, the first that fits is kept and placed uniformly; if none fits, the
+    centre crop clamped to the ratio range. All samples at once. The uniforms come from
+    `generator` (a CPU generator; None = the global RNG); the arithmetic is done in float64
+    numpy, which avoids the thread-pool start-up torch pays on a few thousand elements."""
+    H = np.asarray(torch.as_tensor(heights).reshape(-1).cpu(), dtype=np.float64)
+    W = np.asarray(torch.as_tensor(widths).reshape(-1).cpu(), dtype=np.float64)
+    n = H.size
+    u = torch.rand(n, tries, 2, generator=generator, dtype=torch.float64).numpy()
+    pos = torch.rand(n, 2, generator=generator, dtype=torch.float64).numpy()
+    target_area = (H * W)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = np.round(np.sqrt(target_area * aspect))  # round half to even, as Python's round
+    h = np.round(np.sqrt(target_area / aspect))
+    fits = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
+    found = fits.any(axis=1)
+    first = fits.argmax(axis=1)[:, None]  # index of the first valid try
+    w = np.take_along_axis(w, first, axis=1)[:, 0]
+    h = np.take_along_axis(h, first, axis=1)[:, 0]
+    top = np.minimum(np.floor(pos[:, 0] * (H - h + 1)), H - h)
+    left = np.minimum(np.floor(pos[:, 1] * (W - w + 1)), W - w)
+
+    # torchvision's fallback: the whole image, clamped to the ratio range, centred
+    r_min, r_max = min(ratio), max(ratio)
+    in_ratio = W / H
+    fw = np.where(in_ratio > r_max, np.round(H * r_max), W)
+    fh = np.where(in_ratio < r_min, np.round(W / r_min), H)
+    w = np.where(found, w, fw)
+    h = np.where(found, h, fh)
+    top = np.where(found, top, np.floor((H - h) / 2))
+    left = np.where(found, left, np.floor((W - w) / 2))
+    return torch.from_numpy(np.stack([top, left, h, w], axis=1).astype(np.int64))
+
+
+def sample_flips(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) bool on the CPU: flip each sample with probability 0.5."""
+    return torch.rand(n, generator=generator) < 0.5
+
+
+# ---- resampling ------------------------------------------------------------------------------
+def crop_grids(boxes: torch.Tensor, flips: torch.Tensor, canvas_h: int, canvas_w: int,
+               out_size: int) -> torch.Tensor:
+    """grid_sample grids (B, S, S, 2) (align_corners=False) that map the output square onto each
+    box of a (canvas_h, canvas_w) canvas: output pixel j samples the box at
+    left + (j + 0.5) * w / S (pixel-edge coordinates), mirrored when flipped."""
+    b = boxes.to(torch.float64)
+    top, left, h, w = b.unbind(1)
+    sign = 1.0 - 2.0 * flips.to(torch.float64)
+    ax, bx = sign * w / canvas_w, (2 * left + w) / canvas_w - 1
+    ay, by = h / canvas_h, (2 * top + h) / canvas_h - 1
+    u = (torch.arange(out_size, device=boxes.device, dtype=torch.float64) * 2 + 1) / out_size - 1
+    gx = (ax[:, None] * u + bx[:, None]).float()  # (B, S) along the width
+    gy = (ay[:, None] * u + by[:, None]).float()  # (B, S) along the height
+    n = boxes.shape[0]
+    return torch.stack([gx[:, None, :].expand(n, out_size, out_size),
+                        gy[:, :, None].expand(n, out_size, out_size)], dim=-1)
+
+
+def resized_crop_batch(canvas: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int,
+                       mode: str = 'bicubic') -> torch.Tensor:
+    """Crop box i of canvas[i], resize it to out_size x out_size, flip where asked: one
+    grid_sample for the batch. Float32 output in the canvas' value range (not clamped).
+    Bicubic/bilinear taps outside the canvas repeat its border pixels."""
+    x = canvas if canvas.is_floating_point() else canvas.float()
+    grid = crop_grids(boxes.to(x.device), flips.to(x.device), x.shape[-2], x.shape[-1], out_size)
+    return F.grid_sample(x, grid, mode=mode, padding_mode='border', align_corners=False)
+
+
+def make_canvas(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(C, h_i, w_i) images -> (B, C, max h, max w), each at the top left, the rest filled by
+    repeating its last column and row (so resampling at its right/bottom edge sees its own
+    border, as when it is resampled alone)."""
+    c = images[0].shape[0]
+    hmax = max(int(im.shape[-2]) for im in images)
+    wmax = max(int(im.shape[-1]) for im in images)
+    canvas = images[0].new_empty((len(images), c, hmax, wmax))
+    for i, im in enumerate(images):
+        h, w = im.shape[-2:]
+        canvas[i, :, :h, :w] = im
+        if w < wmax:
+            canvas[i, :, :h, w:] = im[:, :, w - 1:w]
+        if h < hmax:
+            canvas[i, :, h:, :] = canvas[i, :, h - 1:h, :]
+    return canvas
+
+
+def plan_canvas_groups(sizes: Sequence[tuple[int, int]], max_pixels: int = MAX_CANVAS_PIXELS) -> list[list[int]]:
+    """Split images (h, w) into groups, by increasing area, whose canvas (count x max h x
+    max w) stays within max_pixels (a group always has at least one image)."""
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], i))
+    groups, current, hmax, wmax = [], [], 0, 0
+    for i in order:
+        h, w = sizes[i]
+        nh, nw = max(hmax, h), max(wmax, w)
+        if current and (len(current) + 1) * nh * nw > max_pixels:
+            groups.append(current)
+            current, nh, nw = [], h, w
+        current.append(i)
+        hmax, wmax = nh, nw
+    if current:
+        groups.append(current)
+    return groups
+
+
+def resized_crop_list(images: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
+                      out_size: int, mode: str = 'bicubic', max_canvas_pixels: int = MAX_CANVAS_PIXELS
+                      ) -> torch.Tensor:
+    """resized_crop_batch for images of different sizes: padded into canvases (one per group of
+    plan_canvas_groups) and resampled group by group."""
+    device = images[0].device
+    boxes, flips = boxes.to(device), flips.to(device)
+    out = torch.empty((len(images), images[0].shape[0], out_size, out_size), dtype=torch.float32, device=device)
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    for group in plan_canvas_groups(sizes, max_canvas_pixels):
+        idx = torch.tensor(group, device=device)
+        canvas = make_canvas([images[i] for i in group])
+        out[idx] = resized_crop_batch(canvas, boxes[idx], flips[idx], out_size, mode)
+    return out
+
+
+def normalize_uint8_range(x: torch.Tensor) -> torch.Tensor:
+    """Values on the 0..255 scale -> clamped to [0, 255] (PIL clips bicubic overshoot), /255,
+    ImageNet mean/std normalisation."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) * 255
+    return (x.clamp(0, 255) - mean) / std
+
+
+def augment_images(images: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator, out_size: int,
+                   scale: Sequence[float] = CROP_SCALE, ratio: Sequence[float] = CROP_RATIO,
+                   mode: str = 'bicubic', max_canvas_pixels: int = MAX_CANVAS_PIXELS) -> torch.Tensor:
+    """Pretraining augmentation of a batch of uint8 images (a (B, 3, H, W) tensor, or a list of
+    (3, h_i, w_i) tensors): RandomResizedCrop + horizontal flip + normalisation, on the images'
+    device. Returns float32 (B, 3, out_size, out_size)."""
+    if torch.is_tensor(images):
+        n, _, height, width = images.shape
+        boxes = sample_crop_boxes([height] * n, [width] * n, generator, scale, ratio)
+        flips = sample_flips(n, generator)
+        out = resized_crop_batch(images, boxes, flips, out_size, mode)
+    else:
+        heights = [int(im.shape[-2]) for im in images]
+        widths = [int(im.shape[-1]) for im in images]
+        boxes = sample_crop_boxes(heights, widths, generator, scale, ratio)
+        flips = sample_flips(len(images), generator)
+        out = resized_crop_list(images, boxes, flips, out_size, mode, max_canvas_pixels)
+    return normalize_uint8_range(out)
+
+
+# ---- backend: gpu (workers read bytes, GPU decodes) -------------------------------------------
+def _check_enough(dataset, root, batch_size: int, world_size: int) -> None:
+    if len(dataset) < batch_size * world_size:
+        raise DataLayoutError(f'{root} has {len(dataset)} images, fewer than one batch per process '
+                              f'({batch_size} x {world_size}); lower --batch_size')
+
+
+class JpegBytesFolder(datasets.ImageFolder):
+    """ImageFolder whose items are the raw file bytes (uint8 1-D tensors); keys are (epoch, index)
+    pairs from EpochSampler or plain indices."""
+
+    def __init__(self, root: str | Path):
+        super().__init__(str(root), loader=read_file)
+
+    def __getitem__(self, key):
+        index = key[1] if isinstance(key, tuple) else key
+        path, target = self.samples[index]
+        # read_file's storage is file-backed and cannot be sent to the main process through
+        # shared memory (the worker's queue fails on it); a plain copy can
+        return read_file(path).clone(), target
+
+
+def collate_bytes(batch):
+    """[(bytes, target)] -> (list of byte tensors, int64 targets)."""
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch], dtype=torch.int64)
+
+
+def _is_jpeg(data: torch.Tensor) -> bool:
+    return data.numel() > 3 and bytes(data[:3].tolist()) == b'\xff\xd8\xff'
+
+
+def decode_batch(data: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """File bytes -> RGB uint8 (3, h, w) tensors on `device`: JPEGs in one batched
+    decode_jpeg call (nvjpeg on CUDA); other formats, and JPEGs the batched decoder refuses
+    (e.g. CMYK), one by one on the CPU."""
+    out: list[torch.Tensor | None] = [None] * len(data)
+    jpeg = [i for i, d in enumerate(data) if _is_jpeg(d)]
+    if jpeg:
+        try:
+            decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+            for i, im in zip(jpeg, decoded):
+                out[i] = im
+        except RuntimeError:
+            pass  # decoded one by one below
+    for i, d in enumerate(data):
+        if out[i] is None:
+            out[i] = decode_image(d, mode=ImageReadMode.RGB).to(device)
+    return out
+
+
+class GpuJpegLoader:
+    """--data_backend gpu: the engine's loader interface (len, iteration over (images, targets)
+    on the device, .sampler.set_epoch, .dataset.root)."""
+
+    def __init__(self, root: str | Path, input_size: int, batch_size: int, seed: int, num_workers: int,
+                 world_size: int, rank: int, device: torch.device | str, mode: str = 'bicubic',
+                 max_canvas_pixels: int = MAX_CANVAS_PIXELS):
+        self.dataset = JpegBytesFolder(root)
+        _check_enough(self.dataset, root, batch_size, world_size)
+        self.input_size, self.batch_size, self.seed, self.rank = input_size, batch_size, seed, rank
+        self.device, self.mode, self.max_canvas_pixels = torch.device(device), mode, max_canvas_pixels
+        self.sampler = EpochSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                    seed=seed, drop_last=True)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, sampler=self.sampler, batch_size=batch_size, num_workers=num_workers,
+            collate_fn=collate_bytes, drop_last=True, persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.sampler.epoch
+        for b, (data, targets) in enumerate(self.loader):
+            images = decode_batch(data, self.device)
+            gen = batch_generator(self.seed, epoch, b, self.rank)
+            yield (augment_images(images, gen, self.input_size, mode=self.mode,
+                                  max_canvas_pixels=self.max_canvas_pixels),
+                   targets.to(self.device, non_blocking=True))
+
+
+# ---- backend: gpu-cache (decoded once, kept on the device) -------------------------------------
+def default_cache_size(paths: Sequence[str], input_size: int) -> int:
+    """The images' own shorter side when they all have one size, else input_size * 1.15 rounded."""
+    from PIL import Image
+    sizes = set()
+    for p in paths:
+        with Image.open(p) as im:  # reads the header only
+            sizes.add(im.size)
+        if len(sizes) > 1:
+            return int(round(input_size * 1.15))
+    (w, h), = sizes
+    return min(w, h)
+
+
+class _SquareDecode(torch.utils.data.Dataset):
+    """Image i -> uint8 (3, S, S): PIL decode, shorter side resized to S (bicubic), centre crop."""
+
+    def __init__(self, paths: Sequence[str], size: int):
+        self.paths, self.size = list(paths), size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+        with Image.open(self.paths[i]) as im:
+            im = im.convert('RGB')
+        im = TF.resize(im, self.size, interpolation=InterpolationMode.BICUBIC)
+        im = TF.center_crop(im, [self.size, self.size])
+        return TF.pil_to_tensor(im)
+
+
+def decode_to_cache(paths: Sequence[str], size: int, num_workers: int = 0, log=print) -> torch.Tensor:
+    """All images as one uint8 (N, 3, S, S) CPU tensor, with a progress line about every 10%."""
+    n = len(paths)
+    cache = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(_SquareDecode(paths, size), batch_size=64, num_workers=num_workers,
+                                         shuffle=False)
+    start, done, next_report = time.perf_counter(), 0, 0
+    for batch in loader:
+        cache[done:done + len(batch)] = batch
+        done += len(batch)
+        if done >= next_report or done == n:
+            log(f'gpu-cache: decoded {done}/{n} images at {size}x{size} '
+                f'({time.perf_counter() - start:.0f}s)', flush=True)
+            next_report = done + max(n // 10, 1)
+    return cache
+
+
+class GpuCacheLoader:
+    """--data_backend gpu-cache: every image decoded once into one uint8 (N, 3, S, S) tensor on
+    the device; batches follow EpochSampler (DistributedSampler, seed, set_epoch, per-rank
+    shards, drop_last) and are augmented on the device. `device` may be the CPU (tests)."""
+
+    def __init__(self, root: str | Path, input_size: int, batch_size: int, seed: int, num_workers: int,
+                 world_size: int, rank: int, device: torch.device | str, cache_size: int | None = None,
+                 mode: str = 'bicubic', log=print):
+        self.dataset = datasets.ImageFolder(str(root))
+        _check_enough(self.dataset, root, batch_size, world_size)
+        self.input_size, self.batch_size, self.seed, self.rank = input_size, batch_size, seed, rank
+        self.device, self.mode = torch.device(device), mode
+        paths = [p for p, _ in self.dataset.samples]
+        self.cache_size = cache_size or default_cache_size(paths, input_size)
+        nbytes = len(paths) * 3 * self.cache_size ** 2
+        if self.device.type == 'cuda':
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if nbytes > 0.8 * free:
+                raise SystemExit(
+                    f'error: --data_backend gpu-cache needs {nbytes / 2**30:.1f} GiB for {len(paths)} images at '
+                    f'{self.cache_size}px, more than 80% of the {free / 2**30:.1f} GiB free on {self.device}; '
+                    f'lower --cache_size or use --data_backend gpu')
+        log(f'gpu-cache: {len(paths)} images at {self.cache_size}x{self.cache_size} = {nbytes / 2**30:.2f} GiB '
+            f'on {self.device}', flush=True)
+        self.images = decode_to_cache(paths, self.cache_size, num_workers, log).to(self.device)
+        self.targets = torch.tensor(self.dataset.targets, dtype=torch.int64, device=self.device)
+        self.sampler = EpochSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                    seed=seed, drop_last=True)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def batch_indices(self) -> torch.Tensor:
+        """(len(self), batch_size) dataset indices of this rank's batches in the current epoch."""
+        indices = [i for _, i in self.sampler]
+        n = len(self) * self.batch_size
+        return torch.tensor(indices[:n], dtype=torch.int64).view(len(self), self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.sampler.epoch
+        batches = self.batch_indices().to(self.device)
+        for b in range(batches.shape[0]):
+            idx = batches[b]
+            gen = batch_generator(self.seed, epoch, b, self.rank)
+            yield (augment_images(self.images.index_select(0, idx), gen, self.input_size, mode=self.mode),
+                   self.targets.index_select(0, idx))
+
+
+# ---- choice ----------------------------------------------------------------------------------
+def require_cuda(backend: str, device: torch.device | str | None) -> torch.device:
+    """The GPU backends' device check, a clear SystemExit instead of a traceback."""
+    dev = torch.device(device if device is not None else 'cpu')
+    if dev.type != 'cuda' or not torch.cuda.is_available():
+        seen = '' if torch.cuda.is_available() else '; no CUDA GPU is visible'
+        raise SystemExit(f'error: --data_backend {backend} needs a CUDA device (got --device {dev}{seen}); '
+                         f'use --data_backend pil')
+    return dev
+
+
+def build_loader(backend: str, data_path: str, input_size: int, batch_size: int, seed: int, num_workers: int,
+                 pin_mem: bool, world_size: int, rank: int, device: torch.device | str | None = None,
+                 cache_size: int | None = None):
+    """The pretraining loader of --data_backend: 'pil' (util.data.build_pretrain_loader: CPU
+    workers, batches on the host), 'gpu' or 'gpu-cache' (batches already on the device)."""
+    if backend == 'pil':
+        return build_pretrain_loader(data_path, input_size, batch_size, seed, num_workers, pin_mem,
+                                     world_size, rank)
+    if backend not in BACKENDS:
+        raise SystemExit(f'error: unknown --data_backend {backend}; choose one of: {", ".join(BACKENDS)}')
+    dev = require_cuda(backend, device)
+    root = resolve_image_folder(data_path, 'train')
+    if backend == 'gpu':
+        return GpuJpegLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev)
+    return GpuCacheLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev, cache_size)

@@ -1,0 +1,171 @@
+"""ViT/benchmark.py: a tiny CPU run end to end (outputs, keys, types), the reference step's
+upstream forward against the model's own, the FreezeOut freezing it times, and the schedule
+average's weighting."""
+import argparse
+import dataclasses
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import benchmark
+import models_mim
+from helpers import VIT, run_cmd, subprocess_env
+from util import flops
+from util import freezeout as fo
+
+TINY = ['--device', 'cpu', '--model', 'MIM_vit_tiny_patch16', '--input_size', '64', '--batch_size', '8',
+        '--steps', '2', '--warmup', '1']
+
+
+def write_images(folder, n, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = rng.integers(0, 256, size=(40 + 3 * i, 48, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f'{i}.jpg', quality=90)
+
+
+def run_benchmark(*flags, timeout=180):
+    res = run_cmd([sys.executable, 'benchmark.py', *map(str, flags)], timeout=timeout, cwd=VIT,
+                  env=subprocess_env())
+    assert res.returncode == 0, res.describe()
+    assert 'Traceback' not in res.output, res.describe()
+    return res
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_cpu_run_writes_results_and_skips_gpu_backends(tmp_path):
+    data = tmp_path / 'data'
+    write_images(data / 'train' / 'a', 5)
+    write_images(data / 'train' / 'b', 5, seed=1)
+    out = tmp_path / 'out'
+    res = run_benchmark(*TINY, '--out', out, '--data_path', data, '--repeat', '2', '--num_workers', '0',
+                        '--backends', 'pil', 'gpu', 'gpu-cache')
+    result = json.loads((out / 'benchmark.json').read_text())
+    for key in ('device', 'model', 'batch_size', 'input_size', 'reference_step_img_per_s', 'freeze_img_per_s',
+                'ks', 'schedule_average_img_per_s', 'speedup_vs_reference', 'flops_estimate', 'loader_img_per_s',
+                'command', 'date'):
+        assert key in result, key
+    assert result['device'] == 'cpu' and result['model'] == 'MIM_vit_tiny_patch16'
+    assert result['batch_size'] == 8 and result['input_size'] == 64
+    assert isinstance(result['command'], list) and '--batch_size' in result['command']
+    assert isinstance(result['date'], str) and result['date'][:2] == '20'
+    assert positive(result['reference_step_img_per_s'])
+    assert result['ks'] == list(range(13))  # ViT-Ti: patch embedding + 12 blocks
+    assert len(result['freeze_img_per_s']) == len(result['ks'])
+    assert all(positive(v) for v in result['freeze_img_per_s'])
+    assert positive(result['schedule_average_img_per_s'])
+    assert set(result['speedup_vs_reference']) == {'project_k0', 'schedule_average'}
+    assert all(positive(v) for v in result['speedup_vs_reference'].values())
+    assert positive(result['flops_estimate']['speedup'])
+    assert all(positive(v) for v in result['projected_epoch_s'].values())
+    # input backends: pil measured; the GPU ones skipped with a note on a CPU device
+    assert set(result['loader_img_per_s']) == {'pil'} and positive(result['loader_img_per_s']['pil'])
+    for backend in ('gpu', 'gpu-cache'):
+        assert any(f'loader {backend} skipped' in n and 'CUDA' in n for n in result['notes']), result['notes']
+    md = (out / 'benchmark.md').read_text()
+    assert '| project, 12 layers frozen |' in md and 'upstream reference' in md and '| pil |' in md
+    png = (out / 'benchmark_freeze.png').read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
+    assert 'schedule average' in res.stdout and '[project] k=12' in res.stdout
+
+
+def test_cpu_run_subset_of_ks_without_data(tmp_path):
+    out = tmp_path / 'out'
+    run_benchmark(*TINY, '--out', out, '--ks', '0', '6', '12', '--skip_reference')
+    result = json.loads((out / 'benchmark.json').read_text())
+    assert result['ks'] == [0, 6, 12] and len(result['freeze_img_per_s']) == 3
+    assert result['loader_img_per_s'] == {}
+    assert result['reference_step_img_per_s'] is None
+    assert positive(result['schedule_average_img_per_s'])
+    assert any('interpolates' in n for n in result['notes'])
+
+
+def test_bad_ks_is_a_clear_error(tmp_path):
+    res = run_cmd([sys.executable, 'benchmark.py', *TINY, '--out', tmp_path, '--ks', '13', '--skip_reference'],
+                  timeout=120, cwd=VIT, env=subprocess_env())
+    assert res.returncode != 0 and 'error' in res.output and 'Traceback' not in res.output, res.describe()
+
+
+def test_schedule_average_uses_freezeout_weighting():
+    """With time per image proportional to util.flops' step cost, the schedule average is the
+    FLOP model's average cost; unmeasured k are interpolated."""
+    shape = dataclasses.replace(flops.SHAPES['MIM_vit_base_patch16'])
+    L = shape.depth + 1
+    ks = list(range(L))
+    cost = [flops.step_flops(shape, k) for k in ks]
+    got = benchmark.schedule_average(ks, [1.0 / c for c in cost], L, 0.8, 'cubic')
+    expect = flops.freezeout_speedup(shape, 0.8, 'cubic')['average_gflops_per_image'] * 1e9
+    assert got['interpolated'] == []
+    assert math.isclose(1.0 / got['img_per_s'], expect, rel_tol=1e-9)
+    assert math.isclose(sum(got['weights']), 1.0, rel_tol=1e-12)
+    t = fo.freeze_fractions(L, 0.8, 'cubic')
+    assert math.isclose(got['weights'][3], t[3] - t[2])
+    # constant rate -> that rate; two measured ends -> linear in time per image between them
+    assert math.isclose(benchmark.schedule_average(ks, [100.0] * L, L, 0.5, 'linear')['img_per_s'], 100.0)
+    ends = benchmark.schedule_average([0, L - 1], [100.0, 200.0], L, 0.5, 'linear')
+    assert ends['interpolated'] == list(range(1, L - 1))
+    t = fo.freeze_fractions(L, 0.5, 'linear')
+    tpi = [0.01 + (0.005 - 0.01) * k / (L - 1) for k in range(L)]
+    manual = sum((t[k] - (t[k - 1] if k else 0.0)) * tpi[k] for k in range(L))
+    assert math.isclose(ends['img_per_s'], 1.0 / manual, rel_tol=1e-9)
+
+
+def test_reference_forward_matches_the_model():
+    """The reference's upstream forward (per-channel, per-scale HOG) computes the model's loss."""
+    model = models_mim.build_model('MIM_vit_tiny_patch16', img_size=64)
+    imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for k in range(4):
+        assert torch.allclose(benchmark.upstream_hog(model, imgs, k), model.HOG(imgs, k), atol=1e-6)
+    torch.manual_seed(1)
+    ours = benchmark.upstream_forward(model, imgs, 0.75)
+    torch.manual_seed(1)
+    ref = model(imgs, mask_ratio=0.75)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours.backward()
+    norm = benchmark.upstream_grad_norm(params)
+    assert torch.allclose(norm, torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
+def test_reference_and_project_steps_train_on_cpu():
+    device = torch.device('cpu')
+    imgs = torch.randn(2, 3, 32, 32)
+    ref = benchmark.ReferenceStep('MIM_vit_tiny_patch16', 32, device, 0.75)
+    assert isinstance(ref.optimizer, torch.optim.AdamW)
+    assert ref.optimizer.defaults['foreach'] is False and ref.optimizer.defaults['fused'] is False
+    before = ref.model.blocks[0].mlp.fc1.weight.detach().clone()
+    assert math.isfinite(ref.step(imgs))
+    assert not torch.equal(before, ref.model.blocks[0].mlp.fc1.weight)
+
+
+def test_project_step_freezes_exactly_k_layers():
+    args = argparse.Namespace(model='MIM_vit_tiny_patch16', input_size=32, amp='none', mask_ratio=0.75,
+                              t_0=0.8, how_scale='cubic', decoder_freeze='tap', compile=False)
+    step = benchmark.ProjectStep(args, torch.device('cpu'))
+    model = step.model
+    imgs = torch.randn(2, 3, 32, 32)
+    for k in range(model.num_layers):
+        step.set_frozen(k)
+        assert model.num_frozen == k
+        assert model.live_taps == step.schedule.live_taps(step.step_with_frozen(k))
+        frozen = [i for i in range(model.num_layers)
+                  if not any(p.requires_grad for m in model.layer_modules(i)
+                             for p in ([m] if isinstance(m, torch.nn.Parameter) else m.parameters()))]
+        assert frozen == list(range(k))
+        if k in (0, model.num_layers - 1):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            stats = step.run(imgs, 2)
+            assert math.isfinite(stats['loss']) and stats['frozen_layers'] == k
+            changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+            assert 'blocks.11.mlp.fc1.weight' in changed  # the last block always trains
+            assert ('patch_embed.proj.weight' in changed) == (k == 0)
+            assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none)
+    assert model.live_taps == [3]  # only the last tap is left at k = L-1

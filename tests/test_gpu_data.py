@@ -1,0 +1,393 @@
+"""util.gpu_data: the batched crop/flip/normalise core (on CPU tensors), the crop-box sampler
+against torchvision's RandomResizedCrop, the gpu and gpu-cache loaders run with device='cpu',
+and the CLI refusing a GPU backend without CUDA."""
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+from helpers import run_pretrain
+from util.data import IMAGENET_MEAN, IMAGENET_STD, EpochSampler
+from util.gpu_data import (GpuCacheLoader, GpuJpegLoader, augment_images, batch_generator, batch_seed,
+                           build_loader, crop_grids, default_cache_size, make_canvas, normalize_uint8_range,
+                           plan_canvas_groups, resized_crop_batch, resized_crop_list, sample_crop_boxes,
+                           sample_flips)
+
+LO = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
+HI = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def smooth_image(h, w, seed=0, batch=1):
+    """Random but smooth 0..255 float images (B, 3, h, w)."""
+    g = gen(seed)
+    coarse = torch.rand(batch, 3, max(h // 4, 2), max(w // 4, 2), generator=g) * 255
+    return F.interpolate(coarse, size=(h, w), mode='bilinear', align_corners=False)
+
+
+def test_batch_seeds_differ_by_seed_epoch_batch_and_rank():
+    keys = [(s, e, b, r) for s in (0, 1) for e in (0, 1, 399) for b in (0, 1, 5004) for r in (0, 1, 7)]
+    seeds = {batch_seed(*k) for k in keys}
+    assert len(seeds) == len(keys)
+    assert all(0 <= x < 2 ** 63 for x in seeds)
+    a = torch.rand(4, generator=batch_generator(0, 3, 2, 1))
+    assert torch.equal(a, torch.rand(4, generator=batch_generator(0, 3, 2, 1)))
+
+
+# ---- crop box sampler ---------------------------------------------------------------------------
+def test_crop_boxes_inside_image_and_seeded():
+    g = gen(1)
+    heights = torch.randint(1, 600, (3000,), generator=g)
+    widths = torch.randint(1, 600, (3000,), generator=g)
+    boxes = sample_crop_boxes(heights, widths, gen(5))
+    assert boxes.shape == (3000, 4) and boxes.dtype == torch.int64
+    top, left, h, w = boxes.unbind(1)
+    assert (h >= 1).all() and (w >= 1).all()
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= heights).all() and (left + w <= widths).all()
+    assert torch.equal(boxes, sample_crop_boxes(heights, widths, gen(5)))
+    assert not torch.equal(boxes, sample_crop_boxes(heights, widths, gen(6)))
+
+
+def torchvision_boxes(height, width, n, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        img = torch.empty(1, height, width)
+        return torch.tensor([RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
+
+
+def ks_statistic(a, b):
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    points = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, points, side='right') / len(a)
+                  - np.searchsorted(b, points, side='right') / len(b)).max()
+
+
+def box_stats(boxes, height, width):
+    top, left, h, w = [x.double().numpy() for x in boxes.unbind(1)]
+    return {'area': h * w / (height * width), 'log_aspect': np.log(w / h),
+            'centre_x': (left + w / 2) / width, 'centre_y': (top + h / 2) / height}
+
+
+@pytest.mark.parametrize('height,width', [(375, 500), (500, 333), (80, 300), (300, 80)])
+def test_crop_box_distribution_matches_torchvision(height, width):
+    n_ours, n_tv = 20000, 6000
+    ours = sample_crop_boxes([height] * n_ours, [width] * n_ours, gen(0))
+    tv = torchvision_boxes(height, width, n_tv)
+    a, b = box_stats(ours, height, width), box_stats(tv, height, width)
+    # two-sample KS at a false-alarm rate of about 1e-4 (rounded values make it conservative)
+    threshold = 2.23 * math.sqrt((n_ours + n_tv) / (n_ours * n_tv))
+    for key in a:
+        assert ks_statistic(a[key], b[key]) < threshold, key
+        se = math.sqrt(a[key].var() / n_ours + b[key].var() / n_tv)
+        assert abs(a[key].mean() - b[key].mean()) < 5 * se + 1e-9, key
+        for q in (0.1, 0.5, 0.9):
+            assert abs(np.quantile(a[key], q) - np.quantile(b[key], q)) < 0.05, (key, q)
+    # centre-crop fallback (no try fits) at the same rate
+    in_ratio = width / height
+    fw = width if in_ratio <= 4 / 3 else round(height * 4 / 3)
+    fh = height if in_ratio >= 3 / 4 else round(width / (3 / 4))
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw])
+    rate_ours = (ours == fallback).all(1).double().mean().item()
+    rate_tv = (tv == fallback).all(1).double().mean().item()
+    assert abs(rate_ours - rate_tv) < 5 * math.sqrt(0.25 / n_tv) + 1e-9
+    if in_ratio > 3 or in_ratio < 1 / 3:
+        assert rate_ours > 0.2  # these shapes do exercise the fallback
+
+
+def test_crop_box_fallback_is_torchvision_centre_crop():
+    for height, width in [(10, 400), (400, 10)]:  # no try can fit: always the fallback
+        ours = sample_crop_boxes([height] * 50, [width] * 50, gen(0))
+        tv = torchvision_boxes(height, width, 50)
+        assert (ours == tv[0]).all() and (tv == tv[0]).all()
+
+
+def test_flip_rate_and_seeding():
+    flips = sample_flips(20000, gen(0))
+    assert flips.dtype == torch.bool
+    assert abs(flips.double().mean().item() - 0.5) < 0.02
+    assert torch.equal(flips, sample_flips(20000, gen(0)))
+
+
+# ---- resampling core --------------------------------------------------------------------------
+@pytest.mark.parametrize('mode', ['bicubic', 'bilinear'])
+@pytest.mark.parametrize('out_size', [24, 64, 100])
+def test_whole_image_box_is_plain_resize(mode, out_size):
+    img = smooth_image(48, 72, seed=3) + torch.rand(1, 3, 48, 72, generator=gen(4)) * 20
+    box = torch.tensor([[0, 0, 48, 72]])
+    out = resized_crop_batch(img, box, torch.tensor([False]), out_size, mode)
+    ref = F.interpolate(img, size=(out_size, out_size), mode=mode, align_corners=False)
+    assert out.shape == (1, 3, out_size, out_size) and out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=0.05), (out - ref).abs().max()
+
+
+def test_sub_crop_offsets_and_flip():
+    """A box inside the image, halved with bilinear: every tap lies inside the box, so the result
+    equals interpolating the sliced crop exactly; a flip mirrors it."""
+    img = torch.rand(2, 3, 50, 70, generator=gen(7)) * 255
+    boxes = torch.tensor([[5, 9, 32, 32], [17, 30, 32, 32]])  # (top, left, h, w)
+    no_flip = torch.tensor([False, False])
+    out = resized_crop_batch(img, boxes, no_flip, 16, 'bilinear')
+    for i, (t, l, h, w) in enumerate(boxes.tolist()):
+        ref = F.interpolate(img[i:i + 1, :, t:t + h, l:l + w], size=(16, 16), mode='bilinear',
+                            align_corners=False, antialias=False)
+        assert torch.allclose(out[i:i + 1], ref, atol=1e-3), (i, (out[i] - ref[0]).abs().max())
+    flipped = resized_crop_batch(img, boxes, torch.tensor([True, False]), 16, 'bilinear')
+    assert torch.allclose(flipped[0], out[0].flip(-1), atol=1e-3)
+    assert torch.allclose(flipped[1], out[1], atol=1e-6)
+
+
+def test_grid_maps_box_edges():
+    grid = crop_grids(torch.tensor([[10, 20, 40, 60]]), torch.tensor([False]), 100, 200, 4)
+    # pixel-edge coordinate of output centre j is left + (j + .5) * w / S -> normalised 2 x / W - 1
+    xs = [(2 * (20 + (j + .5) * 60 / 4)) / 200 - 1 for j in range(4)]
+    ys = [(2 * (10 + (j + .5) * 40 / 4)) / 100 - 1 for j in range(4)]
+    assert torch.allclose(grid[0, 0, :, 0], torch.tensor(xs), atol=1e-6)
+    assert torch.allclose(grid[0, :, 0, 1], torch.tensor(ys), atol=1e-6)
+
+
+def test_canvas_replicates_edges():
+    a = torch.arange(2 * 3, dtype=torch.uint8).view(1, 2, 3).expand(3, 2, 3)
+    b = torch.zeros(3, 4, 2, dtype=torch.uint8)
+    canvas = make_canvas([a, b])
+    assert canvas.shape == (2, 3, 4, 3)
+    assert torch.equal(canvas[0, :, :2], a)
+    assert torch.equal(canvas[0, :, 2:], a[:, 1:2].expand(3, 2, 3))  # rows repeated
+    assert torch.equal(canvas[1, :, :, 2], b[:, :, 1])  # last column repeated
+
+
+def test_plan_canvas_groups_partition_and_budget():
+    g = gen(2)
+    sizes = [(int(h), int(w)) for h, w in torch.randint(20, 300, (50, 2), generator=g)]
+    budget = 4 * 200 * 200
+    groups = plan_canvas_groups(sizes, budget)
+    assert sorted(i for grp in groups for i in grp) == list(range(50))
+    assert len(groups) > 1
+    for grp in groups:
+        if len(grp) > 1:
+            assert len(grp) * max(sizes[i][0] for i in grp) * max(sizes[i][1] for i in grp) <= budget
+
+
+def test_list_of_sizes_matches_each_image_alone():
+    """Images of different sizes, padded into canvases and resampled in groups, give what each
+    image gives alone, also for boxes touching the right/bottom edge (bicubic taps past it)."""
+    shapes = [(30, 40), (64, 48), (50, 50), (33, 70)]
+    images = [(smooth_image(h, w, seed=i)[0]).round().to(torch.uint8) for i, (h, w) in enumerate(shapes)]
+    boxes = torch.tensor([[0, 0, 30, 40], [64 - 20, 48 - 30, 20, 30], [10, 5, 40, 45], [3, 70 - 33, 30, 33]])
+    flips = torch.tensor([False, True, False, True])
+    out = resized_crop_list(images, boxes, flips, 24, 'bicubic', max_canvas_pixels=2 * 64 * 70)
+    for i, im in enumerate(images):
+        alone = resized_crop_batch(im[None], boxes[i:i + 1], flips[i:i + 1], 24, 'bicubic')
+        assert torch.allclose(out[i], alone[0], atol=0.05), (i, (out[i] - alone[0]).abs().max())
+
+
+def test_augment_shapes_ranges_and_normalisation():
+    images = (torch.rand(6, 3, 40, 52, generator=gen(0)) * 255).to(torch.uint8)
+    out = augment_images(images, gen(1), 32)
+    assert out.shape == (6, 3, 32, 32) and out.dtype == torch.float32
+    assert (out >= LO - 1e-5).all() and (out <= HI + 1e-5).all()
+    assert torch.equal(out, augment_images(images, gen(1), 32))
+    assert not torch.equal(out, augment_images(images, gen(2), 32))
+    grey = torch.full((2, 3, 40, 52), 128, dtype=torch.uint8)
+    expect = torch.tensor([(128 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
+    assert torch.allclose(augment_images(grey, gen(0), 16), expect.expand(2, 3, 16, 16), atol=1e-4)
+    # overshoot is clipped as PIL does
+    assert torch.allclose(normalize_uint8_range(torch.full((1, 3, 1, 1), 300.)), HI, atol=1e-5)
+    # a list of same-size images draws the same boxes and flips as the stacked tensor
+    as_list = augment_images(list(images), gen(1), 32)
+    assert torch.allclose(as_list, out, atol=1e-3)
+
+
+def test_augment_matches_pil_pipeline_roughly():
+    """Same box and flip through PIL's resized_crop (upstream) and the batched resample: close
+    (they differ in antialiasing and edge handling only)."""
+    arr = smooth_image(60, 80, seed=9)[0].round().clamp(0, 255).to(torch.uint8)
+    pil = TF.to_pil_image(arr)
+    box = torch.tensor([[6, 10, 48, 56]])
+    ref = TF.to_tensor(TF.hflip(TF.resized_crop(pil, 6, 10, 48, 56, [40, 40],
+                                                interpolation=InterpolationMode.BICUBIC)))
+    ours = resized_crop_batch(arr[None], box, torch.tensor([True]), 40, 'bicubic')[0].clamp(0, 255) / 255
+    assert (ours - ref).abs().mean() < 0.01
+    assert (ours - ref).abs().max() < 0.1
+
+
+# ---- loaders on CPU -----------------------------------------------------------------------------
+def write_folder(base: Path, sizes, classes=('a', 'b'), seed=0, png_every=0):
+    rng = np.random.default_rng(seed)
+    k = 0
+    for c in classes:
+        (base / c).mkdir(parents=True, exist_ok=True)
+        for i, (w, h) in enumerate(sizes):
+            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            if png_every and k % png_every == png_every - 1:
+                Image.fromarray(arr).save(base / c / f'{i}.png')
+            else:
+                Image.fromarray(arr).save(base / c / f'{i}.jpg', quality=90)
+            k += 1
+    return base
+
+
+def test_gpu_loader_on_cpu(tmp_path):
+    root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50), (36, 28), (60, 40)], png_every=4)
+    loader = GpuJpegLoader(root, 32, batch_size=3, seed=4, num_workers=0, world_size=1, rank=0, device='cpu')
+    assert len(loader.dataset) == 10 and loader.dataset.root == str(root)
+    assert len(loader) == 3
+    loader.sampler.set_epoch(2)
+    batches = list(loader)
+    assert len(batches) == 3
+    for images, targets in batches:
+        assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+        assert targets.shape == (3,) and targets.dtype == torch.int64
+        assert (images >= LO - 1e-5).all() and (images <= HI + 1e-5).all()
+    # batch b of epoch e: the sampler's indices, decoded, augmented with (seed, e, b, rank)'s generator
+    indices = [i for _, i in loader.sampler]
+    for b in range(3):
+        idx = indices[3 * b:3 * b + 3]
+        decoded = [decode_image(read_file(loader.dataset.samples[i][0]), mode=ImageReadMode.RGB) for i in idx]
+        expect = augment_images(decoded, batch_generator(4, 2, b, 0), 32)
+        assert torch.allclose(batches[b][0], expect, atol=1e-4)
+        assert batches[b][1].tolist() == [loader.dataset.samples[i][1] for i in idx]
+    # the same epoch again is identical (resume); another epoch differs
+    again = list(loader)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(batches, again))
+    loader.sampler.set_epoch(3)
+    assert not torch.equal(next(iter(loader))[0], batches[0][0])
+
+
+def test_decode_batch_falls_back_one_by_one(tmp_path, monkeypatch):
+    """JPEGs the batched decoder refuses (nvjpeg: e.g. CMYK) and non-JPEG files are decoded alone."""
+    import util.gpu_data as gd
+    root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (20, 20)], classes=('a',), png_every=3)
+    files = sorted(root.rglob('*.*'))
+    data = [read_file(str(f)) for f in files]
+    assert sum(gd._is_jpeg(d) for d in data) == 2
+    expect = [decode_image(d, mode=ImageReadMode.RGB) for d in data]
+    got = gd.decode_batch(data, 'cpu')
+    assert all(torch.equal(a, b) for a, b in zip(got, expect))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError('nvjpeg: unsupported')
+    monkeypatch.setattr(gd, 'decode_jpeg', refuse)
+    got = gd.decode_batch(data, 'cpu')
+    assert all(torch.equal(a, b) for a, b in zip(got, expect))
+
+
+def test_gpu_loader_workers_same_as_main_process(tmp_path):
+    root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50)])
+    kw = dict(input_size=16, batch_size=2, seed=0, world_size=1, rank=0, device='cpu')
+    a = list(GpuJpegLoader(root, num_workers=0, **kw))
+    b = list(GpuJpegLoader(root, num_workers=2, **kw))
+    assert len(a) == len(b) == 3
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def test_default_cache_size(tmp_path):
+    same = write_folder(tmp_path / 'same', [(40, 30)] * 3, classes=('a',))
+    mixed = write_folder(tmp_path / 'mixed', [(40, 30), (30, 30)], classes=('a',))
+    assert default_cache_size(sorted(map(str, same.rglob('*.jpg'))), 32) == 30
+    assert default_cache_size(sorted(map(str, mixed.rglob('*.jpg'))), 32) == round(32 * 1.15)
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def test_gpu_cache_loader_on_cpu(tmp_path):
+    root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50), (36, 28), (60, 40), (32, 32), (48, 36)])
+    n = 14
+    loaders = [GpuCacheLoader(root, 24, batch_size=2, seed=3, num_workers=0, world_size=2, rank=r,
+                              device='cpu', log=quiet) for r in (0, 1)]
+    first = loaders[0]
+    assert first.cache_size == round(24 * 1.15)
+    assert first.images.shape == (n, 3, 28, 28) and first.images.dtype == torch.uint8
+    # the cache holds each image's shorter side resized to S, centre-cropped
+    path = first.dataset.samples[5][0]
+    with Image.open(path) as im:
+        ref = TF.pil_to_tensor(TF.center_crop(TF.resize(im.convert('RGB'), 28,
+                                                        interpolation=InterpolationMode.BICUBIC), [28, 28]))
+    assert torch.equal(first.images[5], ref)
+    assert len(first.dataset) == n and first.dataset.root == str(root)
+    assert len(first) == (n // 2) // 2  # 7 samples per rank, batches of 2, drop_last
+
+    for loader in loaders:
+        loader.sampler.set_epoch(1)
+    shards = [set(loader.batch_indices().flatten().tolist()) for loader in loaders]
+    assert not shards[0] & shards[1]
+    # EpochSampler semantics: the rank's DistributedSampler order, cut into batches
+    ref_sampler = EpochSampler(first.dataset, num_replicas=2, rank=0, shuffle=True, seed=3, drop_last=True)
+    ref_sampler.set_epoch(1)
+    assert first.batch_indices().flatten().tolist() == [i for _, i in ref_sampler][:len(first) * 2]
+
+    batches = list(first)
+    assert len(batches) == len(first)
+    for b, (images, targets) in enumerate(batches):
+        idx = first.batch_indices()[b]
+        assert images.shape == (2, 3, 24, 24)
+        assert targets.tolist() == [first.dataset.targets[i] for i in idx]
+        expect = augment_images(first.images[idx], batch_generator(3, 1, b, 0), 24)
+        assert torch.equal(images, expect)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(batches, list(first)))
+    first.sampler.set_epoch(2)
+    assert not torch.equal(next(iter(first))[0], batches[0][0])
+    # another rank draws other crops for its batch 0
+    assert not torch.equal(next(iter(loaders[1]))[0], batches[0][0])
+
+
+def test_gpu_cache_loader_drives_the_training_loop(tmp_path):
+    """engine_pretrain.train_one_epoch runs on the gpu-cache loader (device cpu here)."""
+    import models_mim
+    from engine_pretrain import ModelHandle, train_one_epoch
+    from util.lr_sched import PlainSchedule
+    root = write_folder(tmp_path / 'train', [(40, 40)] * 4)
+    loader = GpuCacheLoader(root, 32, batch_size=4, seed=0, num_workers=0, world_size=1, rank=0,
+                            device='cpu', log=quiet)
+    assert loader.cache_size == 40
+    model = models_mim.build_model('MIM_vit_tiny_patch16', img_size=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    args = argparse.Namespace(accum_iter=1, batch_size=4, print_freq=1, mask_ratio=0.75, amp='none')
+    schedule = PlainSchedule(optimizer, 1e-4, 0.0, 0, 1, len(loader))
+    loader.sampler.set_epoch(0)
+    stats = train_one_epoch(ModelHandle(model, lambda m: m), loader, optimizer, torch.device('cpu'), 0,
+                            None, schedule, args)
+    assert math.isfinite(stats['loss'])
+
+
+# ---- choosing a backend ---------------------------------------------------------------------------
+@pytest.mark.parametrize('backend', ['gpu', 'gpu-cache'])
+def test_build_loader_refuses_cpu(tmp_path, backend):
+    root = write_folder(tmp_path / 'train', [(40, 30)] * 4)
+    with pytest.raises(SystemExit, match=r'error: --data_backend .* needs a CUDA device'):
+        build_loader(backend, str(tmp_path), 32, 2, 0, 0, False, 1, 0, device='cpu')
+    loader = build_loader('pil', str(root), 32, 2, 0, 0, False, 1, 0, device='cpu')
+    images, _ = next(iter(loader))
+    assert images.shape == (2, 3, 32, 32)
+
+
+def test_run_pretrain_flag_parses():
+    from run_pretrain import get_args_parser
+    parser = get_args_parser()
+    assert parser.parse_args([]).data_backend == 'pil'
+    args = parser.parse_args(['--data_backend', 'gpu-cache', '--cache_size', '144'])
+    assert args.data_backend == 'gpu-cache' and args.cache_size == 144
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--data_backend', 'nvidia'])
+
+
+def test_run_pretrain_gpu_backend_on_cpu_is_a_clear_error(tmp_path):
+    write_folder(tmp_path / 'data' / 'train', [(40, 40)] * 4)
+    res = run_pretrain('--data_path', tmp_path / 'data', '--output_dir', tmp_path / 'out', '--epochs', '1',
+                       '--data_backend', 'gpu', timeout=120)
+    assert res.returncode != 0, res.describe()
+    assert 'error' in res.output and '--data_backend gpu' in res.output, res.describe()
+    assert 'CUDA' in res.output and 'Traceback' not in res.output, res.describe()
