@@ -6,7 +6,7 @@
 Measures, on synthetic input (random normal images on the device):
   (a) the upstream LocalMIM step, re-implemented as upstream ran it: fp16 autocast with a
       GradScaler, the total gradient norm every step, HOG targets per scale and channel
-      (4 x 3 HOGLayer calls), AdamW without foreach/fused kernels, loss.item() and a
+      (4 x 3 HOGLayer calls), AdamW with torch's default kernels (foreach, not fused), loss.item() and a
       synchronisation every step (on CPU: fp32, no scaler, otherwise the same);
   (b) this project's step as run_pretrain.py runs it: engine_pretrain.train_one_epoch itself on
       a loader repeating the batch (autocast, return_terms, fused AdamW from util.optim,
@@ -151,7 +151,7 @@ class ReferenceStep:
         self.model = models_mim.build_model(model_name, img_size=input_size).to(device)
         self.model.train(True)
         groups = param_groups_weight_decay(self.model, WEIGHT_DECAY)
-        self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), foreach=False, fused=False)
+        self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), fused=False)  # torch's default (foreach on CUDA)
         self.cuda = device.type == 'cuda'
         self.scaler = torch.amp.GradScaler('cuda') if self.cuda else None
         self.it = 0

@@ -71,7 +71,7 @@ def train_one_epoch(handle: ModelHandle, criterion: Callable, data_loader, optim
 
         last = it == steps * accum - 1
         if (it + 1) % print_freq == 0 or last:
-            means = window.means()  # the one host-device sync of the window
+            means = window.means(across_ranks=True)  # the window's one sync; all ranks see a NaN
             if not math.isfinite(means['loss']):
                 raise SystemExit(f'error: loss is {means["loss"]} at epoch {epoch} iteration {it}; stopping')
             now = time.perf_counter()

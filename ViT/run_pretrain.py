@@ -101,8 +101,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
         raise SystemExit('error: --batch_size, --accum_iter and --epochs must be at least 1')
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise SystemExit(f'error: --mask_ratio must be in [0, 1), got {args.mask_ratio}')
+    if not 0.0 < args.mask_ratio < 1.0:  # the loss is over masked patches: 0 would divide by 0
+        raise SystemExit(f'error: --mask_ratio must be in (0, 1), got {args.mask_ratio}')
+    if args.save_freq < 1 or args.print_freq < 1:
+        raise SystemExit('error: --save_freq and --print_freq must be at least 1')
     if args.warmup_epochs > args.epochs:
         raise SystemExit(f'error: --warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}')
     if args.t_0 is not None:
@@ -167,6 +169,10 @@ def main(args: argparse.Namespace) -> dict:
         elif rng is not None:
             print(f'note: checkpoint saved with {len(rng)} processes, now {world}: RNG streams restart')
         print(f'resumed from {resume_path} (epoch {ckpt["epoch"]}); continuing at epoch {start_epoch}')
+    if start_epoch >= args.epochs:  # a finished run relaunched (e.g. requeued): nothing to train
+        print(f'all {args.epochs} epochs are done (checkpoint {resume_path}); raise --epochs to train more')
+        dist.destroy()
+        return {}
 
     if args.compile:
         # each freeze event changes the graph once; keep dynamo from giving up (its default

@@ -134,3 +134,12 @@ def test_torchrun_freeze_events_mid_epoch_no_hang(data, tmp_path):
     expected_live = sum(1 for layer in (2, 4, 10, 12) if layer >= frozen)
     assert 0 < expected_live < 4
     assert read_log(out)[-1]['train_live_taps'] == expected_live
+
+    # relaunching the finished run (auto-resume from its last checkpoint, as a requeued job
+    # would) trains nothing and exits cleanly, even though every layer counts as frozen at step T
+    again = run_cmd([*launcher('torchrun', free_port()), 'run_pretrain.py', *COMMON, '--data_path', str(data),
+                     '--output_dir', str(out), '--epochs', str(epochs), '--t_0', '0.85', '--how_scale', 'linear'],
+                    timeout=TIMEOUT, cwd=VIT)
+    assert again.returncode == 0, again.describe()
+    assert f'all {epochs} epochs are done' in again.stdout
+    assert len(read_log(out)) == epochs  # nothing appended

@@ -202,6 +202,8 @@ BAD_INPUTS = {
     't0-freeze-in-warmup': (lambda tmp, data: ['--data_path', data, '--epochs', '10', '--warmup_epochs', '5',
                                                '--t_0', '0.5', '--how_scale', 'cubic'], 'warmup'),
     'cuda-without-gpu': (lambda tmp, data: ['--data_path', data, '--device', 'cuda'], 'no cuda gpu'),
+    'mask-ratio-zero': (lambda tmp, data: ['--data_path', data, '--mask_ratio', '0'], '--mask_ratio'),
+    'save-freq-zero': (lambda tmp, data: ['--data_path', data, '--save_freq', '0'], '--save_freq'),
 }
 
 

@@ -127,13 +127,25 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
         return Path(args.resume)
     if not getattr(args, 'auto_resume', False) or not args.output_dir:
         return None
+    if dist.is_dist():  # rank 0 chooses, so ranks never resume from different files
+        choice = [_newest_checkpoint(args.output_dir) if dist.is_main_process() else None]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        return choice[0]
+    return _newest_checkpoint(args.output_dir)
+
+
+def _newest_checkpoint(output_dir: str | Path) -> Path | None:
     candidates = []
-    numbered = find_latest(args.output_dir)
+    numbered = find_latest(output_dir)
     if numbered is not None:
         candidates.append((int(CHECKPOINT_PATTERN.match(numbered.name).group(1)), numbered))
-    last = Path(args.output_dir) / 'checkpoint-last.pth'
+    last = Path(output_dir) / 'checkpoint-last.pth'
     if last.is_file():
-        candidates.append((int(load(last)['epoch']), last))
+        try:  # memory-mapped: reads the epoch without loading the tensors
+            epoch = torch.load(last, map_location='cpu', weights_only=True, mmap=True)['epoch']
+        except Exception:  # noqa: BLE001 - unreadable: let load() report it with a clear message
+            epoch = load(last)['epoch']
+        candidates.append((int(epoch), last))
     return max(candidates)[1] if candidates else None
 
 

@@ -128,7 +128,7 @@ def resized_crop_batch(canvas: torch.Tensor, boxes: torch.Tensor, flips: torch.T
     grid_sample for the batch. Float32 output in the canvas' value range (not clamped).
     Bicubic/bilinear taps outside the canvas repeat its border pixels."""
     x = canvas if canvas.is_floating_point() else canvas.float()
-    grid = crop_grids(boxes.to(x.device), flips.to(x.device), x.shape[-2], x.shape[-1], out_size)
+    grid = crop_grids(to_device(boxes, x.device), to_device(flips, x.device), x.shape[-2], x.shape[-1], out_size)
     return F.grid_sample(x, grid, mode=mode, padding_mode='border', align_corners=False)
 
 
@@ -174,21 +174,35 @@ def resized_crop_list(images: Sequence[torch.Tensor], boxes: torch.Tensor, flips
     """resized_crop_batch for images of different sizes: padded into canvases (one per group of
     plan_canvas_groups) and resampled group by group."""
     device = images[0].device
-    boxes, flips = boxes.to(device), flips.to(device)
+    boxes, flips = boxes.cpu(), flips.cpu()  # indexed on the host, sent per group without a sync
     out = torch.empty((len(images), images[0].shape[0], out_size, out_size), dtype=torch.float32, device=device)
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     for group in plan_canvas_groups(sizes, max_canvas_pixels):
-        idx = torch.tensor(group, device=device)
+        idx = torch.tensor(group)
         canvas = make_canvas([images[i] for i in group])
-        out[idx] = resized_crop_batch(canvas, boxes[idx], flips[idx], out_size, mode)
+        out.index_copy_(0, to_device(idx, device), resized_crop_batch(canvas, boxes[idx], flips[idx], out_size, mode))
     return out
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without blocking the host: a plain .to() from pageable memory
+    waits for the copy (and so for all queued GPU work); from pinned memory it does not."""
+    if t.device == device or device.type != 'cuda':
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+_NORMALIZE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def normalize_uint8_range(x: torch.Tensor) -> torch.Tensor:
     """Values on the 0..255 scale -> clamped to [0, 255] (PIL clips bicubic overshoot), /255,
     ImageNet mean/std normalisation."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) * 255
+    key = (x.device, x.dtype)
+    if key not in _NORMALIZE_CACHE:  # made once per device: no host-to-device copy per batch
+        _NORMALIZE_CACHE[key] = tuple(torch.tensor(v, dtype=x.dtype).view(1, -1, 1, 1).mul(255).to(x.device)
+                                      for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _NORMALIZE_CACHE[key]
     return (x.clamp(0, 255) - mean) / std
 
 
