@@ -90,7 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'decodes and augments; gpu-cache: all images decoded once and kept on the GPU')
     g.add_argument('--cache_size', default=None, type=int,
                    help='gpu-cache: square side of the cached images (default: the images\' own size when '
-                        'they all have one, else input_size * 1.15)')
+                        'they all have one, else input_size * 1.15); non-square images are cached as their '
+                        'centre square, so random crops never see their sides (unlike pil)')
     g.add_argument('--pin_mem', action='store_true', default=True,
                    help='pinned host memory for faster copies to the GPU')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
