@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from engine_pretrain import ModelHandle, autocast_context
 from util import checkpoint, dist
-from util.log import DeviceMeans, append_json_line, format_seconds
+from util.log import EpochProgress, append_json_line, format_seconds
 from util.optim import backward, optimizer_step
 
 
@@ -36,15 +35,13 @@ def train_one_epoch(handle: ModelHandle, criterion: Callable, data_loader, optim
     max_norm = getattr(args, 'clip_grad', None)
     print_freq = max(getattr(args, 'print_freq', 50), 1)
     params = [p for p in handle.module.parameters() if p.requires_grad]
-    window, totals = DeviceMeans(), DeviceMeans()
+    progress = EpochProgress(epoch, steps * accum, print_freq)
     world = dist.get_world_size()
 
     optimizer.zero_grad(set_to_none=True)
-    epoch_start = window_start = time.perf_counter()
-    window_images = 0
     iterator = iter(data_loader)
     for it in range(steps * accum):
-        samples, targets = next(iterator)
+        samples, targets = progress.next_batch(iterator)
         step_in_epoch, micro = divmod(it, accum)
         if micro == 0:
             schedule.on_step(epoch * steps + step_in_epoch)
@@ -60,38 +57,24 @@ def train_one_epoch(handle: ModelHandle, criterion: Callable, data_loader, optim
                 outputs = handle.call(samples)
             loss = criterion(outputs.float(), targets)
             backward(loss / accum, loss_scaler)
-        if update:
-            grad_norm = optimizer_step(optimizer, loss_scaler, params, max_norm)
-            if grad_norm is not None:
-                window.update(grad_norm=grad_norm)
+        grad_norm = optimizer_step(optimizer, loss_scaler, params, max_norm) if update else None
+        progress.update(samples.shape[0] * world, loss=loss.detach(),
+                        window_only={'grad_norm': grad_norm} if grad_norm is not None else None)
 
-        window.update(loss=loss.detach())
-        totals.update(loss=loss.detach())
-        window_images += samples.shape[0] * world
-
-        last = it == steps * accum - 1
-        if (it + 1) % print_freq == 0 or last:
-            means = window.means(across_ranks=True)  # the window's one sync; all ranks see a NaN
-            if not math.isfinite(means['loss']):
-                raise SystemExit(f'error: loss is {means["loss"]} at epoch {epoch} iteration {it}; stopping')
-            now = time.perf_counter()
-            images_per_s = window_images / max(now - window_start, 1e-9)
-            eta = (now - epoch_start) / (it + 1) * (steps * accum - it - 1)
+        if progress.due(it):
+            m = progress.report(it)
             lr = max(g['lr'] for g in optimizer.param_groups)
-            norm = f'  grad norm {means["grad_norm"]:.3f}' if 'grad_norm' in means else ''
-            print(f'Epoch [{epoch}] [{it + 1}/{steps * accum}]  eta {format_seconds(eta)}  '
-                  f'loss {means["loss"]:.4f}  lr {lr:.3e}{norm}  {images_per_s:.0f} img/s', flush=True)
+            norm = f'  grad norm {m["grad_norm"]:.3f}' if 'grad_norm' in m else ''
+            print(f'Epoch [{epoch}] [{it + 1}/{steps * accum}]  eta {format_seconds(m["eta_s"])}  '
+                  f'loss {m["loss"]:.4f}  lr {lr:.3e}{norm}  {m["images_per_s"]:.0f} img/s', flush=True)
             if log_writer is not None:
                 x = int((it / len(data_loader) + epoch) * 1000)  # upstream's epoch_1000x axis
-                log_writer.add_scalar('loss', means['loss'], x)
+                log_writer.add_scalar('loss', m['loss'], x)
                 log_writer.add_scalar('lr', lr, x)
-                log_writer.add_scalar('perf/images_per_s', images_per_s, x)
-            window.reset()
-            window_images, window_start = 0, time.perf_counter()
+                log_writer.add_scalar('perf/images_per_s', m['images_per_s'], x)
 
-    epoch_time = time.perf_counter() - epoch_start
-    stats = totals.means(across_ranks=True)
-    stats.update(lr=max(g['lr'] for g in optimizer.param_groups), epoch_time=epoch_time)
+    stats = progress.epoch_stats()
+    stats.update(lr=max(g['lr'] for g in optimizer.param_groups))
     return stats
 
 

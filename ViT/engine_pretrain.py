@@ -8,15 +8,13 @@ when a console line is printed and at the end of the epoch.
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from util import dist
-from util.log import DeviceMeans, format_seconds
+from util.log import EpochProgress, format_seconds
 from util.optim import backward, optimizer_step
 
 SCALE_NAMES = ['4', '2', '1', '0.5']  # LocalMIM's scales, in tap order
@@ -57,25 +55,15 @@ def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Opt
     handle.module.train(True)
     accum = args.accum_iter
     steps = len(data_loader) // accum
-    first_step = epoch * steps
-    window, totals = DeviceMeans(), DeviceMeans()
-    batch_size, world = args.batch_size, dist.get_world_size()
-    print_freq = max(args.print_freq, 1)
+    progress = EpochProgress(epoch, steps * accum, args.print_freq)
+    images_per_iter = args.batch_size * dist.get_world_size()
 
     optimizer.zero_grad(set_to_none=True)
-    epoch_start = window_start = time.perf_counter()
-    data_wait = window_wait = 0.0
-    window_images = 0
     iterator = iter(data_loader)
     for it in range(steps * accum):
-        wait_start = time.perf_counter()
-        samples, _ = next(iterator)
-        waited = time.perf_counter() - wait_start
-        data_wait += waited
-        window_wait += waited
-
+        samples, _ = progress.next_batch(iterator)
         step_in_epoch, micro = divmod(it, accum)
-        step = first_step + step_in_epoch
+        step = epoch * steps + step_in_epoch
         if micro == 0 and schedule.on_step(step):
             handle.rewrap()
             print(f'FreezeOut: step {step}: {handle.module.num_frozen} layers frozen, live taps '
@@ -83,57 +71,42 @@ def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Opt
 
         samples = samples.to(device, non_blocking=True)
         update = micro == accum - 1
+        # DDP all-reduces gradients only on the micro-batch that completes a step
         with (contextlib.nullcontext() if update else handle.no_sync()):
             with autocast_context(device, args.amp):
                 loss, terms = handle.call(samples, mask_ratio=args.mask_ratio, return_terms=True)
             backward(loss / accum, loss_scaler)
         if update:
             optimizer_step(optimizer, loss_scaler)
+        progress.update(images_per_iter, loss=loss.detach(),
+                        **{f'loss_scale{SCALE_NAMES[k]}': v.detach() for k, v in terms.items()})
 
-        values = {'loss': loss.detach(), **{f'loss_scale{SCALE_NAMES[k]}': v.detach() for k, v in terms.items()}}
-        window.update(**values)
-        totals.update(**values)
-        window_images += batch_size * world
-
-        last = it == steps * accum - 1
-        if (it + 1) % print_freq == 0 or last:
-            means = window.means(across_ranks=True)  # the window's one sync; all ranks see a NaN
-            if not math.isfinite(means['loss']):
-                raise SystemExit(f'error: loss is {means["loss"]} at epoch {epoch} iteration {it}; stopping')
-            now = time.perf_counter()
-            images_per_s = window_images / max(now - window_start, 1e-9)
-            elapsed = now - epoch_start
-            eta = elapsed / (it + 1) * (steps * accum - it - 1)
+        if progress.due(it):
+            m = progress.report(it)
             lr = optimizer.param_groups[-1]['lr']
             memory = f'  mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G' if device.type == 'cuda' else ''
-            print(f'Epoch [{epoch}] [{it + 1}/{steps * accum}]  eta {format_seconds(eta)}  '
-                  f'loss {means["loss"]:.4f}  lr {lr:.3e}  {images_per_s:.0f} img/s  '
-                  f'data wait {window_wait / max(now - window_start, 1e-9):.0%}  '
-                  f'frozen {handle.module.num_frozen}{memory}', flush=True)
+            print(f'Epoch [{epoch}] [{it + 1}/{steps * accum}]  eta {format_seconds(m["eta_s"])}  '
+                  f'loss {m["loss"]:.4f}  lr {lr:.3e}  {m["images_per_s"]:.0f} img/s  '
+                  f'data wait {m["data_wait_share"]:.0%}  frozen {handle.module.num_frozen}{memory}', flush=True)
             if log_writer is not None:
                 x = int((it / len(data_loader) + epoch) * 1000)  # upstream's epoch_1000x axis
-                log_writer.add_scalar('train_loss', means['loss'], x)
-                for k, v in means.items():
+                log_writer.add_scalar('train_loss', m['loss'], x)
+                for k, v in m.items():
                     if k.startswith('loss_scale'):
                         log_writer.add_scalar(f'loss/{k}', v, x)
                 log_writer.add_scalar('lr', lr, x)
-                log_writer.add_scalar('perf/images_per_s', images_per_s, x)
-                log_writer.add_scalar('perf/data_wait_s', window_wait, x)
+                log_writer.add_scalar('perf/images_per_s', m['images_per_s'], x)
+                log_writer.add_scalar('perf/data_wait_s', m['data_wait_s'], x)
                 if device.type == 'cuda':
                     log_writer.add_scalar('perf/max_memory_gib', torch.cuda.max_memory_allocated() / 2**30, x)
                 for layer, layer_lr in schedule.layer_lrs().items():
                     log_writer.add_scalar(f'freezeout/lr_layer{layer:02d}', layer_lr, x)
                 log_writer.add_scalar('freezeout/frozen_layers', handle.module.num_frozen, x)
                 log_writer.add_scalar('freezeout/live_taps', len(handle.module.live_taps), x)
-            window.reset()
-            window_images, window_wait, window_start = 0, 0.0, time.perf_counter()
 
-    epoch_time = time.perf_counter() - epoch_start
-    stats = totals.means(across_ranks=True)
-    stats.update(lr=optimizer.param_groups[-1]['lr'], epoch_time=epoch_time,
-                 images_per_s=steps * accum * batch_size * world / max(epoch_time, 1e-9),
-                 data_wait_s=data_wait, frozen_layers=handle.module.num_frozen,
+    stats = progress.epoch_stats()
+    stats.update(lr=optimizer.param_groups[-1]['lr'], frozen_layers=handle.module.num_frozen,
                  live_taps=len(handle.module.live_taps))
-    print(f'Epoch [{epoch}] done in {format_seconds(epoch_time)}: loss {stats["loss"]:.4f}, '
-          f'{stats["images_per_s"]:.0f} img/s, data wait {data_wait:.1f}s', flush=True)
+    print(f'Epoch [{epoch}] done in {format_seconds(stats["epoch_time"])}: loss {stats["loss"]:.4f}, '
+          f'{stats["images_per_s"]:.0f} img/s, data wait {stats["data_wait_s"]:.1f}s', flush=True)
     return stats

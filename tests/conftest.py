@@ -12,3 +12,11 @@ if str(ROOT / 'ViT') not in sys.path:
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope='session')
+def demo_data(tmp_path_factory) -> Path:
+    """Small real-photo ImageFolder with train/ and val/: 4 classes x 8 images of 64 px."""
+    from util.demo_data import make_demo_dataset
+    return make_demo_dataset(tmp_path_factory.getbasetemp() / 'eval_demo_data', num_classes=4,
+                             images_per_class=8, size=64)

@@ -157,3 +157,8 @@ def assert_same_optimizer_state(a: dict, b: dict, what: str) -> None:
             same = torch.equal(va, vb) if torch.is_tensor(va) else va == vb
             assert same, f'{what}: optimizer state {idx}/{k} differs'
     assert [g['lr'] for g in a['param_groups']] == [g['lr'] for g in b['param_groups']]
+
+
+def run_script(args: list, timeout: float = 240) -> Result:
+    """A ViT/ script with this Python, from ViT/, in the CPU test environment."""
+    return run_cmd([sys.executable, *args], timeout=timeout)

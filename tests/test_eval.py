@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,18 +19,7 @@ if str(VIT) not in sys.path:
 import models_mim  # noqa: E402
 from engine_finetune import evaluate, topk_correct  # noqa: E402
 from run_knn import knn_classify, knn_correct  # noqa: E402
-from util.demo_data import make_demo_dataset  # noqa: E402
-
-
-def run_script(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    return subprocess.run([sys.executable, *args], cwd=VIT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope='session')
-def demo_data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.getbasetemp() / 'eval_demo_data', num_classes=4,
-                             images_per_class=8, size=64)
+from helpers import run_script  # noqa: E402
 
 
 @pytest.fixture(scope='session')

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,24 +19,13 @@ if str(VIT) not in sys.path:
 
 import models_mim  # noqa: E402
 import models_vit  # noqa: E402
-from util.demo_data import make_demo_dataset  # noqa: E402
+from helpers import run_script  # noqa: E402
 from util.encoder_loading import load_pretrained_encoder  # noqa: E402
 from util.lr_decay import layer_id_for_vit, param_groups_lrd  # noqa: E402
 from util.pos_embed import resize_pos_embed  # noqa: E402
 
 HEAD_GLOBAL = {'head.weight', 'head.bias', 'fc_norm.weight', 'fc_norm.bias'}
 HEAD_CLS = {'head.weight', 'head.bias', 'norm.weight', 'norm.bias'}
-
-
-def run_script(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    return subprocess.run([sys.executable, *args], cwd=VIT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope='session')
-def demo_data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.getbasetemp() / 'eval_demo_data', num_classes=4,
-                             images_per_class=8, size=64)
 
 
 def _pretrain_state(img_size: int = 32, builder=models_mim.MIM_vit_tiny_patch16) -> dict:

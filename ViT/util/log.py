@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +62,57 @@ def append_json_line(output_dir: str | None, record: dict[str, Any], name: str =
         return
     with open(Path(output_dir) / name, 'a', encoding='utf-8') as f:
         f.write(json.dumps(record) + '\n')
+
+
+class EpochProgress:
+    """Bookkeeping of one training epoch: running means on the device (per print window and for
+    the epoch), images/s, time waiting for data, ETA. The device is read only in `report`,
+    every `print_freq` iterations and at the last one."""
+
+    def __init__(self, epoch: int, iterations: int, print_freq: int):
+        self.epoch, self.iterations, self.print_freq = epoch, iterations, max(print_freq, 1)
+        self.window, self.totals = DeviceMeans(), DeviceMeans()
+        self.epoch_start = self.window_start = time.perf_counter()
+        self.images = self.window_images = 0
+        self.data_wait = self.window_wait = 0.0
+
+    def next_batch(self, iterator):
+        """next(iterator), timing the wait for the input pipeline."""
+        start = time.perf_counter()
+        batch = next(iterator)
+        waited = time.perf_counter() - start
+        self.data_wait += waited
+        self.window_wait += waited
+        return batch
+
+    def update(self, images: int, window_only: dict[str, torch.Tensor] | None = None,
+               **values: torch.Tensor) -> None:
+        self.window.update(**values, **(window_only or {}))
+        self.totals.update(**values)
+        self.images += images
+        self.window_images += images
+
+    def due(self, it: int) -> bool:
+        return (it + 1) % self.print_freq == 0 or it == self.iterations - 1
+
+    def report(self, it: int) -> dict[str, float]:
+        """Window means over all ranks (one sync), images/s, data-wait share, ETA; stops the run
+        on a non-finite loss (every rank sees the same mean, so all stop together)."""
+        means = self.window.means(across_ranks=True)
+        if not math.isfinite(means['loss']):
+            raise SystemExit(f'error: loss is {means["loss"]} at epoch {self.epoch} iteration {it}; stopping')
+        now = time.perf_counter()
+        span = max(now - self.window_start, 1e-9)
+        means.update(images_per_s=self.window_images / span, data_wait_share=self.window_wait / span,
+                     data_wait_s=self.window_wait,
+                     eta_s=(now - self.epoch_start) / (it + 1) * (self.iterations - it - 1))
+        self.window.reset()
+        self.window_images, self.window_wait, self.window_start = 0, 0.0, time.perf_counter()
+        return means
+
+    def epoch_stats(self) -> dict[str, float]:
+        epoch_time = time.perf_counter() - self.epoch_start
+        stats = self.totals.means(across_ranks=True)
+        stats.update(epoch_time=epoch_time, images_per_s=self.images / max(epoch_time, 1e-9),
+                     data_wait_s=self.data_wait)
+        return stats
