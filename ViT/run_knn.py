@@ -56,6 +56,35 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     return torch.cat(scores)
 
 
+def fit_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                           num_classes: int, epochs: int, batch_size: int = 256, blr: float = 0.1,
+                           seed: int = 0) -> torch.Tensor:
+    """Class scores (n_test, num_classes) of a linear classifier trained on fixed features: the
+    features standardised with the train set's mean/std (what the probe's BatchNorm1d without
+    affine does), then Linear trained by SGD (momentum 0.9, lr = blr * batch / 256, cosine to 0,
+    no weight decay). Seeded, so every process fits the same classifier."""
+    gen = torch.Generator(device='cpu').manual_seed(seed)
+    mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
+    x_train, x_test = (train_feats - mean) / std, (test_feats - mean) / std
+    head = torch.nn.Linear(x_train.shape[1], num_classes).to(x_train.device)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen).mul_(0.01))
+        head.bias.zero_()
+    optimizer = torch.optim.SGD(head.parameters(), lr=blr * batch_size / 256, momentum=0.9)
+    steps = max(epochs * ((x_train.shape[0] + batch_size - 1) // batch_size), 1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(epochs):
+        order = torch.randperm(x_train.shape[0], generator=gen).to(x_train.device)
+        for idx in order.split(batch_size):
+            loss = F.cross_entropy(head(x_train[idx]), train_labels[idx].long())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+    with torch.no_grad():
+        return head(x_test)
+
+
 def knn_correct(scores: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """(top-1 hits, top-5 hits); top-5 is capped at the number of classes."""
     if scores.shape[0] == 0:
@@ -83,11 +112,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--temperature', default=0.07, type=float, help='T in the vote weight exp(cos_sim / T)')
     g.add_argument('--chunk_size', default=256, type=int,
                    help='val images compared with all train features at once (memory: chunk x train images)')
+    g.add_argument('--linear_epochs', default=0, type=int,
+                   help='also fit a linear classifier for N epochs on the same frozen, unaugmented features '
+                        '(standardised, SGD): a fast stand-in for run_linprobe.py, logged as mode "linear"')
     g.add_argument('--dump_features', action='store_true',
                    help='also save the features and labels of both splits (dataset order) to '
                         '<output_dir>/knn_features.pth')
     add_run_args(parser, output_dir='./output_knn')
     return parser
+
+
+def accuracy_record(scores: torch.Tensor, labels: torch.Tensor, device: torch.device) -> dict:
+    """Top-1 / top-5 (percent) over every process's share of the val set."""
+    top1, top5 = knn_correct(scores, labels)
+    counts = torch.tensor([top1, top5, labels.shape[0]], dtype=torch.float64, device=device)
+    if dist.is_dist():
+        counts = dist.all_reduce_mean(counts) * dist.get_world_size()
+    top1, top5, n = counts.tolist()
+    return {'acc1': 100.0 * top1 / max(n, 1), 'acc5': 100.0 * top5 / max(n, 1), 'num_test': int(round(n))}
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -130,16 +172,21 @@ def main(args: argparse.Namespace) -> list[dict]:
     for k in args.nb_knn:
         scores = knn_classify(train_feats, train_labels, test_feats, k, args.temperature, num_classes,
                               args.chunk_size)
-        top1, top5 = knn_correct(scores, test_labels)
-        counts = torch.tensor([top1, top5, test_labels.shape[0]], dtype=torch.float64, device=device)
-        if dist.is_dist():
-            counts = dist.all_reduce_mean(counts) * world
-        top1, top5, n = counts.tolist()
-        record = {'mode': 'knn', 'k': k, 'temperature': args.temperature, 'acc1': 100.0 * top1 / max(n, 1),
-                  'acc5': 100.0 * top5 / max(n, 1), 'num_train': int(train_feats.shape[0]), 'num_test': int(round(n)),
+        record = {'mode': 'knn', 'k': k, 'temperature': args.temperature,
+                  **accuracy_record(scores, test_labels, device), 'num_train': int(train_feats.shape[0]),
                   'global_pool': args.global_pool, 'checkpoint': args.finetune, 'model': args.model}
         print(f'{k}-NN (T={args.temperature}): top-1 {record["acc1"]:.2f}%  top-5 {record["acc5"]:.2f}%  '
               f'({record["num_test"]} val images, {record["num_train"]} train images)')
+        append_json_line(args.output_dir, record)
+        records.append(record)
+    if args.linear_epochs > 0:
+        # every process fits the same seeded classifier on all train features; scored on its val share
+        scores = fit_linear_on_features(train_feats, train_labels, test_feats, num_classes, args.linear_epochs)
+        record = {'mode': 'linear', 'epochs': args.linear_epochs, **accuracy_record(scores, test_labels, device),
+                  'num_train': int(train_feats.shape[0]), 'global_pool': args.global_pool,
+                  'checkpoint': args.finetune, 'model': args.model}
+        print(f'linear classifier on frozen features ({args.linear_epochs} epochs): top-1 {record["acc1"]:.2f}%  '
+              f'top-5 {record["acc5"]:.2f}%')
         append_json_line(args.output_dir, record)
         records.append(record)
     if dist.is_main_process() and args.output_dir:

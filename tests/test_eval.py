@@ -18,7 +18,7 @@ if str(VIT) not in sys.path:
 
 import models_mim  # noqa: E402
 from engine_finetune import evaluate, topk_correct  # noqa: E402
-from run_knn import knn_classify, knn_correct  # noqa: E402
+from run_knn import fit_linear_on_features, knn_classify, knn_correct  # noqa: E402
 from helpers import run_script  # noqa: E402
 
 
@@ -126,7 +126,7 @@ def _free_port() -> int:
 def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt):
     common = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '3', '--num_workers', '0',
               '--device', 'cpu', '--finetune', str(pretrain_ckpt), '--data_path', str(demo_data),
-              '--nb_knn', '1', '20', '--dump_features']
+              '--nb_knn', '1', '20', '--dump_features', '--linear_epochs', '3']
     one, two = tmp_path / 'knn1', tmp_path / 'knn2'
     res = run_script(['run_knn.py', *common, '--output_dir', str(one)])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -135,7 +135,8 @@ def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     lines = {d: [json.loads(l) for l in (d / 'log.txt').read_text().splitlines()] for d in (one, two)}
-    assert [l['k'] for l in lines[one]] == [1, 20]
+    assert [l['mode'] for l in lines[one]] == ['knn', 'knn', 'linear']
+    assert [l['k'] for l in lines[one][:2]] == [1, 20]
     for a, b in zip(lines[one], lines[two]):
         assert a['num_train'] == b['num_train'] == 32 and a['num_test'] == b['num_test'] == 8
         assert a['acc1'] == b['acc1'] and a['acc5'] == b['acc5'] and 0 <= a['acc1'] <= 100
@@ -146,3 +147,19 @@ def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt)
         assert torch.allclose(f1[k], f2[k], atol=1e-4), k
     for k in ('train_labels', 'test_labels'):
         assert torch.equal(f1[k], f2[k]), k
+
+
+def test_linear_classifier_on_fixed_features_separates_a_toy_set():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=gen) * 4
+    labels = torch.arange(3).repeat_interleave(40)
+    feats = centres[labels] + torch.randn(120, 16, generator=gen) + 100.0  # far from the origin
+    scores = fit_linear_on_features(feats[::2], labels[::2], feats[1::2], num_classes=3, epochs=30, batch_size=16)
+    assert scores.shape == (60, 3)
+    assert (scores.argmax(1) == labels[1::2]).float().mean() == 1.0
+    again = fit_linear_on_features(feats[::2], labels[::2], feats[1::2], num_classes=3, epochs=30, batch_size=16)
+    assert torch.equal(scores, again)  # seeded: every process fits the same classifier
+    # with 0 epochs the head is its near-zero init: training lowered the val loss a lot
+    untrained = fit_linear_on_features(feats[::2], labels[::2], feats[1::2], num_classes=3, epochs=0)
+    ce = torch.nn.functional.cross_entropy
+    assert ce(scores, labels[1::2]) < 0.2 * ce(untrained, labels[1::2])

@@ -23,6 +23,7 @@ def test_quick_study_end_to_end(tmp_path):
     assert 'regular/seed1' in runs and f'{best}/seed1' in runs  # second seed for regular and best
     for record in runs.values():
         assert 0 <= record['knn_top1'] <= 100 and 0 <= record['linprobe_top1'] <= 100
+        assert record['linprobe_protocol'].startswith('frozen features')
         assert record['pretrain_train_s'] > 0 and record['device'] == 'cpu'
     assert runs['regular/seed0']['flops_saving_estimate'] == 0
     assert runs[f'{best}/seed0']['flops_saving_estimate'] > 0.05
