@@ -406,3 +406,19 @@ def test_set_frozen_only_early_taps_live():
     # blocks after the last live tap (block 1) are not run, so they get no gradient
     assert model.blocks[1].attn.qkv.weight.grad is not None
     assert model.blocks[2].attn.qkv.weight.grad is None
+
+
+def test_bf16_autocast_step_keeps_float32_targets_and_loss():
+    """The GPU default (bf16 autocast): loss terms are float32 and the step trains."""
+    torch.manual_seed(0)
+    model = models_mim.MIM_vit_tiny_patch16(img_size=32)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(2, 3, 32, 32)
+    before = model.blocks[0].attn.qkv.weight.detach().clone()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss, terms = model(x, mask_ratio=0.75, return_terms=True)
+    assert loss.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
