@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.utils.data
 import torchvision.datasets as datasets
@@ -20,6 +21,8 @@ from torchvision.transforms import InterpolationMode
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = tuple(datasets.folder.IMG_EXTENSIONS)
+CROP_SCALE = (0.2, 1.0)
+CROP_RATIO = (3. / 4., 4. / 3.)
 
 
 class DataLayoutError(SystemExit):
@@ -61,33 +64,48 @@ def resolve_image_folder(path: str, split: str = 'train') -> Path:
         f'(looked in: {tried})')
 
 
-def sample_resized_crop(gen: torch.Generator, height: int, width: int,
-                        scale: Sequence[float] = (0.2, 1.0),
-                        ratio: Sequence[float] = (3. / 4., 4. / 3.)) -> tuple[int, int, int, int]:
-    """(top, left, h, w) with the distribution of torchvision's RandomResizedCrop.get_params,
-    drawn from `gen` (10 tries at a random area/aspect, then a centre crop fallback)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = torch.rand(2, generator=gen).tolist()
-        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+def sample_crop_boxes(heights, widths, generator: torch.Generator | None = None,
+                      scale: Sequence[float] = CROP_SCALE, ratio: Sequence[float] = CROP_RATIO,
+                      tries: int = 10) -> torch.Tensor:
+    """Crop boxes (B, 4) int64 CPU rows (top, left, h, w), distributed as torchvision's
+    RandomResizedCrop.get_params for each (height, width): `tries` random (area, log-aspect)
+    draws per sample, the first that fits is kept and placed uniformly; if none fits, the
+    centre crop clamped to the ratio range. All samples at once. The uniforms come from
+    `generator` (a CPU generator; None = the global RNG); the arithmetic is done in float64
+    numpy, which avoids the thread-pool start-up torch pays on a few thousand elements."""
+    H = np.asarray(torch.as_tensor(heights).reshape(-1).cpu(), dtype=np.float64)
+    W = np.asarray(torch.as_tensor(widths).reshape(-1).cpu(), dtype=np.float64)
+    n = H.size
+    u = torch.rand(n, tries, 2, generator=generator, dtype=torch.float64).numpy()
+    pos = torch.rand(n, 2, generator=generator, dtype=torch.float64).numpy()
+    target_area = (H * W)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = np.round(np.sqrt(target_area * aspect))  # round half to even, as Python's round
+    h = np.round(np.sqrt(target_area / aspect))
+    fits = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
+    found = fits.any(axis=1)
+    first = fits.argmax(axis=1)[:, None]  # index of the first valid try
+    w = np.take_along_axis(w, first, axis=1)[:, 0]
+    h = np.take_along_axis(h, first, axis=1)[:, 0]
+    top = np.minimum(np.floor(pos[:, 0] * (H - h + 1)), H - h)
+    left = np.minimum(np.floor(pos[:, 1] * (W - w + 1)), W - w)
+
+    # torchvision's fallback: the whole image, clamped to the ratio range, centred
+    r_min, r_max = min(ratio), max(ratio)
+    in_ratio = W / H
+    fw = np.where(in_ratio > r_max, np.round(H * r_max), W)
+    fh = np.where(in_ratio < r_min, np.round(W / r_min), H)
+    w = np.where(found, w, fw)
+    h = np.where(found, h, fh)
+    top = np.where(found, top, np.floor((H - h) / 2))
+    left = np.where(found, left, np.floor((W - w) / 2))
+    return torch.from_numpy(np.stack([top, left, h, w], axis=1).astype(np.int64))
+
+
+def sample_flips(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) bool on the CPU: flip each sample with probability 0.5."""
+    return torch.rand(n, generator=generator) < 0.5
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -105,10 +123,10 @@ class PretrainTransform:
 
     def __call__(self, img, gen: torch.Generator) -> torch.Tensor:
         width, height = img.size
-        top, left, h, w = sample_resized_crop(gen, height, width, self.scale)
+        top, left, h, w = sample_crop_boxes([height], [width], gen, self.scale)[0].tolist()
         img = TF.resized_crop(img, top, left, h, w, [self.input_size, self.input_size],
                               interpolation=InterpolationMode.BICUBIC)
-        if torch.rand(1, generator=gen).item() < 0.5:
+        if sample_flips(1, gen)[0]:
             img = TF.hflip(img)
         x = TF.to_tensor(img)
         return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)

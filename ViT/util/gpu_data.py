@@ -25,12 +25,10 @@ CUDA for the GPU backends.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.data
@@ -39,12 +37,10 @@ import torchvision.transforms.functional as TF
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 
-from util.data import (IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, EpochSampler, build_pretrain_loader,
-                       resolve_image_folder)
+from util.data import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, EpochSampler,
+                       build_pretrain_loader, resolve_image_folder, sample_crop_boxes, sample_flips)
 
 BACKENDS = ('pil', 'gpu', 'gpu-cache')
-CROP_SCALE = (0.2, 1.0)
-CROP_RATIO = (3. / 4., 4. / 3.)
 # pixels of one padded canvas (batch x height x width); larger batches are resampled in groups
 MAX_CANVAS_PIXELS = 256 * 512 * 512
 
@@ -57,50 +53,6 @@ def batch_seed(seed: int, epoch: int, batch_index: int, rank: int) -> int:
 
 def batch_generator(seed: int, epoch: int, batch_index: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(batch_seed(seed, epoch, batch_index, rank))
-
-
-def sample_crop_boxes(heights, widths, generator: torch.Generator | None = None,
-                      scale: Sequence[float] = CROP_SCALE, ratio: Sequence[float] = CROP_RATIO,
-                      tries: int = 10) -> torch.Tensor:
-    """Crop boxes (B, 4) int64 CPU rows (top, left, h, w), distributed as torchvision's
-    RandomResizedCrop.get_params for each (height, width): `tries` random (area, log-aspect)
-    draws per sample, the first that fits is kept and placed uniformly; if none fits, the
-    centre crop clamped to the ratio range. All samples at once. The uniforms come from
-    `generator` (a CPU generator; None = the global RNG); the arithmetic is done in float64
-    numpy, which avoids the thread-pool start-up torch pays on a few thousand elements."""
-    H = np.asarray(torch.as_tensor(heights).reshape(-1).cpu(), dtype=np.float64)
-    W = np.asarray(torch.as_tensor(widths).reshape(-1).cpu(), dtype=np.float64)
-    n = H.size
-    u = torch.rand(n, tries, 2, generator=generator, dtype=torch.float64).numpy()
-    pos = torch.rand(n, 2, generator=generator, dtype=torch.float64).numpy()
-    target_area = (H * W)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    w = np.round(np.sqrt(target_area * aspect))  # round half to even, as Python's round
-    h = np.round(np.sqrt(target_area / aspect))
-    fits = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
-    found = fits.any(axis=1)
-    first = fits.argmax(axis=1)[:, None]  # index of the first valid try
-    w = np.take_along_axis(w, first, axis=1)[:, 0]
-    h = np.take_along_axis(h, first, axis=1)[:, 0]
-    top = np.minimum(np.floor(pos[:, 0] * (H - h + 1)), H - h)
-    left = np.minimum(np.floor(pos[:, 1] * (W - w + 1)), W - w)
-
-    # torchvision's fallback: the whole image, clamped to the ratio range, centred
-    r_min, r_max = min(ratio), max(ratio)
-    in_ratio = W / H
-    fw = np.where(in_ratio > r_max, np.round(H * r_max), W)
-    fh = np.where(in_ratio < r_min, np.round(W / r_min), H)
-    w = np.where(found, w, fw)
-    h = np.where(found, h, fh)
-    top = np.where(found, top, np.floor((H - h) / 2))
-    left = np.where(found, left, np.floor((W - w) / 2))
-    return torch.from_numpy(np.stack([top, left, h, w], axis=1).astype(np.int64))
-
-
-def sample_flips(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n,) bool on the CPU: flip each sample with probability 0.5."""
-    return torch.rand(n, generator=generator) < 0.5
 
 
 # ---- resampling ------------------------------------------------------------------------------
