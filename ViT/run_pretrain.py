@@ -112,6 +112,54 @@ def check_args(args: argparse.Namespace) -> None:
         fo.validate(args.t_0, args.how_scale, args.decoder_freeze, args.warmup_epochs, args.epochs)
 
 
+# flags whose change between a checkpoint and its resumption changes the run
+RESUME_FLAGS = ('model', 'input_size', 'mask_ratio', 'hog_nbins', 'hog_bias', 'epochs', 'warmup_epochs', 'batch_size',
+                'accum_iter', 'world_size', 'lr', 'min_lr', 'weight_decay', 't_0', 'how_scale', 'scale_lr',
+                'decoder_freeze', 'seed')
+
+
+def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    loss_scaler, schedule, steps_per_epoch: int) -> int:
+    """Loads model, optimizer, scaler and RNG states; returns the epoch to continue at. The
+    frozen set is recomputed from the step before the optimizer state is loaded (its groups
+    hold no state for frozen parameters)."""
+    ckpt = checkpoint.load(path)
+    if 'model' not in ckpt:
+        raise checkpoint.CheckpointError(f'{path} has no "model" entry; not a pretraining checkpoint')
+    saved = ckpt.get('args') or {}
+    changed = [f'--{k} {getattr(args, k)} (checkpoint: {saved[k]})' for k in RESUME_FLAGS
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        print(f'note: resuming {path} with flags that differ from its run: {", ".join(changed)}')
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(
+            f'{path} does not fit --model {args.model} at --input_size {args.input_size}: '
+            f'{str(e).splitlines()[0]} (resume with the run\'s own flags, or start afresh with '
+            f'--no_auto_resume / another --output_dir)') from None
+    start_epoch = int(ckpt['epoch']) + 1
+    schedule.on_step(start_epoch * steps_per_epoch)
+    if 'optimizer' in ckpt:
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise checkpoint.CheckpointError(
+                f'the optimizer state in {path} was saved for other parameter groups ({e}): plain and '
+                f'FreezeOut (--t_0) runs, and --decoder_freeze tap / never, group parameters differently. '
+                f'Resume with the run\'s own flags, or start afresh with --no_auto_resume / another '
+                f'--output_dir') from None
+    if loss_scaler is not None and ckpt.get('scaler'):
+        loss_scaler.load_state_dict(ckpt['scaler'])
+    rng, world, rank = ckpt.get('rng'), dist.get_world_size(), dist.get_rank()
+    if rng is not None and len(rng) == world:
+        checkpoint.set_rng_state(rng[rank])
+    elif rng is not None:
+        print(f'note: checkpoint saved with {len(rng)} processes, now {world}: RNG streams restart')
+    print(f'resumed from {path} (epoch {ckpt["epoch"]}); continuing at epoch {start_epoch}')
+    return start_epoch
+
+
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
     device = setup(args)
@@ -154,22 +202,7 @@ def main(args: argparse.Namespace) -> dict:
     start_epoch = args.start_epoch
     resume_path = find_resume_checkpoint(args)
     if resume_path is not None:
-        ckpt = checkpoint.load(resume_path)
-        if 'model' not in ckpt:
-            raise checkpoint.CheckpointError(f'{resume_path} has no "model" entry; not a pretraining checkpoint')
-        model.load_state_dict(ckpt['model'])
-        start_epoch = int(ckpt['epoch']) + 1
-        schedule.on_step(start_epoch * steps_per_epoch)
-        if 'optimizer' in ckpt:
-            optimizer.load_state_dict(ckpt['optimizer'])
-        if loss_scaler is not None and ckpt.get('scaler'):
-            loss_scaler.load_state_dict(ckpt['scaler'])
-        rng = ckpt.get('rng')
-        if rng is not None and len(rng) == world:
-            checkpoint.set_rng_state(rng[rank])
-        elif rng is not None:
-            print(f'note: checkpoint saved with {len(rng)} processes, now {world}: RNG streams restart')
-        print(f'resumed from {resume_path} (epoch {ckpt["epoch"]}); continuing at epoch {start_epoch}')
+        start_epoch = resume_training(args, resume_path, model, optimizer, loss_scaler, schedule, steps_per_epoch)
     if start_epoch >= args.epochs:  # a finished run relaunched (e.g. requeued): nothing to train
         print(f'all {args.epochs} epochs are done (checkpoint {resume_path}); raise --epochs to train more')
         dist.destroy()

@@ -256,3 +256,25 @@ def test_data_path_layouts(layouts, plain_run, tmp_path, layout):
     assert f'data: {expected}: {NUM_IMAGES} images' in res.stdout, res.stdout[-3000:]
     assert_same_tensors(load_ckpt(plain_run[1] / 'checkpoint-last.pth')['model'],
                         load_ckpt(tmp_path / 'out' / 'checkpoint-last.pth')['model'], f'{layout} vs <root>')
+
+
+# ---- 7. resuming with other flags -------------------------------------------------------------
+@pytest.mark.parametrize('other, fragment', [
+    (['--t_0', '0.5', '--how_scale', 'linear'], 'other parameter groups'),   # plain checkpoint -> FreezeOut
+    (['--model', 'MIM_vit_small_patch16'], 'does not fit --model'),
+])
+def test_resume_with_incompatible_flags_is_a_clear_error(data, tmp_path, other, fragment):
+    out = tmp_path / 'out'
+    run_ok('--data_path', data, '--output_dir', out, '--epochs', '1')
+    res = run_pretrain('--data_path', data, '--output_dir', out, '--epochs', '3', *other, timeout=120)
+    assert res.returncode != 0, res.describe()
+    assert 'Traceback' not in res.output and fragment in res.stderr, res.describe()
+    assert 'no_auto_resume' in res.stderr  # says how to start afresh
+
+
+def test_resume_notes_changed_flags(data, tmp_path):
+    out = tmp_path / 'out'
+    run_ok('--data_path', data, '--output_dir', out, '--epochs', '1')
+    res = run_ok('--data_path', data, '--output_dir', out, '--epochs', '2', '--min_lr', '1e-5')
+    assert 'differ from its run' in res.stdout and '--epochs 2 (checkpoint: 1)' in res.stdout
+    assert [r['epoch'] for r in read_log(out)] == [0, 1]
