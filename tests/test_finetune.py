@@ -325,3 +325,21 @@ def test_finetune_two_processes_distributed_launch(tmp_path, demo_data, pretrain
     line = json.loads((out / 'log.txt').read_text().splitlines()[-1])
     assert line['epoch'] == 0 and line['test_num_samples'] == 8  # every val image once over both ranks
     assert (out / 'checkpoint-best.pth').is_file()
+
+
+def test_randaugment_posterize_at_full_magnitude_does_not_crash():
+    """'rand-m9-mstd0.5-inc1' can draw magnitude 10, i.e. Posterize with 0 bits, which current
+    Pillow rejects (a ValueError in a loader worker that killed a real fine-tuning run)."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+    from util.data import finetune_train_transform
+    transform = finetune_train_transform(32, None, 'rand-m9-mstd0.5-inc1', 0.25, 'pixel', 1)
+    ops = [op for t in transform.transforms for op in getattr(t, 'ops', [])
+           if isinstance(op, AugmentOp) and op.name.startswith('Posterize')]
+    assert ops, 'the policy has a posterize op'
+    op = ops[0]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+    img = Image.new('RGB', (32, 32), (200, 120, 40))
+    out = op(img)  # raised "bits must be between or equal to 1 and 8" before the fix
+    assert out.size == img.size and out.getpixel((0, 0)) == (128, 0, 0)  # 1 bit kept
+    transform(img)  # the whole pipeline runs

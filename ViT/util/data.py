@@ -251,9 +251,28 @@ def finetune_train_transform(input_size: int, color_jitter: float | None, auto_a
     from timm.data import create_transform
     if auto_augment in ('', 'none', 'None'):
         auto_augment = None
-    return create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
-                            auto_augment=auto_augment, interpolation='bicubic', re_prob=re_prob,
-                            re_mode=re_mode, re_count=re_count, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    transform = create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
+                                 auto_augment=auto_augment, interpolation='bicubic', re_prob=re_prob,
+                                 re_mode=re_mode, re_count=re_count, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    _clamp_posterize_bits(transform)
+    return transform
+
+
+def _posterize_at_least_one_bit(img, bits_to_keep, **_):
+    from PIL import ImageOps
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(int(bits_to_keep), 1))
+
+
+def _clamp_posterize_bits(transform) -> None:
+    """timm's RandAugment can ask Posterize for 0 bits (e.g. 'rand-m9-mstd0.5-inc1' when the
+    sampled magnitude reaches 10), which recent Pillow (13 here) refuses with a ValueError in a loader
+    worker, killing the run at random. Older Pillow returned a black image; keep 1 bit instead.
+    Patched on this transform's own ops, not in timm."""
+    from timm.data.auto_augment import AugmentOp
+    for t in getattr(transform, 'transforms', []):
+        for op in getattr(t, 'ops', []):
+            if isinstance(op, AugmentOp) and op.name.startswith('Posterize'):
+                op.aug_fn = _posterize_at_least_one_bit
 
 
 def linprobe_train_transform(input_size: int) -> T.Compose:
