@@ -56,6 +56,15 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     dist.add_dist_args(parser)
 
 
+def add_batch_args(parser: argparse.ArgumentParser, batch_size: int, epochs: int) -> None:
+    """Batch, epochs and accumulation flags of the trained protocols (fine-tuning, linear probe)."""
+    parser.add_argument('--batch_size', default=batch_size, type=int,
+                        help='batch size per process (effective batch = batch_size * accum_iter * processes)')
+    parser.add_argument('--epochs', default=epochs, type=int, help='training epochs')
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='micro-batches accumulated per optimizer step (raises the effective batch)')
+
+
 def add_training_run_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the trained protocols (fine-tuning, linear probe): logging, resume, evaluation."""
     g = parser.add_argument_group('logging, checkpoints, evaluation')
@@ -89,11 +98,7 @@ def add_readout_args(parser: argparse.ArgumentParser, global_pool_default: bool)
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Fine-tuning of a pretrained ViT encoder for image classification',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--batch_size', default=64, type=int,
-                        help='batch size per process (effective batch = batch_size * accum_iter * processes)')
-    parser.add_argument('--epochs', default=50, type=int, help='training epochs')
-    parser.add_argument('--accum_iter', default=1, type=int,
-                        help='micro-batches accumulated per optimizer step (raises the effective batch)')
+    add_batch_args(parser, batch_size=64, epochs=50)
 
     g = parser.add_argument_group('model')
     g.add_argument('--model', default='vit_large_patch16', type=str,

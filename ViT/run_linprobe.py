@@ -23,7 +23,7 @@ import torch.nn as nn
 import models_vit
 from engine_finetune import fit
 from engine_pretrain import ModelHandle
-from run_finetune import (add_readout_args, add_run_args, add_training_run_args, build_data, check_common_args,
+from run_finetune import (add_batch_args, add_readout_args, add_run_args, add_training_run_args, build_data, check_common_args,
                           ddp_wrapper, evaluate_only, grad_scaler, learning_rate, make_schedule, resume)
 from util.runtime import setup
 from util.checkpoint import save_checkpoint
@@ -39,11 +39,7 @@ HEAD_INIT_STD = 0.01  # MAE's linear-probe head init (MoCo v3)
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Linear probing of a pretrained ViT encoder',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--batch_size', default=512, type=int,
-                        help='batch size per process (effective batch = batch_size * accum_iter * processes)')
-    parser.add_argument('--epochs', default=90, type=int, help='training epochs')
-    parser.add_argument('--accum_iter', default=1, type=int,
-                        help='micro-batches accumulated per optimizer step (raises the effective batch)')
+    add_batch_args(parser, batch_size=512, epochs=90)
 
     g = parser.add_argument_group('model')
     g.add_argument('--model', default='vit_base_patch16', type=str,
