@@ -320,10 +320,19 @@ def main(args: argparse.Namespace) -> dict:
 
     criterion = build_criterion(args)
     print(f'criterion: {type(criterion).__name__}' + ('  (mixup/cutmix on)' if mixup_active(args) else ''))
+    return train_and_finish(args, model, criterion, train_loader, val_loader, optimizer, loss_scaler, device,
+                            start_epoch, n_parameters, build_mixup(args))
+
+
+def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion, train_loader, val_loader,
+                     optimizer: torch.optim.Optimizer, loss_scaler, device: torch.device, start_epoch: int,
+                     n_parameters: int, mixup_fn=None) -> dict:
+    """The epochs (engine_finetune.fit) with tensorboard, then the closing lines; shared by
+    fine-tuning and linear probing."""
     log_writer = make_writer(args.log_dir)
     record = fit(ModelHandle(model, ddp_wrapper(args, device)), criterion, train_loader, val_loader, optimizer,
                  make_schedule(args, optimizer, train_loader), loss_scaler, device, args, start_epoch, n_parameters,
-                 save_checkpoint, build_mixup(args), log_writer)
+                 save_checkpoint, mixup_fn, log_writer)
     if log_writer is not None:
         log_writer.close()
     if dist.is_main_process() and args.output_dir:

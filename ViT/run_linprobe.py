@@ -15,22 +15,17 @@ ordinary batch sizes.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import models_vit
-from engine_finetune import fit
-from engine_pretrain import ModelHandle
 from run_finetune import (add_batch_args, add_readout_args, add_run_args, add_training_run_args, build_data, check_common_args,
-                          ddp_wrapper, evaluate_only, grad_scaler, learning_rate, make_schedule, resume)
+                          evaluate_only, grad_scaler, learning_rate, resume, train_and_finish)
 from util.runtime import setup
-from util.checkpoint import save_checkpoint
 from util import dist
 from util.data import eval_transform, linprobe_train_transform
 from util.encoder_loading import load_pretrained_encoder
-from util.log import make_writer
 from util.optim import param_groups_weight_decay
 
 HEAD_INIT_STD = 0.01  # MAE's linear-probe head init (MoCo v3)
@@ -99,16 +94,8 @@ def main(args: argparse.Namespace) -> dict:
         dist.destroy()
         return stats
 
-    log_writer = make_writer(args.log_dir)
-    record = fit(ModelHandle(model, ddp_wrapper(args, device)), nn.CrossEntropyLoss(), train_loader, val_loader,
-                 optimizer, make_schedule(args, optimizer, train_loader), loss_scaler, device, args, start_epoch,
-                 n_parameters, save_checkpoint, None, log_writer)
-    if log_writer is not None:
-        log_writer.close()
-    if dist.is_main_process() and args.output_dir:
-        print(f'outputs: {Path(args.output_dir).resolve()} (log.txt, checkpoint-last.pth, checkpoint-best.pth)')
-    dist.destroy()
-    return record
+    return train_and_finish(args, model, nn.CrossEntropyLoss(), train_loader, val_loader, optimizer, loss_scaler,
+                            device, start_epoch, n_parameters)
 
 
 if __name__ == '__main__':
