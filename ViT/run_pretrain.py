@@ -88,6 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--data_backend', default='pil', choices=list(BACKENDS),
                    help='pil: CPU workers decode and augment (upstream); gpu: workers read JPEG bytes, the GPU '
                         'decodes and augments; gpu-cache: all images decoded once and kept on the GPU')
+    g.add_argument('--decode_ahead', default=2, type=int,
+                   help='gpu: batches decoded and augmented in advance by a background thread on its own '
+                        'CUDA stream (0: on the training thread, which then waits for each decode)')
     g.add_argument('--cache_size', default=None, type=int,
                    help='gpu-cache: square side of the cached images (default: the images\' own size when '
                         'they all have one, else input_size * 1.15); non-square images are cached as their '
@@ -106,6 +109,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f'error: --mask_ratio must be in (0, 1), got {args.mask_ratio}')
     if args.save_freq < 1 or args.print_freq < 1:
         raise SystemExit('error: --save_freq and --print_freq must be at least 1')
+    if args.decode_ahead < 0:
+        raise SystemExit(f'error: --decode_ahead must be 0 or more, got {args.decode_ahead}')
     if args.warmup_epochs > args.epochs:
         raise SystemExit(f'error: --warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}')
     if args.t_0 is not None:
@@ -170,7 +175,7 @@ def main(args: argparse.Namespace) -> dict:
     model.to(device)
     loader = build_loader(args.data_backend, args.data_path, args.input_size, args.batch_size, args.seed,
                           args.num_workers, args.pin_mem and device.type == 'cuda', world, rank, device,
-                          args.cache_size)
+                          args.cache_size, args.decode_ahead)
     print(f'data: {loader.dataset.root}: {len(loader.dataset)} images, {len(loader)} batches per process')
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:

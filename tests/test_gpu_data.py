@@ -18,7 +18,7 @@ from helpers import run_pretrain
 from util.data import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, sample_crop_boxes, sample_flips
 from util.gpu_data import (GpuCacheLoader, GpuJpegLoader, augment_images, batch_generator, batch_seed,
                            build_loader, crop_grids, default_cache_size, make_canvas, normalize_uint8_range,
-                           plan_canvas_groups, resized_crop_batch, resized_crop_list)
+                           plan_canvas_groups, prepared_ahead, resized_crop_batch, resized_crop_list)
 
 LO = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
 HI = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
@@ -289,6 +289,68 @@ def test_gpu_loader_workers_same_as_main_process(tmp_path):
     b = list(GpuJpegLoader(root, num_workers=2, **kw))
     assert len(a) == len(b) == 3
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def test_gpu_loader_decoding_ahead_gives_the_same_batches(tmp_path):
+    root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50), (20, 36)])
+    kw = dict(input_size=16, batch_size=2, seed=3, world_size=1, rank=0, device='cpu', num_workers=0)
+    inline = GpuJpegLoader(root, decode_ahead=0, **kw)
+    ahead = GpuJpegLoader(root, decode_ahead=3, **kw)
+    for epoch in (0, 1):
+        inline.sampler.set_epoch(epoch)
+        ahead.sampler.set_epoch(epoch)
+        a, b = list(inline), list(ahead)
+        assert len(a) == len(b) == 4
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+class _CountingBatches:
+    """Raw batches 0..n-1 that remember how many were taken."""
+
+    def __init__(self, n):
+        self.n, self.taken = n, 0
+
+    def __iter__(self):
+        for b in range(self.n):
+            self.taken += 1
+            yield b
+
+
+@pytest.mark.parametrize('ahead', [0, 1, 3])
+def test_prepared_ahead_keeps_order_and_runs_off_the_calling_thread(ahead):
+    import random
+    import threading
+    import time
+    threads = set()
+
+    def prepare(b, raw):
+        threads.add(threading.get_ident())
+        time.sleep(random.Random(b).uniform(0, 0.01))  # uneven work must not reorder batches
+        return torch.tensor([b, raw]),
+
+    got = [int(out[0][1]) for out in prepared_ahead(_CountingBatches(7), prepare, ahead, 'cpu')]
+    assert got == list(range(7))
+    assert (threading.get_ident() in threads) == (ahead == 0)
+
+
+def test_prepared_ahead_stops_early_and_passes_errors_on():
+    import threading
+    raw = _CountingBatches(100)
+    it = prepared_ahead(raw, lambda b, r: (torch.tensor(r),), 2, 'cpu')
+    assert [int(next(it)[0]) for _ in range(3)] == [0, 1, 2]
+    it.close()  # the consumer stops: nothing more is read, and the thread ends
+    assert raw.taken == 3 + 2
+    assert not any(t.name.startswith('prepare-batches') for t in threading.enumerate())
+
+    def fail_at_4(b, r):
+        if b == 4:
+            raise ValueError('corrupt batch 4')
+        return torch.tensor(r),
+
+    it = prepared_ahead(_CountingBatches(10), fail_at_4, 2, 'cpu')
+    assert [int(next(it)[0]) for _ in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match='corrupt batch 4'):
+        next(it)
 
 
 def test_default_cache_size(tmp_path):

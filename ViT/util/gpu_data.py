@@ -4,7 +4,8 @@ On a 16-core-per-GPU server the PIL pipeline (util.data) delivers about 1,000 im
 than the model step (design.md section 4). Two backends move the work to the GPU:
 
 gpu        DataLoader workers only read the JPEG files (bytes); the batch is decoded on the GPU
-           in one nvjpeg call and cropped, flipped and normalised there in one batched resample.
+           in one nvjpeg call and cropped, flipped and normalised there in one batched resample,
+           by a background thread on its own CUDA stream, `decode_ahead` batches in advance.
 gpu-cache  for data sets that fit in GPU memory: every image is decoded once (PIL, CPU),
            resized so its shorter side is `cache_size`, centre-cropped to a square and kept on
            the GPU as one uint8 tensor; each step gathers its batch and augments it on the GPU.
@@ -25,9 +26,11 @@ CUDA for the GPU backends.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -228,17 +231,72 @@ def decode_batch(data: Sequence[torch.Tensor], device: torch.device | str) -> li
     return out
 
 
+def prepared_ahead(raw_batches: Iterable, prepare: Callable[[int, Any], tuple[torch.Tensor, ...]], ahead: int,
+                   device: torch.device | str) -> Iterator[tuple[torch.Tensor, ...]]:
+    """prepare(b, raw) for each raw batch b, in order, computed up to `ahead` batches in advance by
+    one background thread (ahead = 0: on the calling thread).
+
+    Why a thread: decode_jpeg on CUDA returns only when nvjpeg has finished (it synchronises its
+    own stream, with the GIL released), so on the training thread it would stall the kernel
+    launches of the step. On CUDA the thread queues its work on a side stream; before a batch is
+    handed over, the consumer's current stream waits for that batch's event, and the batch's
+    tensors are marked as used on that stream so the caching allocator does not give their
+    memory to a later batch while the step still reads them."""
+    if ahead <= 0:
+        for b, raw in enumerate(raw_batches):
+            yield prepare(b, raw)
+        return
+    device = torch.device(device)
+    cuda = device.type == 'cuda'
+    if cuda and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    side = torch.cuda.Stream(device) if cuda else None
+
+    def task(b: int, raw) -> tuple[tuple[torch.Tensor, ...], Any]:
+        if not cuda:
+            return prepare(b, raw), None
+        with torch.cuda.device(device), torch.cuda.stream(side):
+            out = prepare(b, raw)
+            done = torch.cuda.Event()
+            done.record(side)
+        return out, done
+
+    def hand_over(result: tuple[tuple[torch.Tensor, ...], Any]) -> tuple[torch.Tensor, ...]:
+        out, done = result
+        if done is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(done)
+            for t in out:
+                t.record_stream(current)
+        return out
+
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='prepare-batches') as pool:
+        try:
+            for b, raw in enumerate(raw_batches):
+                pending.append(pool.submit(task, b, raw))
+                if len(pending) > ahead:
+                    yield hand_over(pending.popleft().result())
+            while pending:
+                yield hand_over(pending.popleft().result())
+        finally:  # the consumer stopped early or a batch failed: drop what was queued
+            for future in pending:
+                future.cancel()
+
+
 class GpuJpegLoader:
     """--data_backend gpu: the engine's loader interface (len, iteration over (images, targets)
-    on the device, .sampler.set_epoch, .dataset.root)."""
+    on the device, .sampler.set_epoch, .dataset.root). Batches are decoded and augmented
+    `decode_ahead` batches in advance by a background thread (prepared_ahead)."""
 
     def __init__(self, root: str | Path, input_size: int, batch_size: int, seed: int, num_workers: int,
                  world_size: int, rank: int, device: torch.device | str, mode: str = 'bicubic',
-                 max_canvas_pixels: int = MAX_CANVAS_PIXELS):
+                 max_canvas_pixels: int = MAX_CANVAS_PIXELS, decode_ahead: int = 2):
         self.dataset = JpegBytesFolder(root)
         _check_enough(self.dataset, root, batch_size, world_size)
         self.input_size, self.batch_size, self.seed, self.rank = input_size, batch_size, seed, rank
         self.device, self.mode, self.max_canvas_pixels = torch.device(device), mode, max_canvas_pixels
+        self.decode_ahead = decode_ahead
         self.sampler = EpochSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                     seed=seed, drop_last=True)
         self.loader = torch.utils.data.DataLoader(
@@ -252,12 +310,16 @@ class GpuJpegLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.sampler.epoch
-        for b, (data, targets) in enumerate(self.loader):
+
+        def prepare(b: int, raw) -> tuple[torch.Tensor, torch.Tensor]:
+            data, targets = raw
             images = decode_batch(data, self.device)
             gen = batch_generator(self.seed, epoch, b, self.rank)
-            yield (augment_images(images, gen, self.input_size, mode=self.mode,
-                                  max_canvas_pixels=self.max_canvas_pixels),
-                   targets.to(self.device, non_blocking=True))
+            return (augment_images(images, gen, self.input_size, mode=self.mode,
+                                   max_canvas_pixels=self.max_canvas_pixels),
+                    to_device(targets, self.device))
+
+        yield from prepared_ahead(self.loader, prepare, self.decode_ahead, self.device)
 
 
 # ---- backend: gpu-cache (decoded once, kept on the device) -------------------------------------
@@ -370,9 +432,10 @@ def require_cuda(backend: str, device: torch.device | str | None) -> torch.devic
 
 def build_loader(backend: str, data_path: str, input_size: int, batch_size: int, seed: int, num_workers: int,
                  pin_mem: bool, world_size: int, rank: int, device: torch.device | str | None = None,
-                 cache_size: int | None = None):
+                 cache_size: int | None = None, decode_ahead: int = 2):
     """The pretraining loader of --data_backend: 'pil' (util.data.build_pretrain_loader: CPU
-    workers, batches on the host), 'gpu' or 'gpu-cache' (batches already on the device)."""
+    workers, batches on the host), 'gpu' or 'gpu-cache' (batches already on the device).
+    decode_ahead: batches the gpu backend prepares in advance on its background thread."""
     if backend == 'pil':
         return build_pretrain_loader(data_path, input_size, batch_size, seed, num_workers, pin_mem,
                                      world_size, rank)
@@ -381,5 +444,6 @@ def build_loader(backend: str, data_path: str, input_size: int, batch_size: int,
     dev = require_cuda(backend, device)
     root = resolve_image_folder(data_path, 'train')
     if backend == 'gpu':
-        return GpuJpegLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev)
+        return GpuJpegLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev,
+                             decode_ahead=decode_ahead)
     return GpuCacheLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev, cache_size)
