@@ -10,7 +10,9 @@ config again with a second seed. Every encoder is scored on val by 20-NN and a l
 classifier on its frozen features (one feature pass; --full_linprobe for MAE's augmented
 linear probe); regular and the best config also by a short fine-tune. Each run is recorded (wall time, images/s,
 the FLOP estimate, accuracies, device) in a results JSON that later invocations extend (runs
-already there are skipped unless --rerun), rendered as a markdown table and a plot.
+already there are skipped unless --rerun), rendered as a markdown table and a plot. Runs go in
+order of importance; --max_minutes stops before a run that would not finish in time, so a
+study can be spread over several GPU sessions by repeating the same command.
 """
 from __future__ import annotations
 
@@ -64,6 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--num_workers', default=8, type=int)
     p.add_argument('--rerun', action='store_true', help='run again configs already in the results JSON')
     p.add_argument('--no_finetune', action='store_true', help='skip the fine-tuning runs')
+    p.add_argument('--max_minutes', default=None, type=float,
+                   help='start no run that would end after this many minutes (judged by the longest run so '
+                        'far); what is done stays in the results JSON, and the same command continues later')
     p.add_argument('--quick', action='store_true',
                    help='tiny model, 64 px, 2 epochs, small batches: a smoke run on CPU in a few minutes')
     return p
@@ -102,9 +107,14 @@ def json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class OutOfTime(Exception):
+    """--max_minutes would be passed by the next run."""
+
+
 class Study:
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.start, self.longest_run = time.perf_counter(), 0.0
         self.out = Path(args.out)
         self.results_path = Path(args.results)
         self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {'runs': {}}
@@ -113,17 +123,33 @@ class Study:
         self.common = ['--device', args.device, '--input_size', str(args.input_size),
                        '--data_path', args.data_path, '--num_workers', str(args.num_workers)]
 
+    def check_time(self, what: str) -> None:
+        """Raises OutOfTime if `what`, taking as long as the longest run so far, would end after
+        --max_minutes."""
+        if self.args.max_minutes is None:
+            return
+        elapsed = time.perf_counter() - self.start
+        if elapsed + self.longest_run > 60 * self.args.max_minutes:
+            raise OutOfTime(f'{what} not started: {elapsed / 60:.1f} min spent, the longest run took '
+                            f'{self.longest_run / 60:.1f} min, --max_minutes {self.args.max_minutes:g}')
+
+    def run(self, cmd: list[str], log: Path) -> float:
+        wall = run(cmd, log)
+        self.longest_run = max(self.longest_run, wall)
+        return wall
+
     def save(self) -> None:
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
         self.results_path.write_text(json.dumps(self.results, indent=1))
         render(self.results, self.results_path.parent)
 
-    def pretrain(self, config: str, flags: list[str], seed: int) -> dict | None:
+    def pretrain(self, config: str, flags: list[str], seed: int, again: bool = False) -> dict | None:
         """Pretrain + kNN + linear probe for one config and seed; recorded and saved at once."""
         key = f'{config}/seed{seed}'
-        if key in self.results['runs'] and not self.args.rerun:
+        if key in self.results['runs'] and not (self.args.rerun or again):
             print(f'{key}: in {self.results_path}, skipped (--rerun to redo)')
             return self.results['runs'][key]
+        self.check_time(f'pretraining {key}')
         a = self.args
         folder = self.out / config.replace('/', '_') / f'seed{seed}'
         folder.mkdir(parents=True, exist_ok=True)
@@ -133,7 +159,7 @@ class Study:
                str(a.warmup_epochs), '--batch_size', str(a.batch_size), '--blr', str(a.blr), '--seed', str(seed),
                '--output_dir', str(pre), '--no_auto_resume', '--save_freq', str(a.epochs), '--print_freq', '1000',
                '--data_backend', a.data_backend, *self.common, *flags]
-        wall = run(cmd, log)
+        wall = self.run(cmd, log)
         epochs = json_lines(pre / 'log.txt')
         train_time = sum(e['train_epoch_time'] for e in epochs)
         ckpt = pre / f'checkpoint-{a.epochs - 1}.pth'
@@ -144,14 +170,14 @@ class Study:
                   'final_loss': epochs[-1]['train_loss'], 'flops_saving_estimate': self.flops_saving(flags),
                   'checkpoint': str(ckpt), 'date': datetime.date.today().isoformat()}
         # one feature pass gives the 20-NN accuracy and the linear classifier on frozen features
-        run(['run_knn.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir', str(folder / 'knn'),
+        self.run(['run_knn.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir', str(folder / 'knn'),
              '--batch_size', str(a.batch_size), '--linear_epochs', str(a.linprobe_epochs), *self.common], log)
         results = {r['mode']: r for r in json_lines(folder / 'knn' / 'log.txt')}
         record['knn_top1'] = results['knn']['acc1']
         record['linprobe_top1'] = results['linear']['acc1']
         record['linprobe_protocol'] = 'frozen features, no augmentation (run_knn.py --linear_epochs)'
         if a.full_linprobe:  # MAE's protocol: augmented images through the frozen encoder every epoch
-            run(['run_linprobe.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir',
+            self.run(['run_linprobe.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir',
                  str(folder / 'linprobe'), '--epochs', str(a.linprobe_epochs), '--warmup_epochs', '1',
                  '--batch_size', str(a.batch_size), '--no_auto_resume', '--print_freq', '1000', *self.common], log)
             record['linprobe_top1'] = json_lines(folder / 'linprobe' / 'log.txt')[-1]['max_accuracy']
@@ -166,9 +192,14 @@ class Study:
         record = self.results['runs'][key]
         if 'finetune_top1' in record and not self.args.rerun:
             return
+        if not Path(record['checkpoint']).is_file():  # recorded by an earlier session, on another machine
+            print(f'{key}: checkpoint {record["checkpoint"]} is gone; pretraining it again to fine-tune it')
+            self.check_time(f'pretraining {key} again and fine-tuning it')
+            record = self.pretrain(record['config'], record['flags'], record['seed'], again=True)
+        self.check_time(f'fine-tuning {key}')
         a = self.args
         folder = Path(record['checkpoint']).parents[1]
-        run(['run_finetune.py', '--model', self.encoder, '--finetune', record['checkpoint'],
+        self.run(['run_finetune.py', '--model', self.encoder, '--finetune', record['checkpoint'],
              '--output_dir', str(folder / 'finetune'), '--epochs', str(a.finetune_epochs),
              '--warmup_epochs', '1', '--batch_size', str(min(a.batch_size, 128)), '--blr', '1e-3',
              '--layer_decay', '0.75', '--no_auto_resume', '--print_freq', '1000', *self.common],
@@ -234,21 +265,34 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f'error: --data_path {args.data_path} needs train/ and val/ class folders '
                          '(e.g. ../shared/data/imagenette-128)')
     study = Study(args)
+    try:
+        run_study(study, args)
+    except OutOfTime as e:
+        print(f'study stopped early: {e}. Recorded runs are in {args.results}; the same command continues.',
+              flush=True)
+    study.save()
+    table = Path(args.results).parent / 'study_results.md'
+    if table.is_file():
+        print(table.read_text())
+    return study.results
+
+
+def run_study(study: Study, args: argparse.Namespace) -> None:
+    """The runs in order of importance (each fine-tune right after its pretraining, while its
+    checkpoint is on this machine), so a study cut short by --max_minutes keeps the main comparison."""
     first, second = args.seeds
     study.pretrain('regular', [], first)
+    if not args.no_finetune:
+        study.finetune(f'regular/seed{first}')
     names = QUICK_CONFIGS if args.quick else list(FREEZEOUT_CONFIGS)
     scored = {name: study.pretrain(name, FREEZEOUT_CONFIGS[name], first) for name in names}
     best = max(scored, key=lambda n: (scored[n]['knn_top1'] + scored[n]['linprobe_top1']))
     print(f'best FreezeOut config by 20-NN + linear accuracy: {best}')
+    if not args.no_finetune:
+        study.finetune(f'{best}/seed{first}')
     study.pretrain(f'{best}-never', FREEZEOUT_CONFIGS[best] + ['--decoder_freeze', 'never'], first)
     study.pretrain('regular', [], second)
     study.pretrain(best, FREEZEOUT_CONFIGS[best], second)
-    if not args.no_finetune:
-        for key in (f'regular/seed{first}', f'{best}/seed{first}'):
-            study.finetune(key)
-    study.save()
-    print((Path(args.results).parent / 'study_results.md').read_text())
-    return study.results
 
 
 if __name__ == '__main__':

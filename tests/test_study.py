@@ -3,6 +3,10 @@ linear probe, the best config's decoder ablation and second seed, fine-tuning), 
 on CPU; results JSON, table and plot written, and a second invocation extends, not redoes."""
 import json
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from helpers import make_demo_data, run_cmd, subprocess_env
 
@@ -32,10 +36,44 @@ def test_quick_study_end_to_end(tmp_path):
     assert table.count('\n') == len(runs) + 2 and '| regular | 0 |' in table
     assert (results.parent / 'study_accuracy_vs_time.png').stat().st_size > 1000
 
-    # a second invocation skips what is recorded
+    # a second invocation skips what is recorded; a fine-tune whose checkpoint is gone (recorded
+    # on another machine) pretrains that config again first
+    recorded = json.loads(results.read_text())
+    del recorded['runs']['regular/seed0']['finetune_top1']
+    results.write_text(json.dumps(recorded))
+    Path(runs['regular/seed0']['checkpoint']).unlink()
     r2 = run_cmd(cmd, timeout=300, env=subprocess_env())
-    assert r2.returncode == 0
-    assert r2.stdout.count('skipped') == len(runs) and 'run_pretrain.py' not in r2.stdout
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert 'is gone; pretraining it again' in r2.stdout
+    assert r2.stdout.count('run_pretrain.py') == 1 and r2.stdout.count('run_finetune.py') == 1
+    assert r2.stdout.count('skipped') == len(runs)  # regular/seed0 too, before its fine-tune needs it
+    again = json.loads(results.read_text())['runs']
+    assert 'finetune_top1' in again['regular/seed0'] and Path(again['regular/seed0']['checkpoint']).is_file()
+    assert again[f'{best}/seed0'] == runs[f'{best}/seed0']
+
+
+def test_time_budget_stops_before_a_run_that_would_not_finish(tmp_path):
+    import argparse
+
+    import study
+    s = study.Study.__new__(study.Study)
+    s.args = argparse.Namespace(max_minutes=1.0)
+    s.start, s.longest_run = time.perf_counter() - 30, 20.0
+    s.check_time('next')  # 30 s spent + 20 s for the next run < 60 s
+    s.longest_run = 31.0
+    with pytest.raises(study.OutOfTime, match='next not started'):
+        s.check_time('next')
+    s.args.max_minutes = None
+    s.check_time('next')  # no budget: never stops
+
+    # on the command line: stops cleanly (exit 0, a message), nothing run, the same command continues later
+    data = make_demo_data(tmp_path)
+    r = run_cmd([sys.executable, 'study.py', '--quick', '--device', 'cpu', '--data_path', str(data), '--out',
+                 str(tmp_path / 'runs'), '--results', str(tmp_path / 'r.json'), '--max_minutes', '0'],
+                env=subprocess_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'study stopped early: pretraining regular/seed0 not started' in r.stdout
+    assert 'the same command continues' in r.stdout and 'Traceback' not in r.stderr
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
