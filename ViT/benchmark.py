@@ -16,7 +16,10 @@ Measures, on synthetic input (random normal images on the device):
       weighted by the fraction of the run with k frozen (t_k - t_{k-1}), the projected epoch
       time, and util.flops' estimate for comparison;
   (d) images/s of each input backend (pil, gpu, gpu-cache) on --data_path, if given (GPU
-      backends are skipped, with a note, on a CPU device).
+      backends are skipped, with a note, on a CPU device);
+  (e) end to end: the project step (b) fed by each backend's real batches instead of a
+      synthetic one, with k = 0 and k = L-1 frozen (--e2e_ks): if the input keeps up with the
+      fastest step, it keeps up over the whole FreezeOut schedule.
 Writes <out>/benchmark.json, <out>/benchmark.md and <out>/benchmark_freeze.png.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -77,7 +81,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='input backends to time')
     p.add_argument('--num_workers', default=10, type=int, help='loader workers (pil, gpu; gpu-cache decoding)')
     p.add_argument('--cache_size', default=None, type=int, help='gpu-cache image side (default as run_pretrain.py)')
+    p.add_argument('--decode_ahead', default=2, type=int, help='gpu backend: batches prepared ahead, as run_pretrain.py')
+    p.add_argument('--e2e_ks', default=None, type=int, nargs='*',
+                   help='frozen k for the end-to-end runs on each backend (default: 0 and L-1; none: skip)')
     p.add_argument('--out', default='benchmark_out', help='folder for benchmark.json / .md / _freeze.png')
+    p.add_argument('--check_targets', default=None, metavar='FOLDER',
+                   help="only report: the performance targets checked against measure_gpu.sh's results in FOLDER")
     return p
 
 
@@ -247,12 +256,16 @@ class ProjectStep:
 
     def run(self, images: torch.Tensor, steps: int) -> dict:
         """`steps` training steps on `images` through the engine (its console lines muted)."""
-        if steps < 1:
+        return self.run_loader(_SameBatch(images, steps), images.shape[0])
+
+    def run_loader(self, loader, batch_size: int) -> dict:
+        """One engine epoch over `loader` (its console lines muted)."""
+        if len(loader) < 1:
             return {}
-        args = argparse.Namespace(accum_iter=1, batch_size=images.shape[0], print_freq=self.PRINT_FREQ,
+        args = argparse.Namespace(accum_iter=1, batch_size=batch_size, print_freq=self.PRINT_FREQ,
                                   mask_ratio=self.mask_ratio, amp=self.amp)
         with contextlib.redirect_stdout(io.StringIO()):
-            return train_one_epoch(self.handle, _SameBatch(images, steps), self.optimizer, self.device, 0,
+            return train_one_epoch(self.handle, loader, self.optimizer, self.device, 0,
                                    self.scaler, _Applied(), args)
 
 
@@ -323,23 +336,44 @@ def repeated_folder(data_path: str, repeat: int, tmp: Path) -> str:
     return str(tmp / 'train')
 
 
-def time_loader(loader, warmup: int, batches: int, device: torch.device) -> float:
-    """Images/s over `batches` batches (moved to the device, as the engine does) after `warmup`.
-    The batches that workers prefetched during the warm-up are drained first, and at least two
-    rounds of all workers are timed, so the figure is the pipeline's steady rate, not the speed
-    of emptying its queue."""
+def endless_batches(loader) -> Iterator:
+    """The loader's batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class _Take:
+    """A loader (the engine's interface) of the next n batches of a shared iterator."""
+
+    def __init__(self, iterator: Iterator, n: int):
+        self.iterator, self.n = iterator, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield next(self.iterator)
+
+
+def steady_state_batches(loader, warmup: int, batches: int) -> tuple[int, int]:
+    """(warm-up, timed) batch counts for a loader: the batches its workers prefetched during the
+    warm-up are drained first, and at least two rounds of all workers are timed, so the figure
+    is the pipeline's steady rate, not the speed of emptying its queue."""
     inner = getattr(loader, 'loader', loader)  # the DataLoader inside a GPU backend, if any
     workers = getattr(inner, 'num_workers', 0) or 0
     prefetched = workers * (getattr(inner, 'prefetch_factor', None) or 0)
-    warmup, batches = warmup + prefetched, max(batches, 2 * workers)
-    def endless():
-        epoch = 0
-        while True:
-            loader.sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
+    return warmup + prefetched, max(batches, 2 * workers)
 
-    it = endless()
+
+def time_loader(loader, warmup: int, batches: int, device: torch.device) -> float:
+    """Images/s over `batches` batches (moved to the device, as the engine does) after `warmup`
+    (steady_state_batches)."""
+    warmup, batches = steady_state_batches(loader, warmup, batches)
+    it = endless_batches(loader)
     for _ in range(warmup):
         images, _ = next(it)
         images.to(device, non_blocking=True)
@@ -354,10 +388,26 @@ def time_loader(loader, warmup: int, batches: int, device: torch.device) -> floa
     return count / (time.perf_counter() - start)
 
 
-def bench_loaders(args: argparse.Namespace, device: torch.device, notes: list[str]) -> tuple[dict, dict]:
-    rates, setup = {}, {}
+def time_end_to_end(args: argparse.Namespace, loader, ks: list[int], device: torch.device) -> dict[str, float]:
+    """Images/s of the project step fed by `loader`, for each k frozen (a fresh model, as the
+    schedule only freezes forwards)."""
+    project = ProjectStep(args, device)
+    warmup, batches = steady_state_batches(loader, max(args.warmup, 1), args.steps)
+    it = endless_batches(loader)
+    rates = {}
+    for k in sorted(ks):
+        project.set_frozen(k)
+        seconds = time_runs(lambda n: project.run_loader(_Take(it, n), args.batch_size), warmup, batches, device)
+        rates[str(k)] = batches * args.batch_size / seconds
+        warmup = max(args.warmup, 1)  # the workers' prefetched batches were drained by the first k
+    return rates
+
+
+def bench_loaders(args: argparse.Namespace, device: torch.device, notes: list[str],
+                  e2e_ks: list[int]) -> tuple[dict, dict, dict]:
+    rates, setup, e2e = {}, {}, {}
     if not args.data_path:
-        return rates, setup
+        return rates, setup, e2e
     with tempfile.TemporaryDirectory() as tmp:
         folder = repeated_folder(args.data_path, args.repeat, Path(tmp))
         for backend in args.backends:
@@ -368,7 +418,7 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, notes: list[st
             start = time.perf_counter()
             try:
                 loader = build_loader(backend, folder, args.input_size, args.batch_size, 0, args.num_workers,
-                                      device.type == 'cuda', 1, 0, device, args.cache_size)
+                                      device.type == 'cuda', 1, 0, device, args.cache_size, args.decode_ahead)
             except SystemExit as e:
                 notes.append(f'loader {backend} skipped: {e}')
                 log(f'[loader {backend}] skipped: {e}')
@@ -377,8 +427,13 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, notes: list[st
             rates[backend] = time_loader(loader, max(args.warmup, 1), args.steps, device)
             log(f'[loader {backend}] {rates[backend]:.0f} img/s ({len(loader.dataset)} images, '
                 f'set-up {setup[backend]:.1f}s, {args.num_workers} workers)')
+            if e2e_ks:
+                e2e[backend] = time_end_to_end(args, loader, e2e_ks, device)
+                log(f'[end to end {backend}] ' + ', '.join(f'k={k}: {v:.0f} img/s' for k, v in e2e[backend].items()))
             del loader
-    return rates, setup
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+    return rates, setup, e2e
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -408,9 +463,19 @@ def markdown(result: dict) -> str:
     lines += ['', f'Projected epoch of {result["epoch_images"]:,} images on this device: ' +
               ', '.join(f'{k} {v / 60:.1f} min' for k, v in epoch.items() if v)]
     if result['loader_img_per_s']:
-        lines += ['', '| input backend | images/s | set-up s |', '|---|---|---|']
-        for k, v in result['loader_img_per_s'].items():
-            lines.append(f'| {k} | {v:,.0f} | {result["loader_setup_s"].get(k, 0):.1f} |')
+        e2e = result['end_to_end_img_per_s']
+        e2e_ks = sorted({int(k) for v in e2e.values() for k in v})
+        synthetic = dict(zip(result['ks'], result['freeze_img_per_s']))
+        head = ''.join(f' step on its batches, k={k} |' for k in e2e_ks)
+        lines += ['', f'| input backend | loader alone, images/s | set-up s |{head}',
+                  '|---|---|---|' + '---|' * len(e2e_ks)]
+        for backend, v in result['loader_img_per_s'].items():
+            cells = ''
+            for k in e2e_ks:
+                got = e2e.get(backend, {}).get(str(k))
+                ratio = f' ({got / synthetic[k]:.0%} of synthetic)' if got and k in synthetic else ''
+                cells += f' {got:,.0f}{ratio} |' if got else ' |'
+            lines.append(f'| {backend} | {v:,.0f} | {result["loader_setup_s"].get(backend, 0):.1f} |{cells}')
     if result['notes']:
         lines += [''] + [f'- {n}' for n in result['notes']]
     return '\n'.join(lines) + '\n'
@@ -437,11 +502,98 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ---- targets (measure_gpu.sh) ------------------------------------------------------------------
+TARGETS = {'project_k0_vs_reference': 1.7, 'schedule_average_vs_reference': 2.2,
+           'jpeg_loader_vs_schedule_average': 1.0, 'real_epoch_vs_synthetic_step': 0.9}
+JPEG_BACKENDS = ('pil', 'gpu')  # decode every step (gpu-cache decodes once)
+
+
+def _load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _verdict(ratio: float | None, needed: float) -> str:
+    if ratio is None:
+        return 'not measured'
+    return 'met' if ratio >= needed else f'missed by {1 - ratio / needed:.0%}'
+
+
+def check_targets(folder: Path) -> str:
+    """Markdown summary of measure_gpu.sh's results in `folder` against the performance targets
+    (issue 6), plus the figures derived from them (linear 0.5 schedule average from the same
+    per-k timings, end-to-end rates, the gpu backend with and without decoding ahead)."""
+    main_run = _load_json(folder / 'b16_224' / 'benchmark.json')
+    inline = _load_json(folder / 'b16_224_decode_inline' / 'benchmark.json')
+    small_step = _load_json(folder / 'imagenette_step' / 'benchmark.json')
+    log = folder / 'imagenette_run' / 'log.txt'
+    epochs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    lines = ['# Performance targets', '']
+    if main_run is None:
+        return '\n'.join(lines + ['stage 1 wrote no benchmark.json: nothing to check', ''])
+    lines += [f'{main_run["device"]}, {main_run["model"]}, batch {main_run["batch_size"]}, '
+              f'{main_run["input_size"]} px, amp {main_run["amp"]}, {main_run["date"]}', '',
+              '| target | measured | needed | verdict |', '|---|---|---|---|']
+    ref, avg = main_run['reference_step_img_per_s'], main_run['schedule_average_img_per_s']
+    rates = dict(zip(main_run['ks'], main_run['freeze_img_per_s']))
+    k0 = rates.get(0)
+    sched = f'{main_run["how_scale"]} t_0={main_run["t_0"]}'
+    rows = []
+    if ref and k0:
+        rows.append(('project step, nothing frozen, vs upstream reference', k0 / ref,
+                     f'{k0:,.0f} vs {ref:,.0f} img/s', TARGETS['project_k0_vs_reference']))
+        rows.append((f'FreezeOut schedule average ({sched}) vs upstream reference', avg / ref,
+                     f'{avg:,.0f} vs {ref:,.0f} img/s', TARGETS['schedule_average_vs_reference']))
+    jpeg = {b: v for b, v in main_run['loader_img_per_s'].items() if b in JPEG_BACKENDS}
+    if jpeg:
+        best = max(jpeg, key=jpeg.get)
+        rows.append((f'fastest JPEG backend ({best}, loader alone) vs schedule average', jpeg[best] / avg,
+                     f'{jpeg[best]:,.0f} vs {avg:,.0f} img/s', TARGETS['jpeg_loader_vs_schedule_average']))
+    if small_step and epochs:
+        synthetic, real = small_step['freeze_img_per_s'][0], epochs[-1]['train_images_per_s']
+        rows.append((f'real run_pretrain.py epoch ({len(epochs)} of {len(epochs)}) vs synthetic step, '
+                     f'{small_step["input_size"]} px', real / synthetic,
+                     f'{real:,.0f} vs {synthetic:,.0f} img/s', TARGETS['real_epoch_vs_synthetic_step']))
+    for name, ratio, figures, needed in rows:
+        shown = f'{ratio:.0%}' if needed <= 1 else f'{ratio:.2f}x'
+        need = f'>= {needed:.0%}' if needed <= 1 else f'>= {needed}x'
+        lines.append(f'| {name} | {shown} ({figures}) | {need} | {_verdict(ratio, needed)} |')
+    if not rows:
+        lines.append('| (no target could be computed from these results) | | | |')
+    linear = schedule_average(main_run['ks'], main_run['freeze_img_per_s'], len(main_run['ks']), 0.5, 'linear') \
+        if main_run['ks'] == list(range(len(main_run['ks']))) else None
+    if linear:
+        vs = f' ({linear["img_per_s"] / ref:.2f}x the reference)' if ref else ''
+        lines += ['', f'Schedule average for linear t_0=0.5, from the same per-k timings: '
+                      f'{linear["img_per_s"]:,.0f} img/s{vs}.']
+    e2e = main_run.get('end_to_end_img_per_s') or {}
+    if e2e:
+        lines += ['', 'The step fed by each backend\'s real batches (end to end) vs the synthetic-input step:', '',
+                  '| backend | k frozen | end to end img/s | synthetic img/s | share |', '|---|---|---|---|---|']
+        for backend, by_k in e2e.items():
+            for k, v in by_k.items():
+                syn = rates.get(int(k))
+                lines.append(f'| {backend} | {k} | {v:,.0f} | {syn:,.0f} | {v / syn:.0%} |' if syn else
+                             f'| {backend} | {k} | {v:,.0f} | | |')
+    if inline and 'gpu' in inline['loader_img_per_s']:
+        ahead = main_run['loader_img_per_s'].get('gpu')
+        lines += ['', f'gpu backend decoding on the training thread (--decode_ahead 0): loader alone '
+                      f'{inline["loader_img_per_s"]["gpu"]:,.0f} img/s'
+                  + (f' (vs {ahead:,.0f} with --decode_ahead {main_run.get("decode_ahead")})' if ahead else '')
+                  + ''.join(f'; end to end k={k}: {v:,.0f} img/s'
+                            + (f' (vs {e2e["gpu"][k]:,.0f})' if k in e2e.get('gpu', {}) else '')
+                            for k, v in inline.get('end_to_end_img_per_s', {}).get('gpu', {}).items())]
+    return '\n'.join(lines) + '\n'
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
+    if args.check_targets:
+        print(check_targets(Path(args.check_targets)), end='')
+        return {}
     device = resolve_device_and_amp(args)
-    if min(args.steps, args.batch_size) < 1 or args.warmup < 0 or args.repeat < 1:
-        raise SystemExit('error: --steps and --batch_size must be at least 1, --warmup at least 0, --repeat at least 1')
+    if min(args.steps, args.batch_size) < 1 or min(args.warmup, args.decode_ahead) < 0 or args.repeat < 1:
+        raise SystemExit('error: --steps and --batch_size must be at least 1, --warmup and --decode_ahead at least 0, '
+                         '--repeat at least 1')
     fo.validate(args.t_0, args.how_scale, args.decoder_freeze, 0, 1)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
@@ -457,6 +609,9 @@ def main(argv: list[str] | None = None) -> dict:
     ks = sorted(set(args.ks)) if args.ks else list(range(num_layers))
     if ks[0] < 0 or ks[-1] >= num_layers:
         raise SystemExit(f'error: --ks must lie in 0..{num_layers - 1} for {args.model}')
+    e2e_ks = [0, num_layers - 1] if args.e2e_ks is None else sorted(set(args.e2e_ks))
+    if any(k < 0 or k >= num_layers for k in e2e_ks):
+        raise SystemExit(f'error: --e2e_ks must lie in 0..{num_layers - 1} for {args.model}')
 
     ref = None
     if not args.skip_reference:
@@ -485,7 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
     if avg['interpolated']:
         notes.append(f'schedule average interpolates k = {avg["interpolated"]} (not measured)')
     k0 = rates[ks.index(0)] if 0 in ks else None
-    loader_rates, loader_setup = bench_loaders(args, device, notes)
+    loader_rates, loader_setup, e2e = bench_loaders(args, device, notes, e2e_ks)
 
     result = {
         'device': device_name, 'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
@@ -503,6 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
                               'schedule_average': args.epoch_images / avg['img_per_s']},
         'flops_estimate': flops_estimate(args, ks),
         'loader_img_per_s': loader_rates, 'loader_setup_s': loader_setup,
+        'end_to_end_img_per_s': e2e, 'decode_ahead': args.decode_ahead,
         'data_path': args.data_path, 'repeat': args.repeat, 'num_workers': args.num_workers,
         'notes': notes, 'torch': torch.__version__,
         'command': list(sys.argv) if argv is None else ['benchmark.py', *argv],

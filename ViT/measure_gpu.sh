@@ -1,50 +1,78 @@
 #!/usr/bin/env bash
-# Every GPU measurement the project reports, in one run (for a lent GPU, ~6-8 minutes on an H100).
-# From the repository root, with the shared data copied into the ignored data/ folder:
+# Every GPU measurement the project reports, in one run sized for one device lease (estimated
+# 4-6 minutes on an H100, not yet measured). From the repository root, with the shared data
+# copied into the ignored data/ folder (carry `data` to the device):
 #   mkdir -p data && cp -r ../shared/data/imagenet-sample-40 ../shared/data/imagenette-128 data/
 #   bash ViT/measure_gpu.sh [out_dir]          (default: $OUT, else gpu_measure_out)
-# QUICK=1 shrinks everything to a CPU-sized smoke run of the script itself.
+# Stages: 1. upstream reference vs the project step for k = 0..L-1 frozen, the loaders alone and
+# feeding the step (ViT-B/16, 224 px, batch 256); 2. the gpu backend decoding on the training
+# thread (--decode_ahead 0), for comparison; 3. Imagenette-128: synthetic step vs a real
+# run_pretrain.py run with gpu-cache; 4. the issue's targets, checked (summary.md).
+# The results are packed after every stage into <out>/measure_gpu.tgz beside <out>/console.txt
+# (the device tool returns at most 8 files), so a run cut short keeps what it measured.
+# STUDY_MINUTES=N then runs study.py for at most N minutes, continuing image/study_results.json;
+# its results come back in <out>/study.tgz. DATA=<folder> replaces data/; QUICK=1 shrinks
+# everything to a CPU-sized smoke run of this script (tests/test_measure_gpu.py).
 set -uo pipefail
 cd "$(dirname "$0")"
 out=$(realpath -m "${1:-${OUT:-../gpu_measure_out}}")
+data=$(realpath -m "${DATA:-../data}")
+work=$(mktemp -d "${TMPDIR:-/tmp}/measure_gpu.XXXXXX")
 mkdir -p "$out"
-data=../data
+exec > >(tee -a "$out/console.txt") 2>&1
 export PYTHONUNBUFFERED=1
+for d in "$data/imagenet-sample-40" "$data/imagenette-128/train"; do
+  if [ ! -d "$d" ]; then
+    echo "error: $d is missing; copy the shared data first (see the top of $0)"; exit 2
+  fi
+done
 if [ "${QUICK:-0}" = 1 ]; then
-  dev=cpu; model=MIM_vit_tiny_patch16; size=64; batch=8; steps="--steps 2 --warmup 1"; repeat=1
-  small_model=MIM_vit_tiny_patch16; small_batch=8; epochs=1
+  dev=cpu; model=MIM_vit_tiny_patch16; size=64; batch=8; steps="--steps 2 --warmup 1"; repeat=2; workers=2; small_workers=2
+  small_batch=8; epochs=1; backend=pil; study_flags="--quick --device cpu"; cap=600
 else
-  dev=cuda; model=MIM_vit_base_patch16; size=224; batch=256; steps="--steps 20 --warmup 5"; repeat=64
-  small_model=MIM_vit_base_patch16; small_batch=256; epochs=3
+  dev=cuda; model=MIM_vit_base_patch16; size=224; batch=256; steps="--steps 20 --warmup 5"; repeat=64; workers=15; small_workers=8
+  small_batch=256; epochs=3; backend=gpu-cache; study_flags=""; cap=300
 fi
+stage() { echo; echo "== $(date +%T) [+${SECONDS}s] $*"; }
+pack() { tar czf "$out/measure_gpu.tgz" -C "$work" --exclude='*.pth' --exclude='events.out.*' . ; }
+
+stage "0. environment"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+  nproc
   python3 -c 'import torch, torchvision, timm; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)'
-} | tee "$out/env.txt"
+} 2>&1 | tee "$work/env.txt"
 
-echo "== 1. step: upstream reference vs project step with k frozen, cubic 0.8 schedule; loaders on full-size JPEGs"
-python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
-  --how_scale cubic --t_0 0.8 --data_path $data/imagenet-sample-40 --repeat $repeat --num_workers 15 \
-  --out "$out/b16_224" 2>&1 | tail -40
+stage "1. step: upstream reference vs project step with k frozen (cubic 0.8); loaders alone and feeding the step"
+timeout $cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
+  --how_scale cubic --t_0 0.8 --data_path "$data/imagenet-sample-40" --repeat $repeat --num_workers $workers \
+  --out "$work/b16_224" 2>&1 | tail -42
+pack
 
-echo "== 2. same for linear 0.5 (step timings only for the schedule average)"
-python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
-  --how_scale linear --t_0 0.5 --skip_reference --out "$out/b16_224_linear" 2>&1 | tail -8
+stage "2. gpu backend decoding on the training thread (--decode_ahead 0), for comparison"
+timeout $cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
+  --ks 0 --skip_reference --backends gpu --decode_ahead 0 --data_path "$data/imagenet-sample-40" \
+  --repeat $repeat --num_workers $workers --out "$work/b16_224_decode_inline" 2>&1 | tail -8
+pack
 
-echo "== 3. Imagenette-128: synthetic-input step vs a real run_pretrain.py epoch with gpu-cache"
-python3 benchmark.py --device $dev --model $small_model --input_size 128 --batch_size $small_batch $steps \
-  --ks 0 --skip_reference --out "$out/imagenette_step" 2>&1 | tail -8
-backend=gpu-cache; [ "$dev" = cpu ] && backend=pil
-python3 run_pretrain.py --device $dev --model $small_model --input_size 128 --batch_size $small_batch \
-  --epochs $epochs --warmup_epochs 1 --data_backend $backend --data_path $data/imagenette-128 \
-  --output_dir "$out/imagenette_run" --no_auto_resume --print_freq 1000 --num_workers 8 2>&1 | tail -8
-cp "$out/imagenette_run/log.txt" "$out/imagenette_run_log.txt" 2>/dev/null
-rm -f "$out"/imagenette_run/*.pth
-python3 - "$out" <<'PY'
-import json, sys
-out = sys.argv[1]
-step = json.load(open(f'{out}/imagenette_step/benchmark.json'))['freeze_img_per_s'][0]
-epochs = [json.loads(l) for l in open(f'{out}/imagenette_run/log.txt')]
-real = epochs[-1]['train_images_per_s']
-print(f'imagenette-128: synthetic step {step:.0f} img/s, real epoch {real:.0f} img/s '
-      f'({real / step:.1%} of the synthetic step)')
-PY
+stage "3. Imagenette-128: synthetic-input step vs a real run_pretrain.py run with $backend"
+timeout $cap python3 benchmark.py --device $dev --model $model --input_size 128 --batch_size $small_batch $steps \
+  --ks 0 --skip_reference --out "$work/imagenette_step" 2>&1 | tail -8
+timeout $cap python3 run_pretrain.py --device $dev --model $model --input_size 128 --batch_size $small_batch \
+  --epochs $epochs --warmup_epochs 1 --data_backend $backend --data_path "$data/imagenette-128" \
+  --output_dir "$work/imagenette_run" --no_auto_resume --print_freq 1000 --num_workers $small_workers 2>&1 | tail -8
+pack
+
+stage "4. targets"
+python3 benchmark.py --check_targets "$work" | tee "$work/summary.md"
+pack
+
+if [ "${STUDY_MINUTES:-0}" != 0 ]; then
+  stage "5. study (at most $STUDY_MINUTES minutes)"
+  mkdir -p "$work/study" "$work/study_runs"
+  [ -f ../image/study_results.json ] && cp ../image/study_results.json "$work/study/"
+  timeout $(( ${STUDY_MINUTES%.*} * 60 + 120 )) python3 study.py $study_flags --data_path "$data/imagenette-128" \
+    --out "$work/study_runs" --results "$work/study/study_results.json" --max_minutes "$STUDY_MINUTES" 2>&1 | tail -30
+  tar czf "$out/study.tgz" -C "$work" --exclude='*.pth' --exclude='events.out.*' study study_runs
+fi
+stage "done: $out/measure_gpu.tgz"
+rm -rf "$work"

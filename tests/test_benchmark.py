@@ -8,6 +8,7 @@ import math
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -68,10 +69,15 @@ def test_cpu_run_writes_results_and_skips_gpu_backends(tmp_path):
     assert all(positive(v) for v in result['projected_epoch_s'].values())
     # input backends: pil measured; the GPU ones skipped with a note on a CPU device
     assert set(result['loader_img_per_s']) == {'pil'} and positive(result['loader_img_per_s']['pil'])
+    # end to end: the project step on pil's real batches, nothing frozen and all but the last layer
+    assert set(result['end_to_end_img_per_s']) == {'pil'}
+    assert set(result['end_to_end_img_per_s']['pil']) == {'0', '12'}
+    assert all(positive(v) for v in result['end_to_end_img_per_s']['pil'].values())
     for backend in ('gpu', 'gpu-cache'):
         assert any(f'loader {backend} skipped' in n and 'CUDA' in n for n in result['notes']), result['notes']
     md = (out / 'benchmark.md').read_text()
     assert '| project, 12 layers frozen |' in md and 'upstream reference' in md and '| pil |' in md
+    assert 'step on its batches, k=12' in md and 'of synthetic' in md
     png = (out / 'benchmark_freeze.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
     assert 'schedule average' in res.stdout and '[project] k=12' in res.stdout
@@ -82,16 +88,18 @@ def test_cpu_run_subset_of_ks_without_data(tmp_path):
     run_benchmark(*TINY, '--out', out, '--ks', '0', '6', '12', '--skip_reference')
     result = json.loads((out / 'benchmark.json').read_text())
     assert result['ks'] == [0, 6, 12] and len(result['freeze_img_per_s']) == 3
-    assert result['loader_img_per_s'] == {}
+    assert result['loader_img_per_s'] == {} and result['end_to_end_img_per_s'] == {}
     assert result['reference_step_img_per_s'] is None
     assert positive(result['schedule_average_img_per_s'])
     assert any('interpolates' in n for n in result['notes'])
 
 
-def test_bad_ks_is_a_clear_error(tmp_path):
-    res = run_cmd([sys.executable, 'benchmark.py', *TINY, '--out', tmp_path, '--ks', '13', '--skip_reference'],
+@pytest.mark.parametrize('flags', [['--ks', '13'], ['--e2e_ks', '0', '13'], ['--decode_ahead', '-1']])
+def test_bad_flags_are_a_clear_error(tmp_path, flags):
+    res = run_cmd([sys.executable, 'benchmark.py', *TINY, '--out', tmp_path, *flags, '--skip_reference'],
                   timeout=120, cwd=VIT, env=subprocess_env())
     assert res.returncode != 0 and 'error' in res.output and 'Traceback' not in res.output, res.describe()
+    assert not (tmp_path / 'benchmark.json').exists()
 
 
 def test_schedule_average_uses_freezeout_weighting():
@@ -144,6 +152,32 @@ def test_reference_and_project_steps_train_on_cpu():
     before = ref.model.blocks[0].mlp.fc1.weight.detach().clone()
     assert math.isfinite(ref.step(imgs))
     assert not torch.equal(before, ref.model.blocks[0].mlp.fc1.weight)
+
+
+def test_end_to_end_timing_feeds_the_loaders_batches_to_the_step():
+    """time_end_to_end trains on the loader's own batches (counted here), k = 0 then k = L-1."""
+    args = argparse.Namespace(model='MIM_vit_tiny_patch16', input_size=32, amp='none', mask_ratio=0.75,
+                              t_0=0.8, how_scale='cubic', decoder_freeze='tap', compile=False, batch_size=2,
+                              warmup=1, steps=3)
+
+    class Loader:
+        def __init__(self):
+            self.sampler = argparse.Namespace(set_epoch=lambda e: self.epochs.append(e))
+            self.served, self.epochs = 0, []
+
+        def __len__(self):
+            return 2
+
+        def __iter__(self):
+            for _ in range(2):
+                self.served += 1
+                yield torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.int64)
+
+    loader = Loader()
+    rates = benchmark.time_end_to_end(args, loader, [12, 0], torch.device('cpu'))
+    assert list(rates) == ['0', '12'] and all(positive(v) for v in rates.values())
+    assert loader.served == 2 * (1 + 3)  # warm-up + timed batches, for each k (no workers to drain)
+    assert loader.epochs == [0, 1, 2, 3]
 
 
 def test_project_step_freezes_exactly_k_layers():

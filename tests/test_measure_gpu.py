@@ -1,0 +1,101 @@
+"""ViT/measure_gpu.sh, the one script a lent GPU runs: its CPU smoke mode (QUICK=1) end to end
+on stand-in data (every stage, results packed into one archive beside the console log, the
+targets summary), a clear error without the data, and benchmark.check_targets' arithmetic."""
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import benchmark
+from helpers import ROOT, run_cmd, subprocess_env
+
+
+def stand_in_data(base: Path) -> Path:
+    """Tiny stand-ins for ../shared/data: imagenet-sample-40 (4 full-size-like JPEGs) and
+    imagenette-128 (train/ and val/, 128 px)."""
+    rng = np.random.default_rng(0)
+    for c in ('n01', 'n02', 'n03', 'n04'):
+        folder = base / 'imagenet-sample-40' / 'train' / c
+        folder.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(folder / 'x.JPEG')
+        for split in ('train', 'val'):
+            folder = base / 'imagenette-128' / split / c
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(folder / f'{i}.jpg')
+    return base
+
+
+def measure(out: Path, **env: str):
+    return run_cmd(['bash', ROOT / 'ViT' / 'measure_gpu.sh', out], timeout=400, cwd=ROOT,
+                   env=subprocess_env(QUICK='1', **env))
+
+
+def test_quick_run_packs_every_stage(tmp_path):
+    data = stand_in_data(tmp_path / 'data')
+    out = tmp_path / 'out'
+    res = measure(out, DATA=str(data), STUDY_MINUTES='0.001')
+    assert res.returncode == 0, res.describe()
+    assert 'Traceback' not in res.output, res.describe()
+    # few files come back from the device: one archive per part and the console log
+    assert sorted(p.name for p in out.iterdir()) == ['console.txt', 'measure_gpu.tgz', 'study.tgz']
+    console = (out / 'console.txt').read_text()
+    for stage in ('== ', '1. step', '2. gpu backend', '3. Imagenette', '4. targets', '5. study', 'done'):
+        assert stage in console, stage
+    with tarfile.open(out / 'measure_gpu.tgz') as tar:
+        names = {n.lstrip('./') for n in tar.getnames()}
+        summary = tar.extractfile('./summary.md').read().decode()
+    for name in ('env.txt', 'b16_224/benchmark.json', 'b16_224/benchmark_freeze.png',
+                 'b16_224_decode_inline/benchmark.json', 'imagenette_step/benchmark.json',
+                 'imagenette_run/log.txt', 'summary.md'):
+        assert name in names, name
+    assert not any(n.endswith('.pth') for n in names)  # checkpoints stay behind
+    assert '| project step, nothing frozen, vs upstream reference |' in summary
+    assert 'real run_pretrain.py epoch' in summary and 'linear t_0=0.5' in summary
+    assert 'step fed by each backend' in summary  # pil end to end, measured on CPU too
+    # the study stage ran with its budget (spent at once here) and packed what it has
+    assert 'study stopped early' in console
+    with tarfile.open(out / 'study.tgz') as tar:
+        assert 'study/study_results.json' in {n.lstrip('./') for n in tar.getnames()}
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    res = measure(tmp_path / 'out', DATA=str(tmp_path / 'nowhere'))
+    assert res.returncode == 2 and 'error:' in res.output and 'copy the shared data' in res.output
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_check_targets_arithmetic(tmp_path):
+    ks = list(range(13))
+    write_json(tmp_path / 'b16_224' / 'benchmark.json', {
+        'device': 'NVIDIA H100', 'model': 'MIM_vit_base_patch16', 'batch_size': 256, 'input_size': 224,
+        'amp': 'bf16', 'date': '2026-11-28', 'reference_step_img_per_s': 1000.0,
+        'ks': ks, 'freeze_img_per_s': [1800.0] * 13, 'schedule_average_img_per_s': 2000.0,
+        'how_scale': 'cubic', 't_0': 0.8, 'decode_ahead': 2,
+        'loader_img_per_s': {'pil': 500.0, 'gpu': 2500.0, 'gpu-cache': 9000.0},
+        'end_to_end_img_per_s': {'gpu': {'0': 900.0, '12': 1700.0}}})
+    write_json(tmp_path / 'b16_224_decode_inline' / 'benchmark.json', {
+        'loader_img_per_s': {'gpu': 1500.0}, 'end_to_end_img_per_s': {'gpu': {'0': 700.0}}})
+    write_json(tmp_path / 'imagenette_step' / 'benchmark.json', {'input_size': 128, 'freeze_img_per_s': [4000.0]})
+    (tmp_path / 'imagenette_run').mkdir()
+    (tmp_path / 'imagenette_run' / 'log.txt').write_text(
+        json.dumps({'train_images_per_s': 1000.0}) + '\n' + json.dumps({'train_images_per_s': 3800.0}) + '\n')
+    md = benchmark.check_targets(tmp_path)
+    rows = {line.split(' | ')[0].lstrip('| '): line for line in md.splitlines() if line.startswith('| ')}
+    assert '1.80x' in rows['project step, nothing frozen, vs upstream reference'] and '| met |' in md
+    assert 'missed by 9%' in rows['FreezeOut schedule average (cubic t_0=0.8) vs upstream reference']  # 2.0 / 2.2
+    gpu = rows['fastest JPEG backend (gpu, loader alone) vs schedule average']  # gpu-cache is not a JPEG backend
+    assert '125%' in gpu and gpu.endswith('| met |')
+    real = rows['real run_pretrain.py epoch (2 of 2) vs synthetic step, 128 px']  # the last epoch counts
+    assert '95%' in real and real.endswith('| met |')
+    assert '1,800 img/s (1.80x the reference)' in md  # linear 0.5 from constant per-k rates
+    assert '| gpu | 0 | 900 | 1,800 | 50% |' in md
+    assert '1,500 img/s (vs 2,500 with --decode_ahead 2); end to end k=0: 700 img/s (vs 900)' in md
+    # missing stages are reported, not a traceback
+    assert 'nothing to check' in benchmark.check_targets(tmp_path / 'empty')
