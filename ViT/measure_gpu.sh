@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Every GPU measurement the project reports, in one run sized for one device lease (estimated
-# 4-6 minutes on an H100, not yet measured). From the repository root, with the shared data
+# 6-8 minutes on an H100 without the study, not yet measured). From the repository root, with the shared data
 # copied into the ignored data/ folder (carry `data` to the device):
 #   mkdir -p data && cp -r ../shared/data/imagenet-sample-40 ../shared/data/imagenette-128 data/
 #   bash ViT/measure_gpu.sh [out_dir]          (default: $OUT, else gpu_measure_out)
 # Stages: 1. upstream reference vs the project step for k = 0..L-1 frozen, the loaders alone and
 # feeding the step (ViT-B/16, 224 px, batch 256); 2. the gpu backend decoding on the training
 # thread (--decode_ahead 0), for comparison; 3. Imagenette-128: synthetic step vs a real
-# run_pretrain.py run with gpu-cache; 4. the issue's targets, checked (summary.md).
+# run_pretrain.py run with gpu-cache; 4. the issue's targets, checked (summary.md); 5. the GPU
+# integration tests (tests/test_gpu_paths.py: nvjpeg, CUDA streams, backends, fp16, compile,
+# NCCL, fine-tuning; about 2 minutes).
 # The results are packed after every stage into <out>/measure_gpu.tgz beside <out>/console.txt
 # (the device tool returns at most 8 files), so a run cut short keeps what it measured.
-# STUDY_MINUTES=N then runs study.py for at most N minutes, continuing image/study_results.json;
-# its results come back in <out>/study.tgz. DATA=<folder> replaces data/; QUICK=1 shrinks
-# everything to a CPU-sized smoke run of this script (tests/test_measure_gpu.py).
+# STUDY_MINUTES=N then runs study.py for at most N minutes, continuing image/study_results.json
+# in <out>/study/ (updated after every run; run logs in <out>/study_logs.tgz). DATA=<folder>
+# replaces data/; QUICK=1 shrinks everything to a CPU-sized smoke run of this script
+# (tests/test_measure_gpu.py; the GPU tests skip there).
 set -uo pipefail
 cd "$(dirname "$0")"
 out=$(realpath -m "${1:-${OUT:-../gpu_measure_out}}")
@@ -66,13 +69,17 @@ stage "4. targets"
 python3 benchmark.py --check_targets "$work" | tee "$work/summary.md"
 pack
 
+stage "5. GPU integration tests"
+(cd .. && timeout $cap python3 -m pytest -q -rs tests/test_gpu_paths.py) 2>&1 | tee "$work/gpu_tests.txt" | tail -25
+pack
+
 if [ "${STUDY_MINUTES:-0}" != 0 ]; then
-  stage "5. study (at most $STUDY_MINUTES minutes)"
-  mkdir -p "$work/study" "$work/study_runs"
-  [ -f ../image/study_results.json ] && cp ../image/study_results.json "$work/study/"
+  stage "6. study (at most $STUDY_MINUTES minutes; results in $out/study/)"
+  mkdir -p "$out/study" "$work/study_runs"
+  [ "${QUICK:-0}" != 1 ] && [ -f ../image/study_results.json ] && cp ../image/study_results.json "$out/study/"
   timeout $(( ${STUDY_MINUTES%.*} * 60 + 120 )) python3 study.py $study_flags --data_path "$data/imagenette-128" \
-    --out "$work/study_runs" --results "$work/study/study_results.json" --max_minutes "$STUDY_MINUTES" 2>&1 | tail -30
-  tar czf "$out/study.tgz" -C "$work" --exclude='*.pth' --exclude='events.out.*' study study_runs
+    --out "$work/study_runs" --results "$out/study/study_results.json" --max_minutes "$STUDY_MINUTES" 2>&1 | tail -30
+  tar czf "$out/study_logs.tgz" -C "$work" --exclude='*.pth' --exclude='events.out.*' study_runs
 fi
 stage "done: $out/measure_gpu.tgz"
 rm -rf "$work"

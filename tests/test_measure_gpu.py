@@ -40,25 +40,30 @@ def test_quick_run_packs_every_stage(tmp_path):
     assert res.returncode == 0, res.describe()
     assert 'Traceback' not in res.output, res.describe()
     # few files come back from the device: one archive per part and the console log
-    assert sorted(p.name for p in out.iterdir()) == ['console.txt', 'measure_gpu.tgz', 'study.tgz']
+    assert sorted(p.name for p in out.iterdir()) == ['console.txt', 'measure_gpu.tgz', 'study', 'study_logs.tgz']
     console = (out / 'console.txt').read_text()
-    for stage in ('== ', '1. step', '2. gpu backend', '3. Imagenette', '4. targets', '5. study', 'done'):
+    for stage in ('== ', '1. step', '2. gpu backend', '3. Imagenette', '4. targets', '5. GPU integration tests',
+                  '6. study', 'done'):
         assert stage in console, stage
     with tarfile.open(out / 'measure_gpu.tgz') as tar:
         names = {n.lstrip('./') for n in tar.getnames()}
         summary = tar.extractfile('./summary.md').read().decode()
     for name in ('env.txt', 'b16_224/benchmark.json', 'b16_224/benchmark_freeze.png',
                  'b16_224_decode_inline/benchmark.json', 'imagenette_step/benchmark.json',
-                 'imagenette_run/log.txt', 'summary.md'):
+                 'imagenette_run/log.txt', 'summary.md', 'gpu_tests.txt'):
         assert name in names, name
     assert not any(n.endswith('.pth') for n in names)  # checkpoints stay behind
     assert '| project step, nothing frozen, vs upstream reference |' in summary
     assert 'real run_pretrain.py epoch' in summary and 'linear t_0=0.5' in summary
     assert 'step fed by each backend' in summary  # pil end to end, measured on CPU too
-    # the study stage ran with its budget (spent at once here) and packed what it has
-    assert 'study stopped early' in console
-    with tarfile.open(out / 'study.tgz') as tar:
-        assert 'study/study_results.json' in {n.lstrip('./') for n in tar.getnames()}
+    assert 'skipped' in console and 'needs a CUDA GPU' in console  # the GPU tests, on CPU
+    # the study stage: the first run starts (nothing measured yet to judge by), then the budget
+    # (spent at once here) stops it; its JSON, table and plot sit in out/study/, its logs packed
+    assert 'study stopped early: fine-tuning regular/seed0 not started' in console
+    assert list(json.loads((out / 'study' / 'study_results.json').read_text())['runs']) == ['regular/seed0']
+    assert (out / 'study' / 'study_results.md').is_file()
+    with tarfile.open(out / 'study_logs.tgz') as tar:
+        assert any(n.endswith('study_log.txt') for n in tar.getnames())
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
