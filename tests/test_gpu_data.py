@@ -264,7 +264,7 @@ def test_gpu_loader_on_cpu(tmp_path):
     assert not torch.equal(next(iter(loader))[0], batches[0][0])
 
 
-def test_decode_batch_falls_back_one_by_one(tmp_path, monkeypatch):
+def test_decode_batch_falls_back_one_by_one(tmp_path, monkeypatch, capsys):
     """JPEGs the batched decoder refuses (nvjpeg: e.g. CMYK) and non-JPEG files are decoded alone."""
     import util.gpu_data as gd
     root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (20, 20)], classes=('a',), png_every=3)
@@ -278,8 +278,24 @@ def test_decode_batch_falls_back_one_by_one(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError('nvjpeg: unsupported')
     monkeypatch.setattr(gd, 'decode_jpeg', refuse)
+    monkeypatch.setattr(gd, '_refusals', 0)
     got = gd.decode_batch(data, 'cpu')
     assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    gd.decode_batch(data, 'cpu')
+    notes = capsys.readouterr().out
+    assert notes.count('refused a batch (nvjpeg: unsupported)') == 1 and gd._refusals == 2  # said once
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError('CUDA out of memory')
+    monkeypatch.setattr(gd, 'decode_jpeg', out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # not hidden by a silent fallback to the CPU
+        gd.decode_batch(data, 'cpu')
+
+    def wrapped_out_of_memory(*args, **kwargs):  # torchvision re-raises errors as plain RuntimeErrors
+        raise RuntimeError('Error while decoding JPEG images: CUDA out of memory. Tried to allocate 2 MiB')
+    monkeypatch.setattr(gd, 'decode_jpeg', wrapped_out_of_memory)
+    with pytest.raises(RuntimeError, match='out of memory'):
+        gd.decode_batch(data, 'cpu')
 
 
 def test_gpu_loader_workers_same_as_main_process(tmp_path):

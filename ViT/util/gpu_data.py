@@ -212,10 +212,54 @@ def _is_jpeg(data: torch.Tensor) -> bool:
     return data.numel() > 3 and bytes(data[:3].tolist()) == b'\xff\xd8\xff'
 
 
+_STREAMS: dict[tuple[str, torch.device], torch.cuda.Stream] = {}
+_refusals = 0  # batches the batched decoder refused (decoded image by image instead)
+
+
+def _stream(role: str, device: torch.device) -> torch.cuda.Stream:
+    """One stream per role and device for the whole process. torch.cuda.Stream() hands out the
+    streams of a small shared pool in turn (torchvision's decoder takes one of them too), so a
+    stream made anew per epoch could be one already in use. The decoder's stream comes from the
+    high-priority pool, which nothing else here draws from: it must differ from every stream that
+    reads decoded images (see decode_batch)."""
+    key = (role, device)
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device, priority=-1 if role == 'decode' else 0)
+    return _STREAMS[key]
+
+
 def decode_batch(data: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """File bytes -> RGB uint8 (3, h, w) tensors on `device`: JPEGs in one batched
     decode_jpeg call (nvjpeg on CUDA); other formats, and JPEGs the batched decoder refuses
-    (e.g. CMYK), one by one on the CPU."""
+    (e.g. CMYK), one by one on the CPU.
+
+    On CUDA the decoder gets a stream of its own. torchvision allocates the decoded images on
+    the current stream but nvjpeg writes them from another one (and its hardware engine does not
+    wait for queued work), so on the training stream it could be handed, and overwrite, a
+    block that queued kernels still read (pytorch/vision PR 9606). Its own stream's blocks are
+    only ever decoder outputs, marked as used by the caller's stream, so the allocator recycles
+    them only once the caller's work on them is done."""
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return _decode(data, device)
+    if device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    caller, own = torch.cuda.current_stream(device), _stream('decode', device)
+    if own == caller:
+        raise RuntimeError('decode_batch called on its own decode stream; decoded images could be overwritten')
+    if torch.cuda.get_allocator_backend() != 'native':
+        # cudaMallocAsync orders memory reuse on the GPU only, which nvjpeg does not honour: wait
+        torch.cuda.synchronize(device)
+    with torch.cuda.stream(own):
+        out = _decode(data, device)
+    own.synchronize()  # nvjpeg has already waited for itself; this covers the one-by-one copies
+    for im in out:
+        im.record_stream(caller)
+    return out
+
+
+def _decode(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    global _refusals
     out: list[torch.Tensor | None] = [None] * len(data)
     jpeg = [i for i, d in enumerate(data) if _is_jpeg(d)]
     if jpeg:
@@ -223,8 +267,16 @@ def decode_batch(data: Sequence[torch.Tensor], device: torch.device | str) -> li
             decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
             for i, im in zip(jpeg, decoded):
                 out[i] = im
-        except RuntimeError:
-            pass  # decoded one by one below
+        except RuntimeError as e:  # decoded one by one below
+            if isinstance(e, torch.OutOfMemoryError) or 'out of memory' in str(e).lower():
+                raise  # torchvision re-raises its errors as plain RuntimeErrors
+            if device.type == 'cuda':  # nvjpeg may have failed with work in flight into freed outputs
+                torch.cuda.synchronize(device)
+            _refusals += 1
+            if _refusals == 1:
+                reason = (str(e).splitlines() or [''])[0][:200]
+                print(f'note: the batched JPEG decoder refused a batch ({reason}); such batches are decoded '
+                      f'image by image on the CPU (slower)', flush=True)
     for i, d in enumerate(data):
         if out[i] is None:
             out[i] = decode_image(d, mode=ImageReadMode.RGB).to(device)
@@ -250,7 +302,7 @@ def prepared_ahead(raw_batches: Iterable, prepare: Callable[[int, Any], tuple[to
     cuda = device.type == 'cuda'
     if cuda and device.index is None:
         device = torch.device('cuda', torch.cuda.current_device())
-    side = torch.cuda.Stream(device) if cuda else None
+    side = _stream('prepare', device) if cuda else None
 
     def task(b: int, raw) -> tuple[tuple[torch.Tensor, ...], Any]:
         if not cuda:
