@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -403,11 +403,14 @@ def time_end_to_end(args: argparse.Namespace, loader, ks: list[int], device: tor
     return rates
 
 
-def bench_loaders(args: argparse.Namespace, device: torch.device, notes: list[str],
-                  e2e_ks: list[int]) -> tuple[dict, dict, dict]:
-    rates, setup, e2e = {}, {}, {}
+def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, e2e_ks: list[int],
+                  save: Callable[[], None]) -> None:
+    """(d) and (e) for each backend, into result's loader_img_per_s / loader_setup_s /
+    end_to_end_img_per_s, saved after each backend; a backend that fails is noted, not fatal."""
+    rates, setup, e2e, notes = (result['loader_img_per_s'], result['loader_setup_s'],
+                                result['end_to_end_img_per_s'], result['notes'])
     if not args.data_path:
-        return rates, setup, e2e
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = repeated_folder(args.data_path, args.repeat, Path(tmp))
         for backend in args.backends:
@@ -424,16 +427,22 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, notes: list[st
                 log(f'[loader {backend}] skipped: {e}')
                 continue
             setup[backend] = time.perf_counter() - start
-            rates[backend] = time_loader(loader, max(args.warmup, 1), args.steps, device)
-            log(f'[loader {backend}] {rates[backend]:.0f} img/s ({len(loader.dataset)} images, '
-                f'set-up {setup[backend]:.1f}s, {args.num_workers} workers)')
-            if e2e_ks:
-                e2e[backend] = time_end_to_end(args, loader, e2e_ks, device)
-                log(f'[end to end {backend}] ' + ', '.join(f'k={k}: {v:.0f} img/s' for k, v in e2e[backend].items()))
+            try:
+                rates[backend] = time_loader(loader, max(args.warmup, 1), args.steps, device)
+                log(f'[loader {backend}] {rates[backend]:.0f} img/s ({len(loader.dataset)} images, '
+                    f'set-up {setup[backend]:.1f}s, {args.num_workers} workers)')
+                if e2e_ks:
+                    e2e[backend] = time_end_to_end(args, loader, e2e_ks, device)
+                    log(f'[end to end {backend}] ' +
+                        ', '.join(f'k={k}: {v:.0f} img/s' for k, v in e2e[backend].items()))
+            except Exception as e:  # the step timings already taken are worth more than this backend
+                first_line = (str(e).splitlines() or [''])[0][:300]
+                notes.append(f'loader {backend} failed: {type(e).__name__}: {first_line}')
+                log(f'[loader {backend}] failed: {e!r}')
             del loader
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
-    return rates, setup, e2e
+            save()
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -559,6 +568,9 @@ def check_targets(folder: Path) -> str:
         lines.append(f'| {name} | {shown} ({figures}) | {need} | {_verdict(ratio, needed)} |')
     if not rows:
         lines.append('| (no target could be computed from these results) | | | |')
+    problems = [n for n in main_run.get('notes', []) if n.startswith('loader ')]
+    if problems:  # e.g. a failed gpu backend, which would leave pil as "the fastest JPEG backend"
+        lines += [''] + [f'- {n}' for n in problems]
     linear = schedule_average(main_run['ks'], main_run['freeze_img_per_s'], len(main_run['ks']), 0.5, 'linear') \
         if main_run['ks'] == list(range(len(main_run['ks']))) else None
     if linear:
@@ -640,8 +652,6 @@ def main(argv: list[str] | None = None) -> dict:
     if avg['interpolated']:
         notes.append(f'schedule average interpolates k = {avg["interpolated"]} (not measured)')
     k0 = rates[ks.index(0)] if 0 in ks else None
-    loader_rates, loader_setup, e2e = bench_loaders(args, device, notes, e2e_ks)
-
     result = {
         'device': device_name, 'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
         'amp': args.amp, 'compile': args.compile, 'steps': args.steps, 'warmup': args.warmup,
@@ -657,8 +667,7 @@ def main(argv: list[str] | None = None) -> dict:
                               'project_k0': args.epoch_images / k0 if k0 else None,
                               'schedule_average': args.epoch_images / avg['img_per_s']},
         'flops_estimate': flops_estimate(args, ks),
-        'loader_img_per_s': loader_rates, 'loader_setup_s': loader_setup,
-        'end_to_end_img_per_s': e2e, 'decode_ahead': args.decode_ahead,
+        'loader_img_per_s': {}, 'loader_setup_s': {}, 'end_to_end_img_per_s': {}, 'decode_ahead': args.decode_ahead,
         'data_path': args.data_path, 'repeat': args.repeat, 'num_workers': args.num_workers,
         'notes': notes, 'torch': torch.__version__,
         'command': list(sys.argv) if argv is None else ['benchmark.py', *argv],
@@ -666,11 +675,16 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'benchmark.json').write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (out / 'benchmark.md').write_text(table)
+
+    def save() -> None:  # after the step timings and after each backend: a later failure keeps them
+        (out / 'benchmark.json').write_text(json.dumps(result, indent=1))
+        (out / 'benchmark.md').write_text(markdown(result))
+
+    save()
+    bench_loaders(args, device, result, e2e_ks, save)
+    save()
     plot(result, out / 'benchmark_freeze.png')
-    log('\n' + table)
+    log('\n' + markdown(result))
     log(f'wrote {out / "benchmark.json"}, {out / "benchmark.md"}, {out / "benchmark_freeze.png"}')
     return result
 

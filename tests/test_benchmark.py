@@ -102,6 +102,22 @@ def test_bad_flags_are_a_clear_error(tmp_path, flags):
     assert not (tmp_path / 'benchmark.json').exists()
 
 
+def test_a_failing_backend_is_noted_and_the_step_timings_kept(tmp_path, monkeypatch):
+    data = tmp_path / 'data'
+    write_images(data / 'train' / 'a', 8)
+    out = tmp_path / 'out'
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('decoder exploded')
+    monkeypatch.setattr(benchmark, 'time_loader', broken)
+    result = benchmark.main([*TINY, '--ks', '0', '--skip_reference', '--data_path', str(data), '--num_workers', '0',
+                             '--backends', 'pil', '--out', str(out)])
+    assert 'loader pil failed: RuntimeError: decoder exploded' in result['notes']
+    saved = json.loads((out / 'benchmark.json').read_text())
+    assert positive(saved['freeze_img_per_s'][0]) and saved['loader_img_per_s'] == {}
+    assert 'loader pil failed' in (out / 'benchmark.md').read_text()
+
+
 def test_schedule_average_uses_freezeout_weighting():
     """With time per image proportional to util.flops' step cost, the schedule average is the
     FLOP model's average cost; unmeasured k are interpolated."""
