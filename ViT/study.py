@@ -111,32 +111,44 @@ class OutOfTime(Exception):
     """--max_minutes would be passed by the next run."""
 
 
+# what makes recorded runs comparable with the ones a new invocation adds
+SETUP_KEYS = ('model', 'input_size', 'epochs', 'warmup_epochs', 'batch_size', 'blr', 'data_backend',
+              'linprobe_epochs', 'full_linprobe', 'finetune_epochs')
+
+
 class Study:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.start, self.longest_run = time.perf_counter(), 0.0
+        self.start = time.perf_counter()
         self.out = Path(args.out)
         self.results_path = Path(args.results)
         self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {'runs': {}}
         self.device = args.device
+        for key, r in self.results['runs'].items():
+            differ = [f'{k} {r[k]} there, {getattr(args, k)} here' for k in SETUP_KEYS
+                      if k in r and r[k] != getattr(args, k)]
+            if differ:
+                raise SystemExit(f'error: {self.results_path} holds {key} of another setup ({"; ".join(differ)}); '
+                                 f'use the same flags, or another --results')
+        # the longest run (pretraining + evaluation, or a fine-tune) on this card, for --max_minutes
+        card = device_name(args.device)
+        self.longest_run = max([r.get('pretrain_wall_s', 0) + r.get('eval_wall_s', 0)
+                                for r in self.results['runs'].values() if r.get('device') == card] +
+                               [r.get('finetune_wall_s', 0)
+                                for r in self.results['runs'].values() if r.get('device') == card] + [0.0])
         self.encoder = args.model.replace('MIM_', '')
         self.common = ['--device', args.device, '--input_size', str(args.input_size),
                        '--data_path', args.data_path, '--num_workers', str(args.num_workers)]
 
-    def check_time(self, what: str) -> None:
-        """Raises OutOfTime if `what`, taking as long as the longest run so far, would end after
-        --max_minutes."""
+    def check_time(self, what: str, runs: int = 1) -> None:
+        """Raises OutOfTime if `what` (`runs` runs, each taking as long as the longest so far, this
+        invocation's or recorded on this card) would end after --max_minutes."""
         if self.args.max_minutes is None:
             return
         elapsed = time.perf_counter() - self.start
-        if elapsed + self.longest_run > 60 * self.args.max_minutes:
+        if elapsed + runs * self.longest_run > 60 * self.args.max_minutes:
             raise OutOfTime(f'{what} not started: {elapsed / 60:.1f} min spent, the longest run took '
                             f'{self.longest_run / 60:.1f} min, --max_minutes {self.args.max_minutes:g}')
-
-    def run(self, cmd: list[str], log: Path) -> float:
-        wall = run(cmd, log)
-        self.longest_run = max(self.longest_run, wall)
-        return wall
 
     def save(self) -> None:
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,29 +171,32 @@ class Study:
                str(a.warmup_epochs), '--batch_size', str(a.batch_size), '--blr', str(a.blr), '--seed', str(seed),
                '--output_dir', str(pre), '--no_auto_resume', '--save_freq', str(a.epochs), '--print_freq', '1000',
                '--data_backend', a.data_backend, *self.common, *flags]
-        wall = self.run(cmd, log)
+        wall = run(cmd, log)
         epochs = json_lines(pre / 'log.txt')
         train_time = sum(e['train_epoch_time'] for e in epochs)
         ckpt = pre / f'checkpoint-{a.epochs - 1}.pth'
-        record = {'config': config, 'seed': seed, 'flags': flags, 'device': device_name(self.device),
-                  'model': a.model, 'input_size': a.input_size, 'epochs': a.epochs, 'batch_size': a.batch_size,
+        record = {**{k: getattr(a, k) for k in SETUP_KEYS},
+                  'config': config, 'seed': seed, 'flags': flags, 'device': device_name(self.device),
                   'pretrain_wall_s': wall, 'pretrain_train_s': train_time,
                   'pretrain_img_per_s': sum(e['train_images_per_s'] for e in epochs) / len(epochs),
                   'final_loss': epochs[-1]['train_loss'], 'flops_saving_estimate': self.flops_saving(flags),
                   'checkpoint': str(ckpt), 'date': datetime.date.today().isoformat()}
         # one feature pass gives the 20-NN accuracy and the linear classifier on frozen features
-        self.run(['run_knn.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir', str(folder / 'knn'),
+        eval_start = time.perf_counter()
+        run(['run_knn.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir', str(folder / 'knn'),
              '--batch_size', str(a.batch_size), '--linear_epochs', str(a.linprobe_epochs), *self.common], log)
         results = {r['mode']: r for r in json_lines(folder / 'knn' / 'log.txt')}
         record['knn_top1'] = results['knn']['acc1']
         record['linprobe_top1'] = results['linear']['acc1']
         record['linprobe_protocol'] = 'frozen features, no augmentation (run_knn.py --linear_epochs)'
         if a.full_linprobe:  # MAE's protocol: augmented images through the frozen encoder every epoch
-            self.run(['run_linprobe.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir',
+            run(['run_linprobe.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir',
                  str(folder / 'linprobe'), '--epochs', str(a.linprobe_epochs), '--warmup_epochs', '1',
                  '--batch_size', str(a.batch_size), '--no_auto_resume', '--print_freq', '1000', *self.common], log)
             record['linprobe_top1'] = json_lines(folder / 'linprobe' / 'log.txt')[-1]['max_accuracy']
             record['linprobe_protocol'] = 'run_linprobe.py (augmented, MAE)'
+        record['eval_wall_s'] = time.perf_counter() - eval_start
+        self.longest_run = max(self.longest_run, wall + record['eval_wall_s'])
         self.results['runs'][key] = record
         self.save()
         print(f'{key}: pretrain {train_time:.0f}s, kNN {record["knn_top1"]:.1f}%, '
@@ -194,17 +209,19 @@ class Study:
             return
         if not Path(record['checkpoint']).is_file():  # recorded by an earlier session, on another machine
             print(f'{key}: checkpoint {record["checkpoint"]} is gone; pretraining it again to fine-tune it')
-            self.check_time(f'pretraining {key} again and fine-tuning it')
+            self.check_time(f'pretraining {key} again and fine-tuning it', runs=2)
             record = self.pretrain(record['config'], record['flags'], record['seed'], again=True)
         self.check_time(f'fine-tuning {key}')
         a = self.args
         folder = Path(record['checkpoint']).parents[1]
-        self.run(['run_finetune.py', '--model', self.encoder, '--finetune', record['checkpoint'],
+        wall = run(['run_finetune.py', '--model', self.encoder, '--finetune', record['checkpoint'],
              '--output_dir', str(folder / 'finetune'), '--epochs', str(a.finetune_epochs),
              '--warmup_epochs', '1', '--batch_size', str(min(a.batch_size, 128)), '--blr', '1e-3',
              '--layer_decay', '0.75', '--no_auto_resume', '--print_freq', '1000', *self.common],
             folder / 'study_log.txt')
         record['finetune_top1'] = json_lines(folder / 'finetune' / 'log.txt')[-1]['max_accuracy']
+        record['finetune_wall_s'] = wall
+        self.longest_run = max(self.longest_run, wall)
         self.save()
 
     def flops_saving(self, flags: list[str]) -> float:
@@ -222,11 +239,16 @@ def render(results: dict, folder: Path) -> None:
     runs = sorted(results['runs'].values(), key=lambda r: (r['config'] != 'regular', r['config'], r['seed']))
     if not runs:
         return
-    regular = [r['pretrain_train_s'] for r in runs if r['config'] == 'regular']
-    base = sum(regular) / len(regular) if regular else None
+    # time saved against plain LocalMIM on the same card (leases may be H100s or H200s)
+    regular: dict[str, list[float]] = {}
+    for r in runs:
+        if r['config'] == 'regular':
+            regular.setdefault(r['device'], []).append(r['pretrain_train_s'])
+    base_of = {card: sum(v) / len(v) for card, v in regular.items()}
     lines = ['| config | seed | pretrain time (s) | time saved | FLOP estimate | img/s | kNN top-1 | '
              'linear top-1 | fine-tune top-1 | device | date |', '|' + '---|' * 11]
     for r in runs:
+        base = base_of.get(r['device'])
         saved = f'{1 - r["pretrain_train_s"] / base:.1%}' if base else 'n/a'
         ft = f'{r["finetune_top1"]:.2f}' if 'finetune_top1' in r else ''
         lines.append(f'| {r["config"]} | {r["seed"]} | {r["pretrain_train_s"]:.1f} | {saved} | '

@@ -66,6 +66,22 @@ def test_time_budget_stops_before_a_run_that_would_not_finish(tmp_path):
     s.args.max_minutes = None
     s.check_time('next')  # no budget: never stops
 
+    # the estimate starts from the runs recorded on this card (pretraining + evaluation as one)
+    results = tmp_path / 'recorded.json'
+    args = study.get_args_parser().parse_args(['--quick', '--results', str(results), '--out', str(tmp_path)])
+    study.apply_quick(args)
+    args.device = 'cpu'
+    setup = {k: getattr(args, k) for k in study.SETUP_KEYS}
+    results.write_text(json.dumps({'runs': {
+        'regular/seed0': {**setup, 'device': 'cpu', 'pretrain_wall_s': 50.0, 'eval_wall_s': 20.0,
+                          'finetune_wall_s': 60.0},
+        'cubic0.8/seed0': {**setup, 'device': 'NVIDIA H100 80GB HBM3', 'pretrain_wall_s': 500.0}}}))
+    assert study.Study(args).longest_run == 70.0
+    # runs of another setup are refused, not mixed into the table
+    args.epochs += 1
+    with pytest.raises(SystemExit, match='holds .* of another setup .*epochs'):
+        study.Study(args)
+
     # on the command line: stops cleanly (exit 0, a message), nothing run, the same command continues later
     data = make_demo_data(tmp_path)
     r = run_cmd([sys.executable, 'study.py', '--quick', '--device', 'cpu', '--data_path', str(data), '--out',
@@ -80,3 +96,19 @@ def test_missing_data_is_a_clear_error(tmp_path):
     r = run_cmd([sys.executable, 'study.py', '--quick', '--device', 'cpu', '--data_path', str(tmp_path / 'nope'),
                  '--results', str(tmp_path / 'r.json')], env=subprocess_env())
     assert r.returncode != 0 and 'error' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_time_saved_is_against_regular_on_the_same_card(tmp_path):
+    import study
+
+    def run(config, seed, card, seconds):
+        return {'config': config, 'seed': seed, 'device': card, 'pretrain_train_s': seconds, 'date': '2026-11-28',
+                'flops_saving_estimate': 0.2 if config != 'regular' else 0.0, 'pretrain_img_per_s': 1000.0,
+                'knn_top1': 50.0, 'linprobe_top1': 60.0, 'model': 'MIM_vit_small_patch16', 'epochs': 40}
+    study.render({'runs': {'regular/seed0': run('regular', 0, 'H100', 100.0), 'cubic0.8/seed0': run('cubic0.8', 0, 'H100', 80.0),
+                           'regular/seed1': run('regular', 1, 'H200', 50.0), 'cubic0.8/seed1': run('cubic0.8', 1, 'H200', 45.0),
+                           'linear0.5/seed0': run('linear0.5', 0, 'A100', 70.0)}}, tmp_path)
+    rows = {tuple(c.strip() for c in line.split('|')[1:3]): line
+            for line in (tmp_path / 'study_results.md').read_text().splitlines()[2:]}
+    assert '| 20.0% |' in rows[('cubic0.8', '0')] and '| 10.0% |' in rows[('cubic0.8', '1')]
+    assert '| n/a |' in rows[('linear0.5', '0')]  # no regular run on that card
