@@ -1,85 +1,101 @@
 #!/usr/bin/env bash
-# Every GPU measurement the project reports, in one run sized for one device lease (estimated
-# 6-8 minutes on an H100 without the study, not yet measured). From the repository root, with the shared data
-# copied into the ignored data/ folder (carry `data` to the device):
+# Every GPU measurement the project reports, in one run sized for one device lease. From the
+# repository root, with the shared data copied into the ignored data/ folder (carry `data`):
 #   mkdir -p data && cp -r ../shared/data/imagenet-sample-40 ../shared/data/imagenette-128 data/
-#   bash ViT/measure_gpu.sh [out_dir]          (default: $OUT, else gpu_measure_out)
-# Stages: 1. upstream reference vs the project step for k = 0..L-1 frozen, the loaders alone and
-# feeding the step (ViT-B/16, 224 px, batch 256); 2. the gpu backend decoding on the training
-# thread (--decode_ahead 0), for comparison; 3. Imagenette-128: synthetic step vs a real
-# run_pretrain.py run with gpu-cache; 4. the issue's targets, checked (summary.md); 5. the GPU
-# integration tests (tests/test_gpu_paths.py: nvjpeg, CUDA streams, backends, fp16, compile,
-# NCCL, fine-tuning; about 2 minutes).
-# The results are packed after every stage into <out>/measure_gpu.tgz beside <out>/console.txt
-# (the device tool returns at most 8 files), so a run cut short keeps what it measured.
-# STUDY_MINUTES=N then runs study.py for at most N minutes, continuing image/study_results.json
-# in <out>/study/ (updated after every run; run logs in <out>/study_logs.tgz). DATA=<folder>
-# replaces data/; QUICK=1 shrinks everything to a CPU-sized smoke run of this script
-# (tests/test_measure_gpu.py; the GPU tests skip there).
+#   [STUDY_MINUTES=N] [GPU_TESTS=0] bash ViT/measure_gpu.sh [out_dir]   (default: $OUT, else gpu_measure_out)
+# Stages (estimated, not yet measured, on an H100: 1-4 about 4 minutes, 5 about 3):
+#   1. upstream reference vs the project step with k = 0..L-1 frozen; each input backend alone
+#      and feeding the step (ViT-B/16, 224 px, batch 256, imagenet-sample-40 repeated to 100
+#      batches an epoch);
+#   2. the gpu backend decoding on the training thread (--decode_ahead 0), for comparison;
+#   3. Imagenette-128: synthetic-input step vs a real run_pretrain.py run with gpu-cache;
+#   4. the performance targets checked (summary.md);
+#   5. unless GPU_TESTS=0: the GPU integration tests (tests/test_gpu_paths.py);
+#   6. with STUDY_MINUTES=N: study.py for at most N minutes, continuing image/study_results.json
+#      in <out>/study/ (updated after every run; run logs in <out>/study_logs.tgz).
+# The device tool returns at most 8 files: everything is packed after every stage into
+# <out>/measure_gpu.tgz, and the console goes in full to <out>/console.txt, so a run cut short
+# keeps what it measured. DATA=<folder> replaces data/; QUICK=1 shrinks everything to a CPU-sized
+# smoke run of this script (tests/test_measure_gpu.py; the GPU tests skip there).
 set -uo pipefail
-cd "$(dirname "$0")"
-out=$(realpath -m "${1:-${OUT:-../gpu_measure_out}}")
-data=$(realpath -m "${DATA:-../data}")
+here=$(realpath "$(dirname "$0")")
+out=$(realpath -m "${1:-${OUT:-$here/../gpu_measure_out}}")
+data=$(realpath -m "${DATA:-$here/../data}")
+cd "$here"
 work=$(mktemp -d "${TMPDIR:-/tmp}/measure_gpu.XXXXXX")
 mkdir -p "$out"
 exec > >(tee -a "$out/console.txt") 2>&1
+tee_pid=$!
 export PYTHONUNBUFFERED=1
 for d in "$data/imagenet-sample-40" "$data/imagenette-128/train"; do
   if [ ! -d "$d" ]; then
     echo "error: $d is missing; copy the shared data first (see the top of $0)"; exit 2
   fi
 done
-if [ "${QUICK:-0}" = 1 ]; then
-  dev=cpu; model=MIM_vit_tiny_patch16; size=64; batch=8; steps="--steps 2 --warmup 1"; repeat=2; workers=2; small_workers=2
-  small_batch=8; epochs=1; backend=pil; study_flags="--quick --device cpu"; cap=600
-else
-  dev=cuda; model=MIM_vit_base_patch16; size=224; batch=256; steps="--steps 20 --warmup 5"; repeat=64; workers=15; small_workers=8
-  small_batch=256; epochs=3; backend=gpu-cache; study_flags=""; cap=300
+study_s=0
+if [ -n "${STUDY_MINUTES:-}" ]; then
+  if ! study_s=$(python3 -c 'import sys; m = float(sys.argv[1]); assert m >= 0; print(max(1, round(m * 60)) if m else 0)' "$STUDY_MINUTES" 2>/dev/null); then
+    echo "error: STUDY_MINUTES must be a number of minutes, got '$STUDY_MINUTES'"; exit 2
+  fi
 fi
+if [ "${QUICK:-0}" = 1 ]; then
+  dev=cpu; model=MIM_vit_tiny_patch16; size=64; batch=8; steps="--steps 2 --warmup 1"; repeat=2; workers=2
+  small_batch=8; small_workers=2; epochs=1; backend=pil; study_flags="--quick --device cpu"
+else
+  dev=cuda; model=MIM_vit_base_patch16; size=224; batch=256; steps="--steps 20 --warmup 5"; repeat=640; workers=15
+  small_batch=256; small_workers=8; epochs=3; backend=gpu-cache; study_flags=""
+fi
+cap="timeout -k 10 300"
 stage() { echo; echo "== $(date +%T) [+${SECONDS}s] $*"; }
 pack() { tar czf "$out/measure_gpu.tgz" -C "$work" --exclude='*.pth' --exclude='events.out.*' . ; }
 
 stage "0. environment"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  nproc
+  echo "cpus: $(nproc)"
   python3 -c 'import torch, torchvision, timm; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)'
 } 2>&1 | tee "$work/env.txt"
 
 stage "1. step: upstream reference vs project step with k frozen (cubic 0.8); loaders alone and feeding the step"
-timeout $cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
+$cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
   --how_scale cubic --t_0 0.8 --data_path "$data/imagenet-sample-40" --repeat $repeat --num_workers $workers \
-  --out "$work/b16_224" 2>&1 | tail -42
+  --out "$work/b16_224"
 pack
 
 stage "2. gpu backend decoding on the training thread (--decode_ahead 0), for comparison"
-timeout $cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
-  --ks 0 --skip_reference --backends gpu --decode_ahead 0 --data_path "$data/imagenet-sample-40" \
-  --repeat $repeat --num_workers $workers --out "$work/b16_224_decode_inline" 2>&1 | tail -8
+$cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
+  --ks 0 --skip_reference --backends gpu --decode_ahead 0 --e2e_ks 0 --data_path "$data/imagenet-sample-40" \
+  --repeat $repeat --num_workers $workers --out "$work/b16_224_decode_inline"
 pack
 
 stage "3. Imagenette-128: synthetic-input step vs a real run_pretrain.py run with $backend"
-timeout $cap python3 benchmark.py --device $dev --model $model --input_size 128 --batch_size $small_batch $steps \
-  --ks 0 --skip_reference --out "$work/imagenette_step" 2>&1 | tail -8
-timeout $cap python3 run_pretrain.py --device $dev --model $model --input_size 128 --batch_size $small_batch \
+$cap python3 benchmark.py --device $dev --model $model --input_size 128 --batch_size $small_batch $steps \
+  --ks 0 --skip_reference --out "$work/imagenette_step"
+$cap python3 run_pretrain.py --device $dev --model $model --input_size 128 --batch_size $small_batch \
   --epochs $epochs --warmup_epochs 1 --data_backend $backend --data_path "$data/imagenette-128" \
-  --output_dir "$work/imagenette_run" --no_auto_resume --print_freq 1000 --num_workers $small_workers 2>&1 | tail -8
+  --output_dir "$work/imagenette_run" --no_auto_resume --print_freq 1000 --num_workers $small_workers
 pack
 
 stage "4. targets"
 python3 benchmark.py --check_targets "$work" | tee "$work/summary.md"
 pack
 
-stage "5. GPU integration tests"
-(cd .. && timeout $cap python3 -m pytest -q -rs tests/test_gpu_paths.py) 2>&1 | tee "$work/gpu_tests.txt" | tail -25
-pack
+if [ "${GPU_TESTS:-1}" != 0 ]; then
+  stage "5. GPU integration tests"
+  (cd .. && timeout -k 10 420 python3 -m pytest -q -rs --tb=short --durations=0 tests/test_gpu_paths.py) 2>&1 \
+    | tee "$work/gpu_tests.txt"
+  pack
+fi
 
-if [ "${STUDY_MINUTES:-0}" != 0 ]; then
+if [ "$study_s" != 0 ]; then
   stage "6. study (at most $STUDY_MINUTES minutes; results in $out/study/)"
   mkdir -p "$out/study" "$work/study_runs"
   [ "${QUICK:-0}" != 1 ] && [ -f ../image/study_results.json ] && cp ../image/study_results.json "$out/study/"
-  timeout $(( ${STUDY_MINUTES%.*} * 60 + 120 )) python3 study.py $study_flags --data_path "$data/imagenette-128" \
-    --out "$work/study_runs" --results "$out/study/study_results.json" --max_minutes "$STUDY_MINUTES" 2>&1 | tail -30
+  timeout -k 10 $(( study_s + 120 )) python3 study.py $study_flags --data_path "$data/imagenette-128" \
+    --out "$work/study_runs" --results "$out/study/study_results.json" --max_minutes "$STUDY_MINUTES"
   tar czf "$out/study_logs.tgz" -C "$work" --exclude='*.pth' --exclude='events.out.*' study_runs
 fi
+
 stage "done: $out/measure_gpu.tgz"
 rm -rf "$work"
+exec >&- 2>&-
+wait "$tee_pid"

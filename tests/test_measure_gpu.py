@@ -42,9 +42,10 @@ def test_quick_run_packs_every_stage(tmp_path):
     # few files come back from the device: one archive per part and the console log
     assert sorted(p.name for p in out.iterdir()) == ['console.txt', 'measure_gpu.tgz', 'study', 'study_logs.tgz']
     console = (out / 'console.txt').read_text()
-    for stage in ('== ', '1. step', '2. gpu backend', '3. Imagenette', '4. targets', '5. GPU integration tests',
-                  '6. study', 'done'):
-        assert stage in console, stage
+    stages = ['1. step', '2. gpu backend', '3. Imagenette', '4. targets', '5. GPU integration tests', '6. study',
+              'done']
+    at = [console.find(f's] {stage}') for stage in stages]  # the stage lines: '== 12:00:00 [+5s] 1. step'
+    assert -1 not in at and at == sorted(at), dict(zip(stages, at))
     with tarfile.open(out / 'measure_gpu.tgz') as tar:
         names = {n.lstrip('./') for n in tar.getnames()}
         summary = tar.extractfile('./summary.md').read().decode()
@@ -66,9 +67,11 @@ def test_quick_run_packs_every_stage(tmp_path):
         assert any(n.endswith('study_log.txt') for n in tar.getnames())
 
 
-def test_missing_data_is_a_clear_error(tmp_path):
+def test_missing_data_and_bad_study_minutes_are_clear_errors(tmp_path):
     res = measure(tmp_path / 'out', DATA=str(tmp_path / 'nowhere'))
     assert res.returncode == 2 and 'error:' in res.output and 'copy the shared data' in res.output
+    res = measure(tmp_path / 'out2', DATA=str(stand_in_data(tmp_path / 'data')), STUDY_MINUTES='4min')
+    assert res.returncode == 2 and "STUDY_MINUTES must be a number of minutes, got '4min'" in res.output
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -84,6 +87,7 @@ def test_check_targets_arithmetic(tmp_path):
         'ks': ks, 'freeze_img_per_s': [1800.0] * 13, 'schedule_average_img_per_s': 2000.0,
         'how_scale': 'cubic', 't_0': 0.8, 'decode_ahead': 2,
         'loader_img_per_s': {'pil': 500.0, 'gpu': 2500.0, 'gpu-cache': 9000.0},
+        'notes': ['schedule average interpolates k = [3]', 'loader gpu-cache failed: RuntimeError: boom'],
         'end_to_end_img_per_s': {'gpu': {'0': 900.0, '12': 1700.0}}})
     write_json(tmp_path / 'b16_224_decode_inline' / 'benchmark.json', {
         'loader_img_per_s': {'gpu': 1500.0}, 'end_to_end_img_per_s': {'gpu': {'0': 700.0}}})
@@ -102,5 +106,6 @@ def test_check_targets_arithmetic(tmp_path):
     assert '1,800 img/s (1.80x the reference)' in md  # linear 0.5 from constant per-k rates
     assert '| gpu | 0 | 900 | 1,800 | 50% |' in md
     assert '1,500 img/s (vs 2,500 with --decode_ahead 2); end to end k=0: 700 img/s (vs 900)' in md
+    assert '- loader gpu-cache failed: RuntimeError: boom' in md and 'interpolates' not in md
     # missing stages are reported, not a traceback
     assert 'nothing to check' in benchmark.check_targets(tmp_path / 'empty')
