@@ -95,19 +95,27 @@ def add_readout_args(parser: argparse.ArgumentParser, global_pool_default: bool)
                    help='classify the cls token after the final norm instead of the pooled tokens')
 
 
+def add_model_args(parser: argparse.ArgumentParser, default: str, what: str,
+                   finetune_help: str) -> argparse._ArgumentGroup:
+    """--model, --input_size and --finetune (the pretraining checkpoint) of the evaluation scripts;
+    returns the group for script-specific model flags."""
+    g = parser.add_argument_group('model')
+    g.add_argument('--model', default=default, type=str,
+                   help=f'{what}: one of {", ".join(models_vit.MODELS)} (the encoder of MIM_vit_X is vit_X)')
+    g.add_argument('--input_size', default=224, type=int, help='image side in pixels')
+    g.add_argument('--finetune', default='', help=finetune_help)
+    return g
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Fine-tuning of a pretrained ViT encoder for image classification',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_batch_args(parser, batch_size=64, epochs=50)
 
-    g = parser.add_argument_group('model')
-    g.add_argument('--model', default='vit_large_patch16', type=str,
-                   help=f'classifier: one of {", ".join(models_vit.MODELS)} (the encoder of MIM_vit_X is vit_X)')
-    g.add_argument('--input_size', default=224, type=int, help='image side in pixels')
+    g = add_model_args(parser, 'vit_large_patch16', 'classifier',
+                       'pretraining checkpoint whose encoder initialises the model (ours or LocalMIM\'s release)')
     g.add_argument('--drop_path', type=float, default=0.1,
                    help='stochastic depth rate, rising linearly over the blocks to this value at the last')
-    g.add_argument('--finetune', default='',
-                   help='pretraining checkpoint whose encoder initialises the model (ours or LocalMIM\'s release)')
     add_readout_args(parser, global_pool_default=True)
 
     g = parser.add_argument_group('optimisation')

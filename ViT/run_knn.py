@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import models_vit
 from engine_finetune import extract_features, gather_in_dataset_order
-from run_finetune import add_readout_args, add_run_args, check_common_args
+from run_finetune import add_model_args, add_readout_args, add_run_args, check_common_args
 from util.runtime import setup
 from util import dist
 from util.data import build_classification_datasets, build_eval_loader, eval_transform
@@ -98,13 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Weighted kNN evaluation of a pretrained ViT encoder',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--batch_size', default=128, type=int, help='images per forward pass per process')
-    g = parser.add_argument_group('model')
-    g.add_argument('--model', default='vit_base_patch16', type=str,
-                   help=f'encoder: one of {", ".join(models_vit.MODELS)} (the encoder of MIM_vit_X is vit_X)')
-    g.add_argument('--input_size', default=224, type=int, help='image side in pixels')
-    g.add_argument('--finetune', default='',
-                   help='pretraining checkpoint whose encoder is evaluated (ours or LocalMIM\'s release); '
-                        'without it a randomly initialised encoder is evaluated (a baseline)')
+    add_model_args(parser, 'vit_base_patch16', 'encoder',
+                   'pretraining checkpoint whose encoder is evaluated (ours or LocalMIM\'s release); '
+                   'without it a randomly initialised encoder is evaluated (a baseline)')
     add_readout_args(parser, global_pool_default=False)
     g = parser.add_argument_group('kNN')
     g.add_argument('--nb_knn', default=[20], type=int, nargs='+',

@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 import models_vit
-from run_finetune import (add_batch_args, add_readout_args, add_run_args, add_training_run_args, build_data, check_common_args,
-                          evaluate_only, grad_scaler, learning_rate, resume, train_and_finish)
+from run_finetune import (add_batch_args, add_model_args, add_readout_args, add_run_args, add_training_run_args,
+                          build_data, check_common_args, evaluate_only, grad_scaler, learning_rate, resume,
+                          train_and_finish)
 from util.runtime import setup
 from util import dist
 from util.data import eval_transform, linprobe_train_transform
@@ -36,13 +37,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_batch_args(parser, batch_size=512, epochs=90)
 
-    g = parser.add_argument_group('model')
-    g.add_argument('--model', default='vit_base_patch16', type=str,
-                   help=f'encoder: one of {", ".join(models_vit.MODELS)} (the encoder of MIM_vit_X is vit_X)')
-    g.add_argument('--input_size', default=224, type=int, help='image side in pixels')
-    g.add_argument('--finetune', default='',
-                   help='pretraining checkpoint whose encoder is probed (ours or LocalMIM\'s release); '
-                        'without it a randomly initialised encoder is probed (a baseline)')
+    add_model_args(parser, 'vit_base_patch16', 'encoder',
+                   'pretraining checkpoint whose encoder is probed (ours or LocalMIM\'s release); '
+                   'without it a randomly initialised encoder is probed (a baseline)')
     add_readout_args(parser, global_pool_default=False)
 
     g = parser.add_argument_group('optimisation (SGD with momentum on the linear head)')
