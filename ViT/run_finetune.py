@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -251,7 +252,21 @@ def evaluate_only(args: argparse.Namespace, model: torch.nn.Module, val_loader, 
     print(f'Accuracy of the network on the {stats["num_samples"]} test images: {stats["acc1"]:.1f}%')
     append_json_line(args.output_dir, {'mode': 'eval', 'checkpoint': str(loaded_from),
                                        **{f'test_{k}': v for k, v in stats.items()}})
+    dist.destroy()
     return stats
+
+
+def optimizer_and_resume(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
+                         make_optimizer: Callable[[], torch.optim.Optimizer]) -> tuple:
+    """(optimizer, loss scaler, start epoch, checkpoint resumed from); with --eval no optimizer
+    is built and only the weights are resumed. Shared by fine-tuning and linear probing."""
+    optimizer = loss_scaler = None
+    if not args.eval:
+        learning_rate(args)
+        optimizer = make_optimizer()
+        loss_scaler = grad_scaler(args, device)
+    start_epoch, loaded_from = resume(args, model, optimizer, loss_scaler)
+    return optimizer, loss_scaler, start_epoch, loaded_from
 
 
 def learning_rate(args: argparse.Namespace) -> int:
@@ -312,19 +327,14 @@ def main(args: argparse.Namespace) -> dict:
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'number of trainable params (M): {n_parameters / 1e6:.2f}')
 
-    optimizer = loss_scaler = None
-    if not args.eval:
-        learning_rate(args)
+    def make_optimizer() -> torch.optim.Optimizer:
         groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
         print('parameter groups:\n' + describe_groups(groups))
-        optimizer = build_adamw(groups, args.lr, device, betas=(0.9, 0.999))
-        loss_scaler = grad_scaler(args, device)
-    start_epoch, loaded_from = resume(args, model, optimizer, loss_scaler)
+        return build_adamw(groups, args.lr, device, betas=(0.9, 0.999))
 
+    optimizer, loss_scaler, start_epoch, loaded_from = optimizer_and_resume(args, model, device, make_optimizer)
     if args.eval:
-        stats = evaluate_only(args, model, val_loader, device, loaded_from)
-        dist.destroy()
-        return stats
+        return evaluate_only(args, model, val_loader, device, loaded_from)
 
     criterion = build_criterion(args)
     print(f'criterion: {type(criterion).__name__}' + ('  (mixup/cutmix on)' if mixup_active(args) else ''))

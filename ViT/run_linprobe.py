@@ -21,10 +21,8 @@ import torch.nn as nn
 
 import models_vit
 from run_finetune import (add_batch_args, add_model_args, add_readout_args, add_run_args, add_training_run_args,
-                          build_data, check_common_args, evaluate_only, grad_scaler, learning_rate, resume,
-                          train_and_finish)
+                          build_data, check_common_args, evaluate_only, optimizer_and_resume, train_and_finish)
 from util.runtime import setup
-from util import dist
 from util.data import eval_transform, linprobe_train_transform
 from util.encoder_loading import load_pretrained_encoder
 from util.optim import param_groups_weight_decay
@@ -79,17 +77,11 @@ def main(args: argparse.Namespace) -> dict:
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'trainable params (head): {n_parameters}')
 
-    optimizer = loss_scaler = None
-    if not args.eval:
-        learning_rate(args)
-        optimizer = torch.optim.SGD(param_groups_weight_decay(model, args.weight_decay), lr=args.lr,
-                                    momentum=args.momentum)
-        loss_scaler = grad_scaler(args, device)
-    start_epoch, loaded_from = resume(args, model, optimizer, loss_scaler)
+    optimizer, loss_scaler, start_epoch, loaded_from = optimizer_and_resume(
+        args, model, device, lambda: torch.optim.SGD(param_groups_weight_decay(model, args.weight_decay),
+                                                     lr=args.lr, momentum=args.momentum))
     if args.eval:
-        stats = evaluate_only(args, model, val_loader, device, loaded_from)
-        dist.destroy()
-        return stats
+        return evaluate_only(args, model, val_loader, device, loaded_from)
 
     return train_and_finish(args, model, nn.CrossEntropyLoss(), train_loader, val_loader, optimizer, loss_scaler,
                             device, start_epoch, n_parameters)

@@ -113,6 +113,13 @@ def test_linprobe_smoke(tmp_path, demo_data, pretrain_ckpt):
     assert len(lines) == 1 and lines[0]['epoch'] == 0
     assert 0 <= lines[0]['test_acc1'] <= 100 and lines[0]['n_parameters'] == 192 * 4 + 4
     assert (out / 'checkpoint-best.pth').is_file()
+    # --eval: no optimizer, the probe's weights resumed, one pass, the same accuracy
+    res = run_script(['run_linprobe.py', '--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4',
+                      '--num_workers', '0', '--device', 'cpu', '--data_path', str(demo_data), '--output_dir', str(out),
+                      '--eval', '--resume', str(out / 'checkpoint-best.pth')])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    last = json.loads((out / 'log.txt').read_text().splitlines()[-1])
+    assert last['mode'] == 'eval' and last['test_acc1'] == lines[0]['test_acc1']
 
 
 # ---- kNN runs -----------------------------------------------------------------------------------------

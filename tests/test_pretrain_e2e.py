@@ -204,6 +204,7 @@ BAD_INPUTS = {
     'cuda-without-gpu': (lambda tmp, data: ['--data_path', data, '--device', 'cuda'], 'no cuda gpu'),
     'mask-ratio-zero': (lambda tmp, data: ['--data_path', data, '--mask_ratio', '0'], '--mask_ratio'),
     'save-freq-zero': (lambda tmp, data: ['--data_path', data, '--save_freq', '0'], '--save_freq'),
+    'decode-ahead-negative': (lambda tmp, data: ['--data_path', data, '--decode_ahead', '-1'], '--decode_ahead'),
 }
 
 
