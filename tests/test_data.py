@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets as datasets
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from util.data import (IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, SeededImageFolder,
-                       build_pretrain_loader, resolve_image_folder)
+                       build_pretrain_loader, normalize_uint8_range, resolve_image_folder)
 
 
 def write_images(folder, n, size=(40, 30), seed=0):
@@ -74,26 +75,39 @@ H, W = 375, 500  # a typical ImageNet photo
 
 
 # ---- transform -------------------------------------------------------------------------------
-def test_transform_shape_and_normalisation():
+def test_transform_crops_to_uint8():
     t = PretrainTransform(32)
-    gray = Image.new('RGB', (W, H), (128, 128, 128))
-    x = t(gray, torch.Generator().manual_seed(0))
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-    for c in range(3):
-        expected = (128 / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
-        torch.testing.assert_close(x[c], torch.full((32, 32), expected), rtol=0, atol=1e-5)
-    # the extremes map to the ends of the normalised range
-    for value in (0, 255):
-        z = t(Image.new('RGB', (W, H), (value,) * 3), torch.Generator().manual_seed(1))
-        for c in range(3):
-            expected = (value / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
-            torch.testing.assert_close(z[c], torch.full((32, 32), expected), rtol=0, atol=1e-5)
+    for value in (0, 128, 255):
+        x = t(Image.new('RGB', (W, H), (value,) * 3), torch.Generator().manual_seed(value))
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+        assert (x == value).all()
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, size=(H, W, 3), dtype=np.uint8))
     y = t(img, torch.Generator().manual_seed(1))
+    assert y.dtype == torch.uint8 and y.float().std() > 2  # real content, not a flat fill
+
+
+def test_loader_normalises_like_upstream_to_tensor(tmp_path):
+    """The loader's float batches equal upstream's ToTensor + Normalize of the same crops."""
+    write_images(tmp_path / 'train' / 'a', 4, size=(50, 40), seed=3)
+    loader = build_pretrain_loader(str(tmp_path), 32, 4, 0, 0, False, 1, 0, device='cpu')
+    loader.sampler.set_epoch(0)
+    images, _ = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    uint8 = torch.stack([loader.dataset[key][0] for key in list(loader.sampler)[:4]])
+    ref = TF.normalize(uint8.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(images, ref, rtol=0, atol=1e-5)
     lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
     hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
-    assert y.min() >= lo - 1e-5 and y.max() <= hi + 1e-5
+    assert images.min() >= lo - 1e-5 and images.max() <= hi + 1e-5
+
+
+def test_normalize_uint8_range_values():
+    for value in (0, 128, 255, 300):  # 300: bicubic overshoot is clipped as PIL does
+        out = normalize_uint8_range(torch.full((1, 3, 2, 2), float(value)))
+        for c in range(3):
+            expected = (min(value, 255) / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+            torch.testing.assert_close(out[0, c], torch.full((2, 2), expected), rtol=0, atol=1e-5)
 
 
 def test_flip_rate_about_half():
@@ -104,7 +118,7 @@ def test_flip_rate_about_half():
     n, flipped = 300, 0
     for i in range(n):
         x = t(img, torch.Generator().manual_seed(i))
-        left, right = x[0, :, 0].mean().item(), x[0, :, -1].mean().item()
+        left, right = x[0, :, 0].float().mean().item(), x[0, :, -1].float().mean().item()
         assert left != right
         flipped += left > right
     assert 0.4 * n <= flipped <= 0.6 * n

@@ -15,10 +15,11 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from helpers import run_pretrain
-from util.data import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, sample_crop_boxes, sample_flips
+from util.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, normalize_uint8_range, sample_crop_boxes,
+                       sample_flips)
 from util.gpu_data import (GpuCacheLoader, GpuJpegLoader, augment_images, batch_generator, batch_seed,
-                           build_loader, crop_grids, default_cache_size, make_canvas, normalize_uint8_range,
-                           plan_canvas_groups, prepared_ahead, resized_crop_batch, resized_crop_list)
+                           build_loader, crop_grids, default_cache_size, make_canvas, plan_canvas_groups,
+                           prepared_ahead, resized_crop_batch, resized_crop_list)
 
 LO = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
 HI = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)

@@ -113,9 +113,24 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2 ** 63)
 
 
+_NORMALIZE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalize_uint8_range(x: torch.Tensor) -> torch.Tensor:
+    """Float images on the 0..255 scale -> clamped to [0, 255] (PIL clips bicubic overshoot),
+    /255, ImageNet mean/std normalisation. Every backend's last step, on the batch's device."""
+    key = (x.device, x.dtype)
+    if key not in _NORMALIZE_CACHE:  # made once per device: no host-to-device copy per batch
+        _NORMALIZE_CACHE[key] = tuple(torch.tensor(v, dtype=x.dtype).view(1, -1, 1, 1).mul(255).to(x.device)
+                                      for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _NORMALIZE_CACHE[key]
+    return (x.clamp(0, 255) - mean) / std
+
+
 class PretrainTransform:
-    """Upstream's pretraining augmentation: RandomResizedCrop(scale=(0.2, 1), bicubic),
-    horizontal flip, ToTensor, ImageNet normalisation, driven by an explicit generator."""
+    """Upstream's pretraining augmentation up to ToTensor: RandomResizedCrop(scale=(0.2, 1),
+    bicubic) and horizontal flip, driven by an explicit generator. Returns uint8 (3, S, S);
+    the /255 and ImageNet normalisation run on the training device (DeviceBatches)."""
 
     def __init__(self, input_size: int, scale: Sequence[float] = (0.2, 1.0)):
         self.input_size = input_size
@@ -128,8 +143,7 @@ class PretrainTransform:
                               interpolation=InterpolationMode.BICUBIC)
         if sample_flips(1, gen)[0]:
             img = TF.hflip(img)
-        x = TF.to_tensor(img)
-        return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+        return TF.pil_to_tensor(img)
 
 
 class SeededImageFolder(datasets.ImageFolder):
@@ -158,9 +172,28 @@ class EpochSampler(torch.utils.data.DistributedSampler):
             yield self.epoch, index
 
 
+class DeviceBatches:
+    """--data_backend pil as the engine sees every backend: (images, targets) on `device`,
+    images float32 and normalised. The workers ship uint8 batches, a quarter of float32's bytes
+    through shared memory, pinning and the host-to-device copy (and the CPU skips the float
+    conversion); the normalisation is a few elementwise kernels on the device."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device | str):
+        self.loader, self.device = loader, torch.device(device)
+        self.dataset, self.sampler = loader.dataset, loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, targets in self.loader:  # images: (B, 3, S, S) uint8
+            images = images.to(self.device, non_blocking=True)
+            yield normalize_uint8_range(images.float()), targets.to(self.device, non_blocking=True)
+
+
 def build_pretrain_loader(data_path: str, input_size: int, batch_size: int, seed: int,
-                          num_workers: int, pin_mem: bool, world_size: int, rank: int
-                          ) -> torch.utils.data.DataLoader:
+                          num_workers: int, pin_mem: bool, world_size: int, rank: int,
+                          device: torch.device | str = 'cpu') -> DeviceBatches:
     root = resolve_image_folder(data_path, 'train')
     dataset = SeededImageFolder(root, PretrainTransform(input_size), seed)
     if len(dataset) < batch_size * world_size:
@@ -169,14 +202,14 @@ def build_pretrain_loader(data_path: str, input_size: int, batch_size: int, seed
             f'({batch_size} x {world_size}); lower --batch_size')
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                            seed=seed, drop_last=True)
-    return torch.utils.data.DataLoader(
+    return DeviceBatches(torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
         pin_memory=pin_mem, drop_last=True, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         # the loader draws its workers' base seed when an iterator is built: once per run with
         # persistent workers, once per epoch without. From its own generator, not the global
         # torch RNG, so the masks' stream (restored on resume) does not depend on num_workers.
-        generator=torch.Generator().manual_seed(seed))
+        generator=torch.Generator().manual_seed(seed)), device)
 
 
 # =============================================================================================

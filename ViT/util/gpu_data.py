@@ -40,8 +40,8 @@ import torchvision.transforms.functional as TF
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 
-from util.data import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, DataLayoutError, EpochSampler,
-                       build_pretrain_loader, resolve_image_folder, sample_crop_boxes, sample_flips)
+from util.data import (CROP_RATIO, CROP_SCALE, DataLayoutError, EpochSampler, build_pretrain_loader,
+                       normalize_uint8_range, resolve_image_folder, sample_crop_boxes, sample_flips)
 
 BACKENDS = ('pil', 'gpu', 'gpu-cache')
 # pixels of one padded canvas (batch x height x width); larger batches are resampled in groups
@@ -145,20 +145,6 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if t.device == device or device.type != 'cuda':
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
-
-
-_NORMALIZE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def normalize_uint8_range(x: torch.Tensor) -> torch.Tensor:
-    """Values on the 0..255 scale -> clamped to [0, 255] (PIL clips bicubic overshoot), /255,
-    ImageNet mean/std normalisation."""
-    key = (x.device, x.dtype)
-    if key not in _NORMALIZE_CACHE:  # made once per device: no host-to-device copy per batch
-        _NORMALIZE_CACHE[key] = tuple(torch.tensor(v, dtype=x.dtype).view(1, -1, 1, 1).mul(255).to(x.device)
-                                      for v in (IMAGENET_MEAN, IMAGENET_STD))
-    mean, std = _NORMALIZE_CACHE[key]
-    return (x.clamp(0, 255) - mean) / std
 
 
 def augment_images(images: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator, out_size: int,
@@ -486,11 +472,11 @@ def build_loader(backend: str, data_path: str, input_size: int, batch_size: int,
                  pin_mem: bool, world_size: int, rank: int, device: torch.device | str | None = None,
                  cache_size: int | None = None, decode_ahead: int = 2):
     """The pretraining loader of --data_backend: 'pil' (util.data.build_pretrain_loader: CPU
-    workers, batches on the host), 'gpu' or 'gpu-cache' (batches already on the device).
+    workers), 'gpu' or 'gpu-cache'. All three yield normalised float32 batches on `device`.
     decode_ahead: batches the gpu backend prepares in advance on its background thread."""
     if backend == 'pil':
         return build_pretrain_loader(data_path, input_size, batch_size, seed, num_workers, pin_mem,
-                                     world_size, rank)
+                                     world_size, rank, device if device is not None else 'cpu')
     if backend not in BACKENDS:
         raise SystemExit(f'error: unknown --data_backend {backend}; choose one of: {", ".join(BACKENDS)}')
     dev = require_cuda(backend, device)
