@@ -186,9 +186,6 @@ class MaskedAutoencoderViT(nn.Module):
         """FreezeOut layer index of the block each tap reads."""
         return [i + 1 for i in self.ID]
 
-    def no_weight_decay(self) -> set[str]:
-        return {'pos_embed', 'cls_token'}
-
     def layer_modules(self, index: int) -> list[nn.Module | nn.Parameter]:
         if index == 0:
             return [self.patch_embed, self.cls_token]

@@ -83,15 +83,20 @@ def vit_huge_patch14(**kwargs) -> VisionTransformer:
 MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith('vit_')}
 
 
-def build_model(name: str, **kwargs) -> VisionTransformer:
-    """Constructor by name with a clear message for an unknown one (e.g. a pretraining name)."""
+def check_model(name: str, img_size: int = 224) -> None:
+    """A clear SystemExit for an unknown --model (e.g. a pretraining name) or an --input_size
+    that is not a multiple of its patch size."""
     if name not in MODELS:
         hint = ''
         if name.startswith('MIM_') and name[4:] in MODELS:
             hint = f' (pretraining name; the classifier is --model {name[4:]})'
         raise SystemExit(f'error: unknown --model {name}{hint}; choose one of: {", ".join(sorted(MODELS))}')
-    img_size = kwargs.get('img_size', 224)
     patch = 14 if name.endswith('patch14') else 16
     if img_size % patch:
         raise SystemExit(f'error: --input_size {img_size} is not a multiple of the patch size {patch}')
+
+
+def build_model(name: str, **kwargs) -> VisionTransformer:
+    """Constructor by name, checked by check_model."""
+    check_model(name, kwargs.get('img_size', 224))
     return MODELS[name](**kwargs)

@@ -166,6 +166,12 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise SystemExit(f'error: --warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}')
     if args.nb_classes is not None and args.nb_classes < 1:
         raise SystemExit('error: --nb_classes must be at least 1')
+    # before the data folders are scanned, which takes minutes on ImageNet over a network file system
+    models_vit.check_model(args.model, args.input_size)
+    for flag in ('finetune', 'resume'):
+        path = getattr(args, flag, None)
+        if path and not Path(path).is_file():
+            raise SystemExit(f'error: --{flag} {path} does not exist')
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -230,13 +236,11 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
         raise checkpoint.CheckpointError(
             f'{path} does not fit this model ({first}); --resume/--eval take checkpoints written by this script '
             'with the same --model/--nb_classes/read-out; a pretraining checkpoint goes to --finetune') from None
-    if optimizer is not None and 'optimizer' in ckpt and not args.eval:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if loss_scaler is not None and ckpt.get('scaler'):
-            loss_scaler.load_state_dict(ckpt['scaler'])
-        rng = ckpt.get('rng')
-        if rng is not None and len(rng) == dist.get_world_size():
-            checkpoint.set_rng_state(rng[dist.get_rank()])
+    if optimizer is not None and not args.eval:
+        checkpoint.restore_training_state(
+            ckpt, path, optimizer, loss_scaler,
+            'e.g. saved by another script or with other --layer_decay / --weight_decay grouping; resume '
+            'with this script\'s own checkpoint, or pass the weights as --finetune')
     epoch = int(ckpt.get('epoch', -1))
     print(f'resumed from {path} (epoch {epoch})')
     return epoch + 1, path
@@ -287,7 +291,8 @@ def make_schedule(args: argparse.Namespace, optimizer, train_loader) -> PlainSch
     steps_per_epoch = len(train_loader) // args.accum_iter
     if steps_per_epoch == 0:
         raise SystemExit(f'error: {len(train_loader)} batches per epoch is fewer than --accum_iter {args.accum_iter}')
-    return PlainSchedule(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs, steps_per_epoch)
+    return PlainSchedule(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs, len(train_loader),
+                         args.accum_iter)
 
 
 # ---- fine-tuning ----------------------------------------------------------------------------------

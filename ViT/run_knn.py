@@ -4,8 +4,9 @@ Features of the train and val splits (evaluation transform: resize, centre crop)
 L2-normalised; each val image takes the k train images of highest cosine similarity s, each
 voting for its class with weight exp(s / T); the class with the most weight wins. Defaults
 k = 20, T = 0.07. Feature: the cls token after the final norm, or with --global_pool the
-fc_norm'ed mean of the patch tokens (the pretraining model has no final norm, so these norms
-are at init, i.e. plain standardisation).
+fc_norm'ed mean of the patch tokens. These norms are at init, i.e. plain standardisation: the
+pretraining model's LayerNorm on the last block (`norm.3`, read by LocalMIM's last decoder) is
+not loaded into them, as in upstream's fine-tuning.
 
 Distributed: each process extracts its share of both splits; train features are gathered on
 every process, each process classifies its own val share, and the counts are summed.

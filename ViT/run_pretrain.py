@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import models_mim
-from engine_pretrain import ModelHandle, train_one_epoch
+from engine_pretrain import SCALE_NAMES, ModelHandle, train_one_epoch
 from util import checkpoint, dist
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util import freezeout as fo
@@ -21,7 +21,7 @@ from util.gpu_data import BACKENDS, build_loader
 from util.log import append_json_line, format_seconds, make_writer
 from util.lr_sched import PlainSchedule
 from util.optim import build_adamw, param_groups_weight_decay
-from util.runtime import setup
+from util.runtime import allow_recompiles, setup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -123,6 +123,35 @@ RESUME_FLAGS = ('model', 'input_size', 'mask_ratio', 'hog_nbins', 'hog_bias', 'e
                 'decoder_freeze', 'seed')
 
 
+def frozen_set(model: torch.nn.Module) -> dict:
+    """What the checkpoint records of FreezeOut's state: frozen prefix length and live taps."""
+    return {'num_frozen': model.num_frozen, 'live_taps': list(model.live_taps)}
+
+
+def refuse_thawing(path: Path, saved: dict | None, model: torch.nn.Module) -> None:
+    """A FreezeOut schedule spans the whole run, so resuming with another run length (--epochs,
+    --t_0, --how_scale, or steps per epoch: --batch_size, --accum_iter, processes, data) can put
+    the resume step before freeze steps that the checkpointed run had passed. Those layers'
+    optimizer state was freed when they froze and their taps' decoders stopped: refuse."""
+    if not saved:  # written by upstream or before the frozen set was recorded
+        return
+    thawed = list(range(model.num_frozen, saved['num_frozen']))
+    revived = sorted(set(model.live_taps) - set(saved['live_taps']))
+    if thawed or revived:
+        what = []
+        if thawed:
+            what.append(f'unfreeze layers {thawed[0]}..{thawed[-1]}')
+        if revived:
+            what.append(f'bring back dropped taps {[SCALE_NAMES[j] for j in revived]}')
+        raise checkpoint.CheckpointError(
+            f'resuming {path} with these flags would {" and ".join(what)}: the checkpointed run had '
+            f'{saved["num_frozen"]} layers frozen, this schedule has {model.num_frozen} at the resume step. '
+            f'A FreezeOut schedule spans the whole run (--epochs, --t_0, --how_scale, and the steps per epoch '
+            f'set by --batch_size, --accum_iter, the number of processes and the data), and frozen layers '
+            f'have lost their optimizer state. Resume with the run\'s own flags, or start a new run '
+            f'(--no_auto_resume or another --output_dir)')
+
+
 def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     loss_scaler, schedule, steps_per_epoch: int) -> int:
     """Loads model, optimizer, scaler and RNG states; returns the epoch to continue at. The
@@ -145,22 +174,11 @@ def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module
             f'--no_auto_resume / another --output_dir)') from None
     start_epoch = int(ckpt['epoch']) + 1
     schedule.on_step(start_epoch * steps_per_epoch)
-    if 'optimizer' in ckpt:
-        try:
-            optimizer.load_state_dict(ckpt['optimizer'])
-        except (ValueError, KeyError) as e:
-            raise checkpoint.CheckpointError(
-                f'the optimizer state in {path} was saved for other parameter groups ({e}): plain and '
-                f'FreezeOut (--t_0) runs, and --decoder_freeze tap / never, group parameters differently. '
-                f'Resume with the run\'s own flags, or start afresh with --no_auto_resume / another '
-                f'--output_dir') from None
-    if loss_scaler is not None and ckpt.get('scaler'):
-        loss_scaler.load_state_dict(ckpt['scaler'])
-    rng, world, rank = ckpt.get('rng'), dist.get_world_size(), dist.get_rank()
-    if rng is not None and len(rng) == world:
-        checkpoint.set_rng_state(rng[rank])
-    elif rng is not None:
-        print(f'note: checkpoint saved with {len(rng)} processes, now {world}: RNG streams restart')
+    refuse_thawing(path, ckpt.get('frozen'), model)
+    checkpoint.restore_training_state(
+        ckpt, path, optimizer, loss_scaler,
+        'plain and FreezeOut (--t_0) runs, and --decoder_freeze tap / never, group parameters differently. '
+        'Resume with the run\'s own flags, or start afresh with --no_auto_resume / another --output_dir')
     print(f'resumed from {path} (epoch {ckpt["epoch"]}); continuing at epoch {start_epoch}')
     return start_epoch
 
@@ -200,7 +218,8 @@ def main(args: argparse.Namespace) -> dict:
             print(f'wrote {fo.write_table(table, args.output_dir)}')
     else:
         optimizer = build_adamw(param_groups_weight_decay(model, args.weight_decay), args.lr, device)
-        schedule = PlainSchedule(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs, steps_per_epoch)
+        schedule = PlainSchedule(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs, len(loader),
+                                 args.accum_iter)
     loss_scaler = torch.amp.GradScaler(device.type) if args.amp == 'fp16' else None
 
     # resume: the frozen set is recomputed from the step before the optimizer state is loaded
@@ -209,15 +228,14 @@ def main(args: argparse.Namespace) -> dict:
     if resume_path is not None:
         start_epoch = resume_training(args, resume_path, model, optimizer, loss_scaler, schedule, steps_per_epoch)
     if start_epoch >= args.epochs:  # a finished run relaunched (e.g. requeued): nothing to train
-        print(f'all {args.epochs} epochs are done (checkpoint {resume_path}); raise --epochs to train more')
+        more = ('a FreezeOut schedule spans its --epochs, so training longer is a new run (another --output_dir)'
+                if args.t_0 is not None else 'raise --epochs to train more')
+        print(f'all {args.epochs} epochs are done (checkpoint {resume_path}); {more}')
         dist.destroy()
         return {}
 
     if args.compile:
-        # each freeze event changes the graph once; keep dynamo from giving up (its default
-        # limit of 8 graphs per function would silently fall back to eager after 8 events)
-        import torch._dynamo.config as dynamo_config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * model.num_layers + 8)
+        allow_recompiles(2 * model.num_layers + 8)  # one graph per freeze event, and margin
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         if args.distributed:
@@ -233,7 +251,7 @@ def main(args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(handle, loader, optimizer, device, epoch, loss_scaler, schedule, args, log_writer)
-        save_checkpoint(args, model, optimizer, loss_scaler, epoch)
+        save_checkpoint(args, model, optimizer, loss_scaler, epoch, extra={'frozen': frozen_set(model)})
         append_json_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch})
         if log_writer is not None:
             log_writer.flush()

@@ -24,3 +24,16 @@ def test_compile_recompiles_once_per_freeze_event(tmp_path):
     recompiles = len(re.findall(r'Recompiling function forward', out))
     assert events >= 3  # several freeze events happened inside the run
     assert recompiles <= events
+
+
+def test_allow_recompiles_sets_the_limit_this_torch_has():
+    """`recompile_limit` on current torch, `cache_size_limit` before it was renamed; never lowered."""
+    from types import SimpleNamespace
+    from util.runtime import allow_recompiles
+    current, older = SimpleNamespace(recompile_limit=8), SimpleNamespace(cache_size_limit=8)
+    allow_recompiles(34, current)
+    allow_recompiles(34, older)
+    assert current.recompile_limit == 34 and not hasattr(current, 'cache_size_limit')
+    assert older.cache_size_limit == 34
+    allow_recompiles(10, current)
+    assert current.recompile_limit == 34

@@ -28,8 +28,8 @@ import run_pretrain
 _save = run_pretrain.save_checkpoint
 
 
-def save_checkpoint(args, model, optimizer, loss_scaler, epoch):
-    _save(args, model, optimizer, loss_scaler, epoch)
+def save_checkpoint(args, model, optimizer, loss_scaler, epoch, **kwargs):
+    _save(args, model, optimizer, loss_scaler, epoch, **kwargs)
     if epoch + 1 == args.epochs:
         torch.save({{'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch}},
                    os.path.join(os.environ['RANK_DUMP_DIR'], 'rank%s.pt' % os.environ['RANK']))

@@ -82,6 +82,34 @@ def test_load_upstream_format(tmp_path):
         assert torch.equal(model.state_dict()['blocks.3.attn.proj.weight'], state['blocks.3.attn.proj.weight'])
 
 
+def test_load_fine_tuned_checkpoint_into_headless_model(tmp_path):
+    """kNN builds its encoder with num_classes=0 (no head) and may be given a fine-tuned file."""
+    tuned = _tiny(global_pool=True)
+    path = tmp_path / 'finetuned.pth'
+    torch.save({'model': tuned.state_dict(), 'epoch': 9}, path)
+    headless = models_vit.build_model('vit_tiny_patch16', img_size=32, num_classes=0, global_pool=True)
+    load_pretrained_encoder(headless, path, 2e-5, 'vit_tiny_patch16')
+    assert torch.equal(headless.state_dict()['blocks.2.mlp.fc1.weight'], tuned.state_dict()['blocks.2.mlp.fc1.weight'])
+    # fine-tuning again from it (--finetune, not --resume): a new head, as upstream
+    again = _tiny(global_pool=True)
+    report = load_pretrained_encoder(again, path, 2e-5, 'vit_tiny_patch16')
+    assert report.head_initialised and 0 < again.head.weight.std() < 1e-4
+    assert torch.equal(again.fc_norm.weight, tuned.fc_norm.weight)
+
+
+def test_restoring_an_optimizer_state_of_other_groups_is_a_clear_error(tmp_path):
+    from util import checkpoint
+    model = _tiny()
+    two_groups = torch.optim.AdamW([{'params': [model.head.weight]}, {'params': [model.head.bias]}])
+    one_group = torch.optim.AdamW([{'params': [model.head.weight, model.head.bias]}])
+    ckpt = {'optimizer': two_groups.state_dict(), 'rng': [checkpoint.rng_state()] * 3}
+    with pytest.raises(SystemExit, match='other parameter groups .*: use the right flags') as info:
+        checkpoint.restore_training_state(ckpt, tmp_path / 'x.pth', one_group, None, 'use the right flags')
+    assert str(info.value.code).startswith('error: ')
+    del ckpt['optimizer']
+    checkpoint.restore_training_state(ckpt, tmp_path / 'x.pth', one_group, None, '')  # 3 ranks' RNG, 1 now: a note
+
+
 def test_load_other_resolution_interpolates_pos_embed(pretrain_ckpt):
     model = _tiny(global_pool=True, img_size=64)  # 4x4 tokens; checkpoint has 2x2
     report = load_pretrained_encoder(model, pretrain_ckpt, 2e-5)
@@ -105,6 +133,7 @@ def _resnet_like() -> dict:
     ('wrong_width', 'width 384'),
     ('missing_blocks', 'blocks'),
     ('not_a_dict', 'not a checkpoint dict'),
+    ('empty', 'is empty (0 bytes)'),
 ])
 def test_wrong_files_are_refused(tmp_path, kind, phrase):
     path = tmp_path / f'{kind}.pth'
@@ -123,6 +152,8 @@ def test_wrong_files_are_refused(tmp_path, kind, phrase):
         torch.save({'model': state}, path)
     elif kind == 'not_a_dict':
         torch.save([torch.zeros(3)], path)
+    elif kind == 'empty':
+        path.write_bytes(b'')
     with pytest.raises(SystemExit) as info:
         load_pretrained_encoder(_tiny(), path, 2e-5, 'vit_tiny_patch16')
     message = str(info.value.code)
@@ -258,7 +289,14 @@ def test_research_notes_command_parses(tmp_path):
            '--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval --data_path '
            '/raid/utku/datasets/imagenet/classification/ --output_dir full_finetune_out/ --log_dir full_finetune_out')
     args = run_finetune.get_args_parser().parse_args(cmd.split())
+    # a missing checkpoint or model name is reported before the data folders are scanned
+    with pytest.raises(SystemExit, match='--finetune /path/checkpoint-99.pth does not exist'):
+        run_finetune.check_args(args)
+    args.finetune = tmp_path / 'checkpoint-99.pth'
+    args.finetune.write_bytes(b'x')
     run_finetune.check_args(args)
+    with pytest.raises(SystemExit, match='pretraining name'):
+        run_finetune.check_args(argparse.Namespace(**{**vars(args), 'model': 'MIM_vit_base_patch16'}))
     assert (args.local_rank, args.world_size, args.accum_iter, args.batch_size) == (0, 4, 2, 128)
     assert args.lr == 4e-3 and args.layer_decay == 0.75 and args.dist_eval and args.global_pool
     assert run_finetune.mixup_active(args)
@@ -304,6 +342,25 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
     lines = [json.loads(l) for l in (out / 'log.txt').read_text().splitlines()]
     assert [l.get('epoch') for l in lines] == [0, 1, None, 2]
     assert lines[-1]['max_accuracy'] == max(l['test_acc1'] for l in lines)
+
+
+def test_finetune_resume_is_exact(tmp_path, demo_data, pretrain_ckpt):
+    """Resuming after epoch 1 of 3 ends with the uninterrupted run's weights (with --num_workers 0 the
+    augmentation draws from the RNG the checkpoint restores; evaluation must not draw from it)."""
+    common = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4', '--num_workers', '0',
+              '--device', 'cpu', '--data_path', str(demo_data), '--finetune', str(pretrain_ckpt), '--epochs', '3',
+              '--warmup_epochs', '1', '--blr', '1e-2', '--mixup', '0.8', '--cutmix', '1.0', '--reprob', '0.25',
+              '--drop_path', '0.1', '--save_freq', '1']
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    res = run_script(['run_finetune.py', *common, '--output_dir', str(straight)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_script(['run_finetune.py', *common, '--output_dir', str(resumed),
+                      '--resume', str(straight / 'checkpoint-1.pth')])
+    assert res.returncode == 0 and 'resumed from' in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    a = torch.load(straight / 'checkpoint-last.pth', weights_only=True)['model']
+    b = torch.load(resumed / 'checkpoint-last.pth', weights_only=True)['model']
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), 'resumed fine-tuning diverged from the uninterrupted run'
 
 
 def test_finetune_two_processes_distributed_launch(tmp_path, demo_data, pretrain_ckpt):

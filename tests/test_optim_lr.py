@@ -154,6 +154,23 @@ def test_plain_schedule_on_step():
     assert sched.num_frozen == 0
 
 
+def test_plain_schedule_uses_upstreams_epoch_fraction_with_accumulation():
+    # upstream sets the lr when data_iter_step % accum_iter == 0, at data_iter_step / len(loader) + epoch;
+    # with 7 batches and accum_iter 2 there are 3 steps an epoch (the 7th batch is left over)
+    opt = _optimizer(scales=(None,))
+    batches, accum = 7, 2
+    sched = PlainSchedule(opt, LR, MIN_LR, WARM, EPOCHS, batches, accum)
+    step = 0
+    for epoch in range(EPOCHS):
+        for data_iter_step in range(0, batches - batches % accum, accum):
+            sched.on_step(step)
+            expected = my_schedule(data_iter_step / batches + epoch)
+            assert opt.param_groups[0]['lr'] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+            step += 1
+    assert step == EPOCHS * sched.steps_per_epoch
+    assert sched.lr_at(4) != pytest.approx(my_schedule(4 / 3), rel=1e-6)  # not step / steps_per_epoch
+
+
 def test_adjust_learning_rate_honours_lr_scale():
     opt = _optimizer()
     args = SimpleNamespace(lr=LR, min_lr=MIN_LR, warmup_epochs=WARM, epochs=EPOCHS)

@@ -279,3 +279,32 @@ def test_resume_notes_changed_flags(data, tmp_path):
     res = run_ok('--data_path', data, '--output_dir', out, '--epochs', '2', '--min_lr', '1e-5')
     assert 'differ from its run' in res.stdout and '--epochs 2 (checkpoint: 1)' in res.stdout
     assert [r['epoch'] for r in read_log(out)] == [0, 1]
+
+
+def test_freezeout_resume_that_would_thaw_layers_is_refused(data, tmp_path):
+    out = tmp_path / 'out'
+    fo_flags = ['--t_0', '0.5', '--how_scale', 'linear']
+    run_ok('--data_path', data, '--output_dir', out, '--epochs', '3', *fo_flags)
+    saved = load_ckpt(out / 'checkpoint-last.pth')['frozen']
+    assert saved['num_frozen'] == 12 and saved['live_taps'] == [3]  # at step 23 of 24
+    # a finished FreezeOut run relaunched: nothing to do, and no advice to raise --epochs
+    res = run_ok('--data_path', data, '--output_dir', out, '--epochs', '3', *fo_flags)
+    assert 'all 3 epochs are done' in res.stdout and 'new run' in res.stdout, res.describe()
+    # twice the epochs: the resume step (24 of 48) is before most freeze steps
+    res = run_pretrain('--data_path', data, '--output_dir', out, '--epochs', '6', *fo_flags, timeout=120)
+    assert res.returncode != 0 and 'Traceback' not in res.output, res.describe()
+    assert 'would unfreeze layers 1..11' in res.stderr and 'dropped taps' in res.stderr, res.describe()
+    assert '--no_auto_resume' in res.stderr
+
+
+def test_resume_from_upstream_format_checkpoint(data, plain_run, tmp_path):
+    """LocalMIM's own checkpoints pickle args as an argparse.Namespace."""
+    import argparse
+    _, plain_out, _ = plain_run
+    ckpt = load_ckpt(plain_out / 'checkpoint-0.pth')
+    ckpt['args'] = argparse.Namespace(**ckpt['args'])
+    ckpt.pop('frozen', None)
+    upstream = tmp_path / 'upstream.pth'
+    torch.save(ckpt, upstream)
+    res = run_ok('--data_path', data, '--output_dir', tmp_path / 'out', '--epochs', '2', '--resume', upstream)
+    assert 'upstream format' in res.stdout and 'continuing at epoch 1' in res.stdout, res.describe()

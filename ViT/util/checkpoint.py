@@ -101,10 +101,12 @@ def find_latest(output_dir: str | Path) -> Path | None:
 def load(path: str | Path, map_location: str | torch.device = 'cpu') -> dict[str, Any]:
     """torch.load with weights_only and a clear message for missing or unreadable files.
     Falls back to a full unpickle only for upstream checkpoints that pickled a Namespace
-    (LocalMIM's released files), with a note."""
+    (LocalMIM's released files), with a note; their 'args' come back as a dict, as ours."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist')
+    if path.stat().st_size == 0:
+        raise CheckpointError(f'checkpoint {path} is empty (0 bytes): an interrupted copy?')
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as first_error:  # noqa: BLE001 - re-raised below with context
@@ -113,11 +115,35 @@ def load(path: str | Path, map_location: str | torch.device = 'cpu') -> dict[str
             print(f'note: {path} holds a pickled argparse.Namespace (upstream format); '
                   'loading it with weights_only=False because it is an upstream checkpoint')
             try:
-                return torch.load(path, map_location=map_location, weights_only=False)
+                obj = torch.load(path, map_location=map_location, weights_only=False)
             except Exception as e:  # noqa: BLE001
                 first_error = e
-        raise CheckpointError(f'cannot read checkpoint {path}: '
-                              f'{type(first_error).__name__}: {str(first_error).splitlines()[0]}')
+            else:
+                if isinstance(obj, dict) and isinstance(obj.get('args'), argparse.Namespace):
+                    obj['args'] = vars(obj['args'])  # callers read args as this project saves them
+                return obj
+        first_line = (str(first_error).splitlines() or [''])[0]
+        raise CheckpointError(f'cannot read checkpoint {path}: {type(first_error).__name__}: {first_line}')
+
+
+def restore_training_state(ckpt: dict[str, Any], path: str | Path, optimizer: torch.optim.Optimizer,
+                           loss_scaler, groups_hint: str) -> None:
+    """Optimizer, loss-scaler and this rank's RNG state from a loaded checkpoint. An optimizer
+    state saved for other parameter groups stops the run with `groups_hint` (what differs and
+    what to do); a checkpoint from another number of processes restarts the RNG streams."""
+    if 'optimizer' in ckpt:
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f'the optimizer state in {path} was saved for other parameter groups '
+                                  f'({e}): {groups_hint}') from None
+    if loss_scaler is not None and ckpt.get('scaler'):
+        loss_scaler.load_state_dict(ckpt['scaler'])
+    rng, world = ckpt.get('rng'), dist.get_world_size()
+    if rng is not None and len(rng) == world:
+        set_rng_state(rng[dist.get_rank()])
+    elif rng is not None:
+        print(f'note: checkpoint saved with {len(rng)} processes, now {world}: RNG streams restart')
 
 
 def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
@@ -150,9 +176,10 @@ def _newest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    loss_scaler, epoch: int) -> None:
+                    loss_scaler, epoch: int, extra: dict[str, Any] | None = None) -> None:
     """checkpoint-last.pth every epoch, checkpoint-<epoch>.pth every --save_freq and at the end.
-    RNG states of all ranks are gathered so each rank resumes its own stream. Rank 0 writes."""
+    RNG states of all ranks are gathered so each rank resumes its own stream. Rank 0 writes.
+    `extra`: more top-level entries (pretraining records its frozen set)."""
     states = [rng_state()]
     if dist.is_dist():
         gathered = [None] * dist.get_world_size()
@@ -162,7 +189,7 @@ def save_checkpoint(args: argparse.Namespace, model: torch.nn.Module, optimizer:
         return
     obj = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
            'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
-           'args': args_to_dict(args), 'rng': states}
+           'args': args_to_dict(args), 'rng': states, **(extra or {})}
     out = Path(args.output_dir)
     save_atomic(obj, out / 'checkpoint-last.pth')
     if epoch % args.save_freq == 0 or epoch + 1 == args.epochs:

@@ -345,7 +345,9 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, pin_mem: bool
 
 def build_eval_loader(dataset, batch_size: int, num_workers: int, pin_mem: bool, world_size: int = 1,
                       rank: int = 0) -> torch.utils.data.DataLoader:
-    """In dataset order; with world_size > 1 each process gets its ShardSampler share."""
+    """In dataset order; with world_size > 1 each process gets its ShardSampler share. Its own
+    generator: starting an epoch would otherwise draw from the global torch RNG, so evaluating
+    between training epochs would change the training randomness that a resume restores."""
     sampler = ShardSampler(len(dataset), world_size, rank)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                                       pin_memory=pin_mem, drop_last=False)
+                                       pin_memory=pin_mem, drop_last=False, generator=torch.Generator())

@@ -4,8 +4,9 @@ Accepts run_pretrain.py's checkpoints and LocalMIM's released ones: the model un
 with upstream parameter names. The encoder part (`patch_embed.proj.*`, `cls_token`,
 `pos_embed`, `blocks.N.*`) is kept; pretraining-only entries are dropped: LocalMIM's tap norms
 `norm.J.*`, decoders `decoder.J.*`, HOG layers `hog_enc.J.*` (and MAE's `decoder_*`,
-`mask_token`). The pretraining model has no final norm, so the classifier's `head` and the norm
-its read-out uses (`fc_norm` with global pooling, `norm` with the cls token) keep their init.
+`mask_token`). The classifier's `head` and the norm its read-out uses (`fc_norm` with global
+pooling, `norm` with the cls token) keep their init: the tap norm on the last block (`norm.3`)
+is dropped with the others, as upstream's fine-tuning does (its keys do not match `norm.*`).
 
 Anything that is not such a checkpoint stops the run with `error: ...` (a SystemExit), never a
 traceback.
@@ -81,8 +82,9 @@ def load_pretrained_encoder(model: nn.Module, path: str | Path, head_init_std: f
     """Load the encoder of checkpoint `path` into `model` (a models_vit.VisionTransformer).
 
     The position embedding is resized when the checkpoint's token grid differs from the
-    model's. Only the read-out (`head`, and `fc_norm` or `norm`) may be missing; the head, when
-    not in the checkpoint, is re-initialised with trunc_normal(std=head_init_std), bias 0.
+    model's. Only the read-out (`head`, and `fc_norm` or `norm`) may be missing; the head is
+    always initialised afresh with trunc_normal(std=head_init_std), bias 0 (a fine-tuned
+    checkpoint's head is ignored, as upstream re-initialises it).
     """
     ckpt = checkpoint.load(path)
     state, dropped = encoder_state_dict(ckpt, path)
@@ -101,10 +103,11 @@ def load_pretrained_encoder(model: nn.Module, path: str | Path, head_init_std: f
               '--model the encoder was pretrained as')
 
     report = LoadReport(dropped=dropped)
-    for k in ('head.weight', 'head.bias'):  # a classifier for another number of classes
-        if k in state and state[k].shape != target[k].shape:
-            print(f'dropping {k} {tuple(state[k].shape)} from the checkpoint (model: {tuple(target[k].shape)})')
-            del state[k]
+    # a fine-tuned checkpoint's classifier is not part of the encoder: the head always starts afresh
+    # (as upstream's fine-tuning and linear probing re-initialise it), and kNN models have none
+    old_head = [k for k in ('head.weight', 'head.bias') if state.pop(k, None) is not None]
+    if old_head:
+        print(f'ignoring the checkpoint\'s classifier ({", ".join(old_head)}): the head is initialised afresh')
 
     pos = state.get('pos_embed')
     if pos is not None and pos.shape != target['pos_embed'].shape:

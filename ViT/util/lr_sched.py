@@ -31,20 +31,24 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args) -
 
 class PlainSchedule:
     """Upstream LocalMIM's schedule, applied once per optimizer step (per iteration, not per
-    epoch): fractional epoch = step / steps_per_epoch. Same hook as FreezeOut; never freezes."""
+    epoch), at upstream's fractional epoch: epoch + (index of the step's first micro-batch) /
+    batches_per_epoch, i.e. step / steps_per_epoch when accum_iter divides the epoch. Same hook
+    as FreezeOut; never freezes."""
 
     num_frozen = 0
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr: float, min_lr: float,
-                 warmup_epochs: float, epochs: int, steps_per_epoch: int):
+                 warmup_epochs: float, epochs: int, batches_per_epoch: int, accum_iter: int = 1):
         self.optimizer = optimizer
         self.lr, self.min_lr = lr, min_lr
         self.warmup_epochs, self.epochs = warmup_epochs, epochs
-        self.steps_per_epoch = steps_per_epoch
+        self.batches_per_epoch, self.accum_iter = batches_per_epoch, accum_iter
+        self.steps_per_epoch = batches_per_epoch // accum_iter  # left-over micro-batches are skipped
 
     def lr_at(self, step: int) -> float:
-        return warmup_cosine_lr(step / self.steps_per_epoch, self.lr, self.min_lr,
-                                self.warmup_epochs, self.epochs)
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        progress = epoch + step_in_epoch * self.accum_iter / self.batches_per_epoch
+        return warmup_cosine_lr(progress, self.lr, self.min_lr, self.warmup_epochs, self.epochs)
 
     def on_step(self, step: int) -> bool:
         set_group_lrs(self.optimizer, self.lr_at(step))

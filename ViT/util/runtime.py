@@ -45,3 +45,13 @@ def setup(args: argparse.Namespace) -> torch.device:
     random.seed(seed)
     torch.backends.cudnn.benchmark = True
     return device
+
+
+def allow_recompiles(graphs: int, config=None) -> None:
+    """Lets torch.compile keep at least `graphs` graphs per function: each FreezeOut event changes
+    the graph once, and past dynamo's limit (8 by default) it silently falls back to eager.
+    The setting is `recompile_limit` on current torch, `cache_size_limit` on older releases."""
+    if config is None:
+        import torch._dynamo.config as config
+    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
+    setattr(config, name, max(getattr(config, name), graphs))
