@@ -42,13 +42,13 @@ import torch
 
 import models_mim
 from engine_pretrain import ModelHandle, train_one_epoch
-from util import flops
+from util import flops, gpu_data
 from util import freezeout as fo
 from util.data import IMAGE_EXTENSIONS, resolve_image_folder
 from util.gpu_data import BACKENDS, build_loader
 from util.lr_sched import set_group_lrs, warmup_cosine_lr
 from util.optim import build_adamw, param_groups_weight_decay
-from util.runtime import resolve_device_and_amp
+from util.runtime import allow_recompiles, resolve_device_and_amp
 
 LR, WEIGHT_DECAY = 1.5e-4, 0.05
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -117,9 +117,25 @@ def synthetic_images(batch: int, size: int, device: torch.device, seed: int = 0)
 
 
 # ---- (a) the upstream step -------------------------------------------------------------------
+@torch.no_grad()
+def upstream_hog_layer(layer, x: torch.Tensor) -> torch.Tensor:
+    """Upstream's HOGLayer.forward, op for op under whatever autocast is active: in the fp16
+    reference step the Sobel conv, atan2 and binning run in half precision and the magnitude
+    in float32 (autocast's norm), unlike the project's targets (float32 throughout).
+    x (N, 1, H, W) -> (N, nbins, H / pool, W / pool)."""
+    gxy = layer.conv(x)  # (N, 2, H, W)
+    magnitude = gxy.norm(dim=1)[:, None]  # (N, 1, H, W)
+    phase = torch.atan2(gxy[:, 0], gxy[:, 1])[:, None]  # (N, 1, H, W)
+    bins = (phase / layer.max_angle * layer.nbins).floor().long() % layer.nbins
+    n, _, h, w = gxy.shape
+    hist = torch.zeros(n, layer.nbins, h, w, dtype=torch.float, device=x.device)
+    hist.scatter_(1, bins, magnitude.float())
+    return layer.pool_and_normalize(hist, int(round(w / layer.pool)))  # float32 pooling, as upstream
+
+
 def upstream_hog(model, imgs: torch.Tensor, k: int) -> torch.Tensor:
-    """Upstream's MaskedAutoencoderViT.HOG: one HOGLayer call per channel for scale k."""
-    feats = [model.hog_enc[k](imgs[:, c:c + 1]) for c in range(imgs.shape[1])]
+    """Upstream's MaskedAutoencoderViT.HOG: one HOG layer call per channel for scale k."""
+    feats = [upstream_hog_layer(model.hog_enc[k], imgs[:, c:c + 1]) for c in range(imgs.shape[1])]
     return torch.cat(feats, 1).flatten(2, 3).transpose(1, 2)
 
 
@@ -238,8 +254,7 @@ class ProjectStep:
         self.freezeout = fo.FreezeOut(model, self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(device.type) if args.amp == 'fp16' else None
         if args.compile:
-            import torch._dynamo.config as dynamo_config
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * model.num_layers + 8)
+            allow_recompiles(2 * model.num_layers + 8)  # one graph per freeze event, and margin
         self.handle = ModelHandle(model, torch.compile if args.compile else (lambda m: m))
 
     def step_with_frozen(self, k: int) -> int:
@@ -418,13 +433,18 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, 
                 notes.append(f'loader {backend} skipped: needs a CUDA device (running on {device})')
                 log(f'[loader {backend}] skipped: needs a CUDA device')
                 continue
-            start = time.perf_counter()
+            start, refusals = time.perf_counter(), gpu_data._refusals
             try:
                 loader = build_loader(backend, folder, args.input_size, args.batch_size, 0, args.num_workers,
                                       device.type == 'cuda', 1, 0, device, args.cache_size, args.decode_ahead)
             except SystemExit as e:
                 notes.append(f'loader {backend} skipped: {e}')
                 log(f'[loader {backend}] skipped: {e}')
+                continue
+            except Exception as e:  # e.g. out of memory filling the gpu-cache: note it, time the others
+                notes.append(f'loader {backend} failed to build: {type(e).__name__}: '
+                             f'{(str(e).splitlines() or [""])[0][:300]}')
+                log(f'[loader {backend}] failed to build: {e!r}')
                 continue
             setup[backend] = time.perf_counter() - start
             try:
@@ -439,6 +459,10 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, 
                 first_line = (str(e).splitlines() or [''])[0][:300]
                 notes.append(f'loader {backend} failed: {type(e).__name__}: {first_line}')
                 log(f'[loader {backend}] failed: {e!r}')
+            if gpu_data._refusals > refusals:  # its rates are then those of a CPU decode: say so
+                notes.append(f'loader {backend}: the batched GPU JPEG decoder refused {gpu_data._refusals - refusals} '
+                             f'batches, decoded image by image on the CPU instead')
+                log(f'[loader {backend}] {notes[-1]}')
             del loader
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
@@ -639,6 +663,8 @@ def main(argv: list[str] | None = None) -> dict:
     rates = []
     for k in ks:
         project.set_frozen(k)
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)  # the peak of this k, not the largest so far
         seconds = time_runs(lambda n: project.run(imgs, n), args.warmup, args.steps, device)
         rates.append(images / seconds)
         mem = (f', peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB'

@@ -3,7 +3,9 @@
 # repository root, with the shared data copied into the ignored data/ folder (carry `data`):
 #   mkdir -p data && cp -r ../shared/data/imagenet-sample-40 ../shared/data/imagenette-128 data/
 #   [STUDY_MINUTES=N] [GPU_TESTS=0] bash ViT/measure_gpu.sh [out_dir]   (default: $OUT, else gpu_measure_out)
-# Stages (estimated, not yet measured, on an H100: 1-4 about 4 minutes, 5 about 3):
+# Stages (estimated, not yet measured, on an H100: 1-4 about 5-6 minutes, 5 about 4-7; together
+# they may pass the device tool's 600 s per call, so run GPU_TESTS=0 first and the tests as a
+# second call: python3 -m pytest -q -rs tests/test_gpu_paths.py):
 #   1. upstream reference vs the project step with k = 0..L-1 frozen; each input backend alone
 #      and feeding the step (ViT-B/16, 224 px, batch 256, imagenet-sample-40 repeated to 100
 #      batches an epoch);
@@ -51,8 +53,22 @@ pack() { tar czf "$out/measure_gpu.tgz" -C "$work" --exclude='*.pth' --exclude='
 
 stage "0. environment"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  echo "cpus: $(nproc)"
+  echo "cpus: $(nproc); open files: $(ulimit -n); /dev/shm: $(df -h /dev/shm 2>/dev/null | awk 'NR==2 {print $2 " total, " $4 " free"}')"
   python3 -c 'import torch, torchvision, timm; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)'
+  if [ "$dev" = cuda ]; then  # does nvjpeg decode here? a refusal would make the gpu backend a CPU decoder
+    python3 - "$data/imagenet-sample-40" <<'PY'
+import glob, sys
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+files = sorted(glob.glob(sys.argv[1] + '/**/*.JPEG', recursive=True))[:16]
+try:
+    out = decode_jpeg([read_file(f) for f in files], mode=ImageReadMode.RGB, device='cuda')
+    torch.cuda.synchronize()
+    print(f'nvjpeg: decoded {len(out)} JPEGs in one batch on {torch.cuda.get_device_name()}')
+except Exception as e:
+    print(f'nvjpeg: FAILED ({type(e).__name__}: {e}); the gpu backend will decode on the CPU')
+PY
+  fi
 } 2>&1 | tee "$work/env.txt"
 
 stage "1. step: upstream reference vs project step with k frozen (cubic 0.8); loaders alone and feeding the step"

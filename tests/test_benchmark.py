@@ -118,6 +118,34 @@ def test_a_failing_backend_is_noted_and_the_step_timings_kept(tmp_path, monkeypa
     assert 'loader pil failed' in (out / 'benchmark.md').read_text()
 
 
+def test_a_backend_that_cannot_be_built_or_falls_back_is_noted(tmp_path, monkeypatch):
+    """An error building a loader (e.g. out of memory filling the gpu-cache) and batches the GPU
+    decoder refused (decoded on the CPU: the rate is not nvjpeg's) end up in the notes."""
+    from util import gpu_data
+    data = tmp_path / 'data'
+    write_images(data / 'train' / 'a', 8)
+    real_build = benchmark.build_loader
+    flags = [*TINY, '--ks', '0', '--skip_reference', '--data_path', str(data), '--num_workers', '0',
+             '--backends', 'pil', '--e2e_ks', '--out', str(tmp_path / 'out')]
+    monkeypatch.setattr(benchmark, 'time_loader', lambda *a, **k: 100.0)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError('CUDA out of memory. Tried to allocate 5 GiB')
+    monkeypatch.setattr(benchmark, 'build_loader', out_of_memory)
+    result = benchmark.main(flags)
+    assert 'loader pil failed to build: RuntimeError: CUDA out of memory. Tried to allocate 5 GiB' in result['notes']
+    assert result['loader_img_per_s'] == {} and positive(result['freeze_img_per_s'][0])
+
+    def refusing(*args, **kwargs):
+        loader = real_build(*args, **kwargs)
+        monkeypatch.setattr(gpu_data, '_refusals', gpu_data._refusals + 3)  # as if 3 batches were refused
+        return loader
+    monkeypatch.setattr(benchmark, 'build_loader', refusing)
+    result = benchmark.main(flags)
+    assert any(n.startswith('loader pil: the batched GPU JPEG decoder refused 3 batches') for n in result['notes'])
+    assert result['loader_img_per_s'] == {'pil': 100.0}
+
+
 def test_schedule_average_uses_freezeout_weighting():
     """With time per image proportional to util.flops' step cost, the schedule average is the
     FLOP model's average cost; unmeasured k are interpolated."""
@@ -157,6 +185,23 @@ def test_reference_forward_matches_the_model():
     ours.backward()
     norm = benchmark.upstream_grad_norm(params)
     assert torch.allclose(norm, torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
+def test_reference_hog_runs_under_the_active_autocast():
+    """Upstream's HOG had no autocast guard: under the reference step's fp16 autocast its Sobel conv
+    ran in half precision (bf16 on CPU here), while the project's targets stay float32."""
+    model = models_mim.build_model('MIM_vit_tiny_patch16', img_size=64)
+    imgs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = model.hog_enc[0].conv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = benchmark.upstream_hog(model, imgs, 0)
+        ours = model.HOG(imgs, 0)
+    hook.remove()
+    assert seen == [torch.bfloat16] * 3 + [torch.float32]  # the reference per channel, then ours once
+    assert low.dtype == ours.dtype == torch.float32 and low.shape == ours.shape
+    assert not torch.equal(low, ours)  # some pixels land in other orientation bins
+    assert (low - ours).abs().mean() < 0.05  # but it is the same target
 
 
 def test_reference_and_project_steps_train_on_cpu():

@@ -238,6 +238,22 @@ def write_folder(base: Path, sizes, classes=('a', 'b'), seed=0, png_every=0):
     return base
 
 
+def test_bytes_travel_packed_one_tensor_per_batch(tmp_path):
+    """Workers send a batch's files as one packed tensor (one shared-memory handle, not one per file);
+    the views split from it decode exactly like the files."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from util.gpu_data import JpegBytesFolder, collate_bytes, split_bytes
+    root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50)], png_every=2)
+    loader = torch.utils.data.DataLoader(JpegBytesFolder(root), batch_size=5, num_workers=2, collate_fn=collate_bytes)
+    packed, lengths, targets = next(iter(loader))
+    assert packed.dtype == torch.uint8 and packed.ndim == 1 and lengths.tolist() == [
+        len(read_file(path)) for path, _ in loader.dataset.samples[:5]]
+    assert targets.tolist() == [t for _, t in loader.dataset.samples[:5]]
+    for view, (path, _) in zip(split_bytes(packed, lengths), loader.dataset.samples):
+        assert torch.equal(view, read_file(path))
+        assert torch.equal(decode_image(view, mode=ImageReadMode.RGB), decode_image(read_file(path), mode=ImageReadMode.RGB))
+
+
 def test_gpu_loader_on_cpu(tmp_path):
     root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50), (36, 28), (60, 40)], png_every=4)
     loader = GpuJpegLoader(root, 32, batch_size=3, seed=4, num_workers=0, world_size=1, rank=0, device='cpu')

@@ -70,9 +70,12 @@ SIZES = [(500, 375), (375, 500), (333, 251), (640, 480), (97, 131), (500, 500), 
 def test_nvjpeg_decode_matches_the_cpu_decoder(tmp_path):
     from torchvision.io import ImageReadMode, decode_image, read_file
 
+    from util import gpu_data
     from util.gpu_data import decode_batch
     data = [read_file(str(p)) for p in smooth_jpegs(tmp_path, SIZES)]
+    refusals = gpu_data._refusals
     gpu = decode_batch(data, 'cuda')
+    assert gpu_data._refusals == refusals, 'nvjpeg refused the batch: it was decoded on the CPU instead'
     for d, g in zip(data, gpu):
         cpu = decode_image(d, mode=ImageReadMode.RGB)
         assert g.device.type == 'cuda' and g.dtype == torch.uint8 and g.shape == cpu.shape

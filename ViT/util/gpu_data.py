@@ -190,8 +190,19 @@ class JpegBytesFolder(datasets.ImageFolder):
 
 
 def collate_bytes(batch):
-    """[(bytes, target)] -> (list of byte tensors, int64 targets)."""
-    return [b[0] for b in batch], torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    """[(bytes, target)] -> (packed: the files' bytes end to end, uint8; lengths: int64 (B,);
+    targets: int64 (B,)). One tensor for the whole batch: a worker hands every tensor over
+    through its own shared-memory file descriptor: receiving 256 of them took 77 ms per batch
+    against 10 ms packed (2 workers, 2-core CPU), and 4 batches in flight per worker can pass a
+    1,024 open-file limit."""
+    data = [b[0] for b in batch]
+    return (torch.cat(data), torch.tensor([d.numel() for d in data], dtype=torch.int64),
+            torch.tensor([b[1] for b in batch], dtype=torch.int64))
+
+
+def split_bytes(packed: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """collate_bytes' packed bytes -> one 1-D uint8 view per file."""
+    return list(torch.split(packed, lengths.tolist()))
 
 
 def _is_jpeg(data: torch.Tensor) -> bool:
@@ -350,8 +361,8 @@ class GpuJpegLoader:
         epoch = self.sampler.epoch
 
         def prepare(b: int, raw) -> tuple[torch.Tensor, torch.Tensor]:
-            data, targets = raw
-            images = decode_batch(data, self.device)
+            packed, lengths, targets = raw
+            images = decode_batch(split_bytes(packed, lengths), self.device)
             gen = batch_generator(self.seed, epoch, b, self.rank)
             return (augment_images(images, gen, self.input_size, mode=self.mode,
                                    max_canvas_pixels=self.max_canvas_pixels),
