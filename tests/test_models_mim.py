@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import models_mim
 
@@ -244,6 +245,171 @@ def test_decoder_puts_mask_tokens_at_masked_positions():
                 for p in perms[b, len_keep:].tolist():
                     assert mask[b, p] == 1
                     torch.testing.assert_close(x[b, 1 + p], dec.mask_token[0, 0] + pos[1 + p])
+
+
+# ---------------------------------------------------------------------------------------------
+# independent functional reference of upstream LocalMIM's forward (float64; plain torch ops on
+# the model's parameters, looked up by name; no module of the model is called)
+# ---------------------------------------------------------------------------------------------
+UPSTREAM_EPS = 1e-6  # upstream's norm_layer, partial(nn.LayerNorm, eps=1e-6), in the decoders too
+TINY = dict(depth=12, heads=3, decoder_depth=1, decoder_heads=8)  # decoder: upstream's 256/1/8
+
+
+def ref_sincos_table(dim, grid):
+    """MAE's fixed table, (1 + grid*grid, dim): row 0 (cls) is zero; token p = r*grid + c gets
+    [sin(c*w), cos(c*w), sin(r*w), cos(r*w)] with w_i = 10000 ** (-i / (dim / 4))."""
+    quarter = dim // 4
+    w = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    r = torch.arange(grid, dtype=torch.float64).repeat_interleave(grid)[:, None]  # (L, 1)
+    c = torch.arange(grid, dtype=torch.float64).repeat(grid)[:, None]  # (L, 1)
+    table = torch.cat([torch.sin(c * w), torch.cos(c * w), torch.sin(r * w), torch.cos(r * w)], 1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table])  # (1 + L, dim)
+
+
+def ref_block(x, p, pre, heads):
+    """timm's pre-norm ViT block: x + proj(softmax(q k^T / sqrt(hd)) v) on LN1(x), then
+    x + fc2(GELU(fc1(LN2(x)))) (exact GELU, LayerNorm eps 1e-6, qkv with bias)."""
+    B, N, C = x.shape
+    hd = C // heads
+    h = F.layer_norm(x, (C,), p[pre + 'norm1.weight'], p[pre + 'norm1.bias'], UPSTREAM_EPS)
+    qkv = F.linear(h, p[pre + 'attn.qkv.weight'], p[pre + 'attn.qkv.bias'])  # (B, N, 3C)
+    q, k, v = qkv.reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)  # each (B, heads, N, hd)
+    attn = torch.softmax(q @ k.transpose(-2, -1) * hd ** -0.5, dim=-1)  # (B, heads, N, N)
+    out = (attn @ v).transpose(1, 2).reshape(B, N, C)  # heads concatenated per token
+    x = x + F.linear(out, p[pre + 'attn.proj.weight'], p[pre + 'attn.proj.bias'])
+    h = F.layer_norm(x, (C,), p[pre + 'norm2.weight'], p[pre + 'norm2.bias'], UPSTREAM_EPS)
+    h = F.gelu(F.linear(h, p[pre + 'mlp.fc1.weight'], p[pre + 'mlp.fc1.bias']))  # (B, N, 4C)
+    return x + F.linear(h, p[pre + 'mlp.fc2.weight'], p[pre + 'mlp.fc2.bias'])
+
+
+def ref_decoder(latent, ids_keep, p, j, scale, num_tokens, depth, heads):
+    """Upstream's MAE_Decoder j: embed, mask token at every removed position, decoder pos table,
+    blocks, LayerNorm, drop cls, then the head of its scale. -> (B, (grid*scale)**2, out)."""
+    pre = f'decoder.{j}.'
+    B = latent.shape[0]
+    y = F.linear(latent, p[pre + 'embed.weight'], p[pre + 'embed.bias'])  # (B, 1 + keep, d)
+    d = y.shape[-1]
+    tokens = p[pre + 'mask_token'].expand(B, num_tokens, d).clone()  # (B, L, d)
+    for b in range(B):
+        tokens[b, ids_keep[b]] = y[b, 1:]  # the i-th kept token goes back to position ids_keep[b, i]
+    x = torch.cat([y[:, :1], tokens], dim=1) + p[pre + 'pos_embed']  # (B, 1 + L, d)
+    for i in range(depth):
+        x = ref_block(x, p, f'{pre}blocks.{i}.', heads)
+    x = F.layer_norm(x, (d,), p[pre + 'norm.weight'], p[pre + 'norm.bias'], UPSTREAM_EPS)
+    g = int(round(num_tokens ** 0.5))
+    x = x[:, 1:].transpose(1, 2).reshape(B, d, g, g)  # cls dropped; (B, d, g, g), token r*g + c
+    head = pre + 'pred.'
+    if scale == 4.0:  # convT x2, channels-first LayerNorm, GELU, convT x2, 1x1 conv
+        x = F.conv_transpose2d(x, p[head + '0.weight'], p[head + '0.bias'], stride=2)  # (B, d/2, 2g, 2g)
+        mu = x.mean(1, keepdim=True)
+        var = ((x - mu) ** 2).mean(1, keepdim=True)  # biased, over channels only
+        x = (x - mu) / torch.sqrt(var + UPSTREAM_EPS)
+        x = p[head + '1.weight'][:, None, None] * x + p[head + '1.bias'][:, None, None]
+        x = F.gelu(x)
+        x = F.conv_transpose2d(x, p[head + '3.weight'], p[head + '3.bias'], stride=2)  # (B, d/4, 4g, 4g)
+        last = '4'
+    elif scale == 2.0:  # convT x2, 1x1 conv
+        x = F.conv_transpose2d(x, p[head + '0.weight'], p[head + '0.bias'], stride=2)  # (B, d/2, 2g, 2g)
+        last = '1'
+    elif scale == 1.0:  # 1x1 conv only
+        last = '0'
+    else:  # 0.5: 2x2 average pooling, 1x1 conv
+        x = F.avg_pool2d(x, kernel_size=2, stride=2)  # (B, d, g/2, g/2)
+        last = '1'
+    x = F.conv2d(x, p[head + last + '.weight'], p[head + last + '.bias'])  # (B, out, g*s, g*s)
+    return x.flatten(2).transpose(1, 2)  # (B, (g*s)**2, out), row-major over the grid
+
+
+def ref_localmim_forward(model, imgs, mask_ratio, seed, patch, depth, heads, decoder_depth,
+                         decoder_heads, nbins, hog_bias):
+    """Upstream's MaskedAutoencoderViT.forward; returns (preds, {k: term}, ids_keep)."""
+    p = dict(model.named_parameters())
+    B = imgs.shape[0]
+    proj_w, proj_b = p['patch_embed.proj.weight'], p['patch_embed.proj.bias']
+    x = F.conv2d(imgs, proj_w, proj_b, stride=patch)  # (B, D, g, g): one patch per output position
+    D, g = x.shape[1], x.shape[2]
+    L = g * g
+    x = x.flatten(2).transpose(1, 2) + p['pos_embed'][:, 1:]  # (B, L, D), token r*g + c
+    # masking: one torch.rand(B, L) draw; the len_keep smallest noise values are kept
+    torch.manual_seed(seed)
+    noise = torch.rand(B, L)
+    ids_keep = torch.argsort(noise, dim=1)[:, :int(L * (1 - mask_ratio))]  # (B, keep)
+    mask = torch.ones(B, L, dtype=torch.float64).scatter_(1, ids_keep, 0.)  # 1 = removed
+    x = torch.stack([x[b, ids_keep[b]] for b in range(B)])  # (B, keep, D)
+    cls = (p['cls_token'] + p['pos_embed'][:, :1]).expand(B, -1, -1)  # (B, 1, D)
+    x = torch.cat([cls, x], dim=1)  # (B, 1 + keep, D)
+    taps = [1, 3, depth - 3, depth - 1]  # tap j reads block taps[j]'s output through norm.j
+    latent = []
+    for i in range(depth):
+        x = ref_block(x, p, f'blocks.{i}.', heads)
+        if i in taps:
+            j = taps.index(i)
+            latent.append(F.layer_norm(x, (D,), p[f'norm.{j}.weight'], p[f'norm.{j}.bias'], UPSTREAM_EPS))
+    preds = [ref_decoder(latent[j], ids_keep, p, j, s, L, decoder_depth, decoder_heads)
+             for j, s in enumerate(SCALES)]
+    terms = {}
+    for k, s in enumerate(SCALES):
+        bias = tuple(p[f'hog_enc.{k}.conv.bias'].tolist()) if hog_bias else (0.0, 0.0)
+        target = ref_hog_tokens(imgs, patch, s, nbins, bias)  # pools of 4, 8, 16, 32 px
+        M = ref_scale_mask(mask, g, s)
+        terms[k] = (((preds[k] - target) ** 2).mean(dim=-1) * M).sum() / M.sum()
+    return preds, terms, ids_keep
+
+
+@pytest.mark.parametrize('kw', [{}, {'hog_nbins': 18, 'hog_bias': True}], ids=['default', 'nbins18_bias'])
+def test_forward_matches_functional_upstream_reference(kw):
+    """The whole forward against `ref_localmim_forward`, with the same weights and the same
+    seeded mask. The reference encodes upstream's forward: conv patch embedding + fixed sin-cos
+    table; masking keeps the tokens with the smallest torch.rand(B, L) noise (the forward's only
+    random draw); cls token + table row 0; taps after blocks [1, 3, depth-3, depth-1], tap j
+    through norm.j (eps 1e-6) into decoder j at scale [4, 2, 1, 0.5][j]; each decoder embeds,
+    scatters mask tokens, adds its own table, runs one block (8 heads), LayerNorm eps 1e-6,
+    drops cls and applies its scale's head; the loss sums the masked MSE to per-channel HOG
+    pooled over 16/scale px. Every 1-d parameter is perturbed first: at init all LayerNorms are
+    identical and a swapped tap norm would go unseen. The loss is float32 by design (float32
+    HOG targets), so decoder outputs are compared in float64 at 1e-9, the terms at 1e-5."""
+    nbins, hog_bias, seed = kw.get('hog_nbins', NBINS), kw.get('hog_bias', False), 21
+    model = make_model(64, seed=0, **kw)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for prm in model.parameters():
+            if prm.requires_grad and prm.ndim == 1:  # norm weights and biases, layer biases
+                prm.add_(0.1 * torch.randn(prm.shape, generator=g))
+    model.double()
+    model.hog_enc.float()  # HOG runs in float32 (input cast to float); its conv must stay float32
+    # float32 values, so the model's float32 HOG sees the same pixels; with seed 11 no pixel's
+    # orientation lies within 2e-5 bins of a bin edge (in both configs), so float32 rounding
+    # cannot move a pixel to another bin than the float64 reference puts it in
+    imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(11)).double()
+    for name in ['pos_embed'] + [f'decoder.{j}.pos_embed' for j in range(4)]:
+        table = model.get_parameter(name)[0]
+        torch.testing.assert_close(table, ref_sincos_table(table.shape[-1], 4), rtol=0, atol=1e-6)
+
+    preds, handles = capture_preds(model)
+    seen = {}
+    handles.append(model.decoder[0].register_forward_pre_hook(
+        lambda mod, args: seen.__setitem__('ids_restore', args[1])))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        loss, terms = model(imgs, mask_ratio=0.75, return_terms=True)
+    rng_after_model = torch.get_rng_state()
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        ref_preds, ref_terms, ids_keep = ref_localmim_forward(
+            model, imgs, 0.75, seed, patch=16, nbins=nbins, hog_bias=hog_bias, **TINY)
+    # same random draws, so the same mask: kept tokens come first in the model's shuffle order
+    assert torch.equal(torch.get_rng_state(), rng_after_model)
+    assert ids_keep.shape == (2, 4)
+    assert torch.equal(torch.argsort(seen['ids_restore'], dim=1)[:, :4], ids_keep)
+
+    assert sorted(preds) == sorted(terms) == [0, 1, 2, 3]
+    for j, s in enumerate(SCALES):
+        assert preds[j].dtype == torch.float64
+        assert preds[j].shape == ref_preds[j].shape == (2, int(4 * s) ** 2, 3 * nbins)
+        torch.testing.assert_close(preds[j], ref_preds[j], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(terms[j].double(), ref_terms[j], rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), sum(ref_terms.values()), rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
