@@ -461,7 +461,7 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, 
                 log(f'[loader {backend}] failed: {e!r}')
             if gpu_data._refusals > refusals:  # its rates are then those of a CPU decode: say so
                 notes.append(f'loader {backend}: the batched GPU JPEG decoder refused {gpu_data._refusals - refusals} '
-                             f'batches, decoded image by image on the CPU instead')
+                             f'files, decoded on the CPU instead')
                 log(f'[loader {backend}] {notes[-1]}')
             del loader
             if device.type == 'cuda':

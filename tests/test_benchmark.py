@@ -142,7 +142,7 @@ def test_a_backend_that_cannot_be_built_or_falls_back_is_noted(tmp_path, monkeyp
         return loader
     monkeypatch.setattr(benchmark, 'build_loader', refusing)
     result = benchmark.main(flags)
-    assert any(n.startswith('loader pil: the batched GPU JPEG decoder refused 3 batches') for n in result['notes'])
+    assert any(n.startswith('loader pil: the batched GPU JPEG decoder refused 3 files') for n in result['notes'])
     assert result['loader_img_per_s'] == {'pil': 100.0}
 
 

@@ -300,7 +300,7 @@ def test_decode_batch_falls_back_one_by_one(tmp_path, monkeypatch, capsys):
     assert all(torch.equal(a, b) for a, b in zip(got, expect))
     gd.decode_batch(data, 'cpu')
     notes = capsys.readouterr().out
-    assert notes.count('refused a batch (nvjpeg: unsupported)') == 1 and gd._refusals == 2  # said once
+    assert notes.count('refused a file (nvjpeg: unsupported)') == 1 and gd._refusals == 4  # said once
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError('CUDA out of memory')
@@ -313,6 +313,35 @@ def test_decode_batch_falls_back_one_by_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gd, 'decode_jpeg', wrapped_out_of_memory)
     with pytest.raises(RuntimeError, match='out of memory'):
         gd.decode_batch(data, 'cpu')
+
+
+def test_one_refused_jpeg_does_not_send_its_batch_to_the_cpu(tmp_path, monkeypatch):
+    """A batch with one file the batched decoder refuses (e.g. a CMYK JPEG) is split until that
+    file is alone: the others are still decoded in batched calls, only it on the CPU."""
+    import util.gpu_data as gd
+    root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (20, 20), (24, 36)] * 2, classes=('a',))
+    data = [read_file(str(f)) for f in sorted(root.rglob('*.jpg'))]
+    assert len(data) == 8
+    expect = [decode_image(d, mode=ImageReadMode.RGB) for d in data]
+    odd = data[5]
+    real_decode_jpeg, batched_calls, cpu_decoded = gd.decode_jpeg, [], []
+
+    def refuses_the_odd_one(batch, **kwargs):
+        if any(d is odd for d in batch):
+            raise RuntimeError('nvjpeg: CMYK not supported')
+        batched_calls.append(len(batch))
+        return real_decode_jpeg(batch, **kwargs)
+
+    def counting_decode_image(d, **kwargs):
+        cpu_decoded.append(d)
+        return decode_image(d, **kwargs)
+    monkeypatch.setattr(gd, 'decode_jpeg', refuses_the_odd_one)
+    monkeypatch.setattr(gd, 'decode_image', counting_decode_image)
+    monkeypatch.setattr(gd, '_refusals', 0)
+    got = gd.decode_batch(data, 'cpu')
+    assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    assert len(cpu_decoded) == 1 and cpu_decoded[0] is odd and gd._refusals == 1
+    assert sorted(batched_calls) == [1, 2, 4]  # halves 0-3, then 4-5 -> 4 | 5 (refused), then 6-7
 
 
 def test_gpu_loader_workers_same_as_main_process(tmp_path):

@@ -210,7 +210,7 @@ def _is_jpeg(data: torch.Tensor) -> bool:
 
 
 _STREAMS: dict[tuple[str, torch.device], torch.cuda.Stream] = {}
-_refusals = 0  # batches the batched decoder refused (decoded image by image instead)
+_refusals = 0  # JPEG files the batched decoder refused even alone (decoded on the CPU instead)
 
 
 def _stream(role: str, device: torch.device) -> torch.cuda.Stream:
@@ -228,7 +228,7 @@ def _stream(role: str, device: torch.device) -> torch.cuda.Stream:
 def decode_batch(data: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     """File bytes -> RGB uint8 (3, h, w) tensors on `device`: JPEGs in one batched
     decode_jpeg call (nvjpeg on CUDA); other formats, and JPEGs the batched decoder refuses
-    (e.g. CMYK), one by one on the CPU.
+    (e.g. CMYK; found by splitting the batch), one by one on the CPU.
 
     On CUDA the decoder gets a stream of its own. torchvision allocates the decoded images on
     the current stream but nvjpeg writes them from another one (and its hardware engine does not
@@ -249,35 +249,45 @@ def decode_batch(data: Sequence[torch.Tensor], device: torch.device | str) -> li
         torch.cuda.synchronize(device)
     with torch.cuda.stream(own):
         out = _decode(data, device)
-    own.synchronize()  # nvjpeg has already waited for itself; this covers the one-by-one copies
+    own.synchronize()  # nvjpeg has already waited for itself; this covers the CPU-decoded copies
     for im in out:
         im.record_stream(caller)
     return out
 
 
 def _decode(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    global _refusals
     out: list[torch.Tensor | None] = [None] * len(data)
     jpeg = [i for i, d in enumerate(data) if _is_jpeg(d)]
     if jpeg:
-        try:
-            decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
-            for i, im in zip(jpeg, decoded):
-                out[i] = im
-        except RuntimeError as e:  # decoded one by one below
-            if isinstance(e, torch.OutOfMemoryError) or 'out of memory' in str(e).lower():
-                raise  # torchvision re-raises its errors as plain RuntimeErrors
-            if device.type == 'cuda':  # nvjpeg may have failed with work in flight into freed outputs
-                torch.cuda.synchronize(device)
-            _refusals += 1
-            if _refusals == 1:
-                reason = (str(e).splitlines() or [''])[0][:200]
-                print(f'note: the batched JPEG decoder refused a batch ({reason}); such batches are decoded '
-                      f'image by image on the CPU (slower)', flush=True)
+        for i, im in zip(jpeg, _decode_jpegs([data[i] for i in jpeg], device)):
+            out[i] = im
     for i, d in enumerate(data):
-        if out[i] is None:
+        if out[i] is None:  # not a JPEG, or one the batched decoder refused even alone
             out[i] = decode_image(d, mode=ImageReadMode.RGB).to(device)
     return out
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """One batched decode_jpeg call; when it refuses the batch, each half is tried again, down to
+    single files, so one odd file (ImageNet has a few CMYK JPEGs) costs about 2 log2(B) more
+    batched calls instead of sending its whole batch to the CPU. None: a file refused alone."""
+    global _refusals
+    try:
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError as e:
+        if isinstance(e, torch.OutOfMemoryError) or 'out of memory' in str(e).lower():
+            raise  # torchvision re-raises its errors as plain RuntimeErrors
+        if device.type == 'cuda':  # nvjpeg may have failed with work in flight into freed outputs
+            torch.cuda.synchronize(device)
+        if len(data) > 1:
+            mid = len(data) // 2
+            return _decode_jpegs(data[:mid], device) + _decode_jpegs(data[mid:], device)
+        _refusals += 1
+        if _refusals == 1:
+            reason = (str(e).splitlines() or [''])[0][:200]
+            print(f'note: the batched JPEG decoder refused a file ({reason}); such files are decoded on the '
+                  f'CPU', flush=True)
+        return [None]
 
 
 def prepared_ahead(raw_batches: Iterable, prepare: Callable[[int, Any], tuple[torch.Tensor, ...]], ahead: int,
