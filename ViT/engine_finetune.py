@@ -58,8 +58,8 @@ def train_one_epoch(handle: ModelHandle, criterion: Callable, data_loader, optim
             loss = criterion(outputs.float(), targets)
             backward(loss / accum, loss_scaler)
         grad_norm = optimizer_step(optimizer, loss_scaler, params, max_norm) if update else None
-        progress.update(samples.shape[0] * world, loss=loss.detach(),
-                        window_only={'grad_norm': grad_norm} if grad_norm is not None else None)
+        progress.update(samples.shape[0] * world, max(g['lr'] for g in optimizer.param_groups),
+                        loss=loss.detach(), window_only={'grad_norm': grad_norm} if grad_norm is not None else None)
 
         if progress.due(it):
             m = progress.report(it)
@@ -73,9 +73,7 @@ def train_one_epoch(handle: ModelHandle, criterion: Callable, data_loader, optim
                 log_writer.add_scalar('lr', lr, x)
                 log_writer.add_scalar('perf/images_per_s', m['images_per_s'], x)
 
-    stats = progress.epoch_stats()
-    stats.update(lr=max(g['lr'] for g in optimizer.param_groups))
-    return stats
+    return progress.epoch_stats()
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:

@@ -78,7 +78,7 @@ def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Opt
             backward(loss / accum, loss_scaler)
         if update:
             optimizer_step(optimizer, loss_scaler)
-        progress.update(images_per_iter, loss=loss.detach(),
+        progress.update(images_per_iter, optimizer.param_groups[-1]['lr'], loss=loss.detach(),
                         **{f'loss_scale{SCALE_NAMES[k]}': v.detach() for k, v in terms.items()})
 
         if progress.due(it):
@@ -105,7 +105,7 @@ def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Opt
                 log_writer.add_scalar('freezeout/live_taps', len(handle.module.live_taps), x)
 
     stats = progress.epoch_stats()
-    stats.update(lr=optimizer.param_groups[-1]['lr'], frozen_layers=handle.module.num_frozen,
+    stats.update(frozen_layers=handle.module.num_frozen,
                  live_taps=len(handle.module.live_taps))
     print(f'Epoch [{epoch}] done in {format_seconds(stats["epoch_time"])}: loss {stats["loss"]:.4f}, '
           f'{stats["images_per_s"]:.0f} img/s, data wait {stats["data_wait_s"]:.1f}s', flush=True)

@@ -75,6 +75,7 @@ class EpochProgress:
         self.epoch_start = self.window_start = time.perf_counter()
         self.images = self.window_images = 0
         self.data_wait = self.window_wait = 0.0
+        self.lr_sum, self.updates = 0.0, 0
 
     def next_batch(self, iterator):
         """next(iterator), timing the wait for the input pipeline."""
@@ -85,12 +86,16 @@ class EpochProgress:
         self.window_wait += waited
         return batch
 
-    def update(self, images: int, window_only: dict[str, torch.Tensor] | None = None,
+    def update(self, images: int, lr: float, window_only: dict[str, torch.Tensor] | None = None,
                **values: torch.Tensor) -> None:
+        """One iteration: its images, the lr it trained with (a host float; the epoch's mean is
+        log.txt's train_lr, as upstream's meter) and device values to average."""
         self.window.update(**values, **(window_only or {}))
         self.totals.update(**values)
         self.images += images
         self.window_images += images
+        self.lr_sum += lr
+        self.updates += 1
 
     def due(self, it: int) -> bool:
         return (it + 1) % self.print_freq == 0 or it == self.iterations - 1
@@ -114,5 +119,5 @@ class EpochProgress:
         epoch_time = time.perf_counter() - self.epoch_start
         stats = self.totals.means(across_ranks=True)
         stats.update(epoch_time=epoch_time, images_per_s=self.images / max(epoch_time, 1e-9),
-                     data_wait_s=self.data_wait)
+                     data_wait_s=self.data_wait, lr=self.lr_sum / max(self.updates, 1))
         return stats

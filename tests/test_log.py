@@ -1,0 +1,27 @@
+"""util.log: the epoch bookkeeping behind the console lines and log.txt."""
+import pytest
+import torch
+
+from util.log import EpochProgress
+
+
+def test_epoch_stats_average_loss_and_lr_over_the_epoch():
+    """log.txt's train_loss and train_lr are epoch means, as upstream's meters (lr: the lr each
+    iteration trained with, not the last one)."""
+    progress = EpochProgress(epoch=0, iterations=4, print_freq=2)
+    for it, (lr, loss) in enumerate([(1e-3, 4.0), (2e-3, 3.0), (3e-3, 2.0), (4e-3, 1.0)]):
+        progress.update(8, lr, loss=torch.tensor(loss))
+        if progress.due(it):
+            window = progress.report(it)
+            assert window['loss'] == pytest.approx(3.5 if it == 1 else 1.5)
+    stats = progress.epoch_stats()
+    assert stats['lr'] == pytest.approx(2.5e-3) and stats['loss'] == pytest.approx(2.5)
+    assert stats['images_per_s'] > 0
+
+
+def test_non_finite_loss_stops_at_the_next_report():
+    progress = EpochProgress(epoch=3, iterations=10, print_freq=2)
+    progress.update(8, 1e-3, loss=torch.tensor(1.0))
+    progress.update(8, 1e-3, loss=torch.tensor(float('nan')))
+    with pytest.raises(SystemExit, match='loss is nan at epoch 3 iteration 1'):
+        progress.report(1)
