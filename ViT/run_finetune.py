@@ -76,9 +76,7 @@ def add_training_run_args(parser: argparse.ArgumentParser) -> None:
                    help='resume from checkpoint-last.pth / the newest checkpoint-N.pth in --output_dir')
     g.add_argument('--no_auto_resume', dest='auto_resume', action='store_false', help='turn --auto_resume off')
     g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
-    g.add_argument('--save_freq', default=20, type=int,
-                   help='keep checkpoint-<epoch>.pth every N epochs and at the end; checkpoint-last.pth is '
-                        'refreshed every epoch and checkpoint-best.pth holds the best top-1 epoch')
+    checkpoint.add_save_flags(g, 20, '; checkpoint-best.pth holds the best top-1 epoch')
     g.add_argument('--print_freq', default=50, type=int, help='console/tensorboard line every N iterations')
     g.add_argument('--eval', action='store_true',
                    help='only evaluate the checkpoint given by --resume (or found in --output_dir) on the val split')
@@ -166,6 +164,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise SystemExit(f'error: --warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}')
     if args.nb_classes is not None and args.nb_classes < 1:
         raise SystemExit('error: --nb_classes must be at least 1')
+    if hasattr(args, 'save_freq'):  # the scripts that train
+        checkpoint.check_save_flags(args)
     # before the data folders are scanned, which takes minutes on ImageNet over a network file system
     models_vit.check_model(args.model, args.input_size)
     for flag in ('finetune', 'resume'):

@@ -80,9 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='resume from the newest checkpoint in --output_dir (default on)')
     g.add_argument('--no_auto_resume', dest='auto_resume', action='store_false')
     g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
-    g.add_argument('--save_freq', default=50, type=int,
-                   help='keep checkpoint-<epoch>.pth every N epochs (and the last); checkpoint-last.pth '
-                        'is refreshed every epoch')
+    checkpoint.add_save_flags(g, 50)
     g.add_argument('--print_freq', default=50, type=int, help='console/tensorboard line every N iterations')
     g.add_argument('--num_workers', default=10, type=int)
     g.add_argument('--data_backend', default='pil', choices=list(BACKENDS),
@@ -107,8 +105,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit('error: --batch_size, --accum_iter and --epochs must be at least 1')
     if not 0.0 < args.mask_ratio < 1.0:  # the loss is over masked patches: 0 would divide by 0
         raise SystemExit(f'error: --mask_ratio must be in (0, 1), got {args.mask_ratio}')
-    if args.save_freq < 1 or args.print_freq < 1:
-        raise SystemExit('error: --save_freq and --print_freq must be at least 1')
+    checkpoint.check_save_flags(args)
+    if args.print_freq < 1:
+        raise SystemExit('error: --print_freq must be at least 1')
     if args.decode_ahead < 0:
         raise SystemExit(f'error: --decode_ahead must be 0 or more, got {args.decode_ahead}')
     if args.warmup_epochs > args.epochs:

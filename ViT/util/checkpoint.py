@@ -175,11 +175,29 @@ def _newest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
+def add_save_flags(group, save_freq: int, also: str = '') -> None:
+    """--save_freq and --save_last_freq, for the scripts that train (their meaning is save_checkpoint's)."""
+    group.add_argument('--save_freq', default=save_freq, type=int,
+                       help=f'keep checkpoint-<epoch>.pth every N epochs and at the end{also}')
+    group.add_argument('--save_last_freq', default=1, type=int,
+                       help='refresh checkpoint-last.pth, the point a rerun resumes from, every N epochs (default: '
+                            'every epoch); the last epoch and every --save_freq epoch are always written. Raise it '
+                            'when epochs take seconds and checkpoints hundreds of MB (the study does)')
+
+
+def check_save_flags(args: argparse.Namespace) -> None:
+    if args.save_freq < 1 or args.save_last_freq < 1:
+        raise SystemExit('error: --save_freq and --save_last_freq must be at least 1')
+
+
 def save_checkpoint(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     loss_scaler, epoch: int, extra: dict[str, Any] | None = None) -> None:
-    """checkpoint-last.pth every epoch, checkpoint-<epoch>.pth every --save_freq and at the end.
-    RNG states of all ranks are gathered so each rank resumes its own stream. Rank 0 writes.
-    `extra`: more top-level entries (pretraining records its frozen set)."""
+    """checkpoint-last.pth every --save_last_freq epochs, checkpoint-<epoch>.pth every --save_freq,
+    both at the end. RNG states of all ranks are gathered so each rank resumes its own stream.
+    Rank 0 writes. `extra`: more top-level entries (pretraining records its frozen set)."""
+    keep = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
+    if not keep and (epoch + 1) % args.save_last_freq:
+        return  # the same decision on every rank: none enters the gather below
     states = [rng_state()]
     if dist.is_dist():
         gathered = [None] * dist.get_world_size()
@@ -192,5 +210,5 @@ def save_checkpoint(args: argparse.Namespace, model: torch.nn.Module, optimizer:
            'args': args_to_dict(args), 'rng': states, **(extra or {})}
     out = Path(args.output_dir)
     save_atomic(obj, out / 'checkpoint-last.pth')
-    if epoch % args.save_freq == 0 or epoch + 1 == args.epochs:
+    if keep:
         keep_copy(out / 'checkpoint-last.pth', out / f'checkpoint-{epoch}.pth')
