@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,9 +45,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data_path', default=str(ROOT.parent / 'shared' / 'data' / 'imagenette-128'),
                    help='ImageFolder with train/ and val/ (default: ../shared/data/imagenette-128)')
-    p.add_argument('--out', default=str(ROOT / 'study_out'), help='run folders (checkpoints, logs)')
-    p.add_argument('--results', default=str(ROOT / 'image' / 'study_results.json'),
-                   help='results JSON, extended by every invocation; the table and plot go beside it')
+    p.add_argument('--out', default=None, help='run folders (checkpoints, logs; default: study_out/, '
+                                               'study_out/quick/ with --quick)')
+    p.add_argument('--results', default=None,
+                   help='results JSON, extended by every invocation; the table and plot go beside it '
+                        '(default: image/study_results.json; study_out/quick/study_results.json with --quick)')
     p.add_argument('--model', default='MIM_vit_small_patch16')
     p.add_argument('--input_size', default=128, type=int)
     p.add_argument('--epochs', default=40, type=int, help='pretraining epochs')
@@ -70,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='start no run that would end after this many minutes (judged by the longest run so '
                         'far); what is done stays in the results JSON, and the same command continues later')
     p.add_argument('--quick', action='store_true',
-                   help='tiny model, 64 px, 2 epochs, small batches: a smoke run on CPU in a few minutes')
+                   help='tiny model, 32 px, 2 epochs, small batches: a smoke run on CPU in a few minutes')
     return p
 
 
@@ -152,35 +155,48 @@ class Study:
 
     def save(self) -> None:
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
-        self.results_path.write_text(json.dumps(self.results, indent=1))
+        tmp = self.results_path.with_name(self.results_path.name + '.tmp')
+        tmp.write_text(json.dumps(self.results, indent=1))
+        os.replace(tmp, self.results_path)  # a kill mid-write leaves the previous JSON whole
         render(self.results, self.results_path.parent)
 
-    def pretrain(self, config: str, flags: list[str], seed: int, again: bool = False) -> dict | None:
+    def run_pretraining(self, config: str, flags: list[str], seed: int) -> tuple[Path, float, list[dict]]:
+        """One pretraining into a fresh folder: (checkpoint, wall seconds, log.txt's epoch lines)."""
+        a = self.args
+        folder = self.out / config.replace('/', '_') / f'seed{seed}'
+        pre = folder / 'pretrain'
+        shutil.rmtree(pre, ignore_errors=True)  # log.txt is appended to: an earlier attempt's lines would count
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = ['run_pretrain.py', '--model', a.model, '--epochs', str(a.epochs), '--warmup_epochs',
+               str(a.warmup_epochs), '--batch_size', str(a.batch_size), '--blr', str(a.blr), '--seed', str(seed),
+               '--output_dir', str(pre), '--no_auto_resume', '--save_freq', str(a.epochs),
+               # checkpoints of ~100s of MB every few-second epoch would cost more than the epochs
+               '--save_last_freq', str(a.epochs), '--print_freq', '1000',
+               '--data_backend', a.data_backend, *self.common, *flags]
+        wall = run(cmd, folder / 'study_log.txt')
+        return pre / f'checkpoint-{a.epochs - 1}.pth', wall, json_lines(pre / 'log.txt')
+
+    def pretrain(self, config: str, flags: list[str], seed: int) -> dict | None:
         """Pretrain + kNN + linear probe for one config and seed; recorded and saved at once."""
         key = f'{config}/seed{seed}'
-        if key in self.results['runs'] and not (self.args.rerun or again):
+        if key in self.results['runs'] and not self.args.rerun:
             print(f'{key}: in {self.results_path}, skipped (--rerun to redo)')
             return self.results['runs'][key]
         self.check_time(f'pretraining {key}')
         a = self.args
-        folder = self.out / config.replace('/', '_') / f'seed{seed}'
-        folder.mkdir(parents=True, exist_ok=True)
+        ckpt, wall, epochs = self.run_pretraining(config, flags, seed)
+        folder = ckpt.parents[1]
         log = folder / 'study_log.txt'
-        pre = folder / 'pretrain'
-        cmd = ['run_pretrain.py', '--model', a.model, '--epochs', str(a.epochs), '--warmup_epochs',
-               str(a.warmup_epochs), '--batch_size', str(a.batch_size), '--blr', str(a.blr), '--seed', str(seed),
-               '--output_dir', str(pre), '--no_auto_resume', '--save_freq', str(a.epochs), '--print_freq', '1000',
-               '--data_backend', a.data_backend, *self.common, *flags]
-        wall = run(cmd, log)
-        epochs = json_lines(pre / 'log.txt')
         train_time = sum(e['train_epoch_time'] for e in epochs)
-        ckpt = pre / f'checkpoint-{a.epochs - 1}.pth'
+        images = sum(e['train_images_per_s'] * e['train_epoch_time'] for e in epochs)
         record = {**{k: getattr(a, k) for k in SETUP_KEYS},
                   'config': config, 'seed': seed, 'flags': flags, 'device': device_name(self.device),
                   'pretrain_wall_s': wall, 'pretrain_train_s': train_time,
-                  'pretrain_img_per_s': sum(e['train_images_per_s'] for e in epochs) / len(epochs),
+                  'pretrain_img_per_s': images / train_time,  # over the run: later FreezeOut epochs are faster
                   'final_loss': epochs[-1]['train_loss'], 'flops_saving_estimate': self.flops_saving(flags),
                   'checkpoint': str(ckpt), 'date': datetime.date.today().isoformat()}
+        for sub in ('knn', 'linprobe'):  # their log.txt files are appended to as well
+            shutil.rmtree(folder / sub, ignore_errors=True)
         # one feature pass gives the 20-NN accuracy and the linear classifier on frozen features
         eval_start = time.perf_counter()
         run(['run_knn.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir', str(folder / 'knn'),
@@ -210,10 +226,15 @@ class Study:
         if not Path(record['checkpoint']).is_file():  # recorded by an earlier session, on another machine
             print(f'{key}: checkpoint {record["checkpoint"]} is gone; pretraining it again to fine-tune it')
             self.check_time(f'pretraining {key} again and fine-tuning it', runs=2)
-            record = self.pretrain(record['config'], record['flags'], record['seed'], again=True)
+            # the scored record (its times, card and accuracies) stays; only the encoder is new
+            ckpt, _, _ = self.run_pretraining(record['config'], record['flags'], record['seed'])
+            record['checkpoint'] = str(ckpt)
+            record['finetuned_encoder'] = (f'pretrained again with the same flags and seed on '
+                                           f'{device_name(self.device)}, {datetime.date.today().isoformat()}')
         self.check_time(f'fine-tuning {key}')
         a = self.args
         folder = Path(record['checkpoint']).parents[1]
+        shutil.rmtree(folder / 'finetune', ignore_errors=True)
         wall = run(['run_finetune.py', '--model', self.encoder, '--finetune', record['checkpoint'],
              '--output_dir', str(folder / 'finetune'), '--epochs', str(a.finetune_epochs),
              '--warmup_epochs', '1', '--batch_size', str(min(a.batch_size, 128)), '--blr', '1e-3',
@@ -235,7 +256,9 @@ class Study:
 
 
 def render(results: dict, folder: Path) -> None:
-    """study_results.md (table) and study_accuracy_vs_time.png beside the JSON."""
+    """study_results.md (table) and study_accuracy_vs_time.png beside the JSON. Pretrain time is
+    the training loop's (the epochs' sum, what FreezeOut changes); wall adds the process start,
+    data set-up and checkpoint writing."""
     runs = sorted(results['runs'].values(), key=lambda r: (r['config'] != 'regular', r['config'], r['seed']))
     if not runs:
         return
@@ -245,13 +268,14 @@ def render(results: dict, folder: Path) -> None:
         if r['config'] == 'regular':
             regular.setdefault(r['device'], []).append(r['pretrain_train_s'])
     base_of = {card: sum(v) / len(v) for card, v in regular.items()}
-    lines = ['| config | seed | pretrain time (s) | time saved | FLOP estimate | img/s | kNN top-1 | '
-             'linear top-1 | fine-tune top-1 | device | date |', '|' + '---|' * 11]
+    lines = ['| config | seed | pretrain time (s) | wall (s) | time saved | FLOP estimate | img/s | kNN top-1 | '
+             'linear top-1 | fine-tune top-1 | device | date |', '|' + '---|' * 12]
     for r in runs:
         base = base_of.get(r['device'])
         saved = f'{1 - r["pretrain_train_s"] / base:.1%}' if base else 'n/a'
         ft = f'{r["finetune_top1"]:.2f}' if 'finetune_top1' in r else ''
-        lines.append(f'| {r["config"]} | {r["seed"]} | {r["pretrain_train_s"]:.1f} | {saved} | '
+        wall = f'{r["pretrain_wall_s"]:.0f}' if 'pretrain_wall_s' in r else ''
+        lines.append(f'| {r["config"]} | {r["seed"]} | {r["pretrain_train_s"]:.1f} | {wall} | {saved} | '
                      f'{r["flops_saving_estimate"]:.1%} | {r["pretrain_img_per_s"]:.0f} | {r["knn_top1"]:.2f} | '
                      f'{r["linprobe_top1"]:.2f} | {ft} | {r["device"]} | {r["date"]} |')
     (folder / 'study_results.md').write_text('\n'.join(lines) + '\n')
@@ -280,6 +304,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     if args.quick:
         apply_quick(args)
+    # absolute: the runs' scripts are started from ViT/, whatever the caller's directory
+    quick = ROOT / 'study_out' / 'quick'
+    args.out = str(Path(args.out or (quick if args.quick else ROOT / 'study_out')).resolve())
+    args.results = str(Path(args.results or (quick / 'study_results.json' if args.quick else
+                                              ROOT / 'image' / 'study_results.json')).resolve())
+    args.data_path = str(Path(args.data_path).resolve())
     import torch
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.data_backend = args.data_backend or ('gpu-cache' if args.device.startswith('cuda') else 'pil')
@@ -308,7 +338,11 @@ def run_study(study: Study, args: argparse.Namespace) -> None:
         study.finetune(f'regular/seed{first}')
     names = QUICK_CONFIGS if args.quick else list(FREEZEOUT_CONFIGS)
     scored = {name: study.pretrain(name, FREEZEOUT_CONFIGS[name], first) for name in names}
-    best = max(scored, key=lambda n: (scored[n]['knn_top1'] + scored[n]['linprobe_top1']))
+    best = study.results.get('best')  # chosen once: later sessions continue with the same config
+    if best not in scored or args.rerun:
+        best = max(scored, key=lambda n: (scored[n]['knn_top1'] + scored[n]['linprobe_top1']))
+        study.results['best'] = best
+        study.save()
     print(f'best FreezeOut config by 20-NN + linear accuracy: {best}')
     if not args.no_finetune:
         study.finetune(f'{best}/seed{first}')

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_demo_data, run_cmd, subprocess_env
+from helpers import VIT, make_demo_data, run_cmd, subprocess_env
 
 
 def test_quick_study_end_to_end(tmp_path):
     data = make_demo_data(tmp_path)
     results = tmp_path / 'results' / 'study_results.json'
-    cmd = [sys.executable, 'study.py', '--quick', '--device', 'cpu', '--data_path', str(data),
-           '--out', str(tmp_path / 'runs'), '--results', str(results)]
-    r = run_cmd(cmd, timeout=600, env=subprocess_env())
+    # paths relative to the caller's folder, not ViT/ where the runs' scripts start
+    cmd = [sys.executable, VIT / 'study.py', '--quick', '--device', 'cpu', '--data_path', 'demo',
+           '--out', 'runs', '--results', 'results/study_results.json']
+    r = run_cmd(cmd, timeout=600, env=subprocess_env(), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs = json.loads(results.read_text())['runs']
     configs = {key.split('/')[0] for key in runs}
@@ -29,6 +30,9 @@ def test_quick_study_end_to_end(tmp_path):
         assert 0 <= record['knn_top1'] <= 100 and 0 <= record['linprobe_top1'] <= 100
         assert record['linprobe_protocol'].startswith('frozen features')
         assert record['pretrain_train_s'] > 0 and record['device'] == 'cpu'
+    per_epoch = len(list((data / 'train').rglob('*.*'))) // 8 * 8  # --quick: batch 8, 2 epochs
+    for record in runs.values():  # images / loop time over the run, not a mean of epoch rates
+        assert record['pretrain_img_per_s'] * record['pretrain_train_s'] == pytest.approx(2 * per_epoch, rel=1e-6)
     assert runs['regular/seed0']['flops_saving_estimate'] == 0
     assert runs[f'{best}/seed0']['flops_saving_estimate'] > 0.05
     assert 'finetune_top1' in runs['regular/seed0'] and 'finetune_top1' in runs[f'{best}/seed0']
@@ -42,7 +46,7 @@ def test_quick_study_end_to_end(tmp_path):
     del recorded['runs']['regular/seed0']['finetune_top1']
     results.write_text(json.dumps(recorded))
     Path(runs['regular/seed0']['checkpoint']).unlink()
-    r2 = run_cmd(cmd, timeout=300, env=subprocess_env())
+    r2 = run_cmd(cmd, timeout=300, env=subprocess_env(), cwd=tmp_path)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert 'is gone; pretraining it again' in r2.stdout
     assert r2.stdout.count('run_pretrain.py') == 1 and r2.stdout.count('run_finetune.py') == 1
@@ -50,6 +54,13 @@ def test_quick_study_end_to_end(tmp_path):
     again = json.loads(results.read_text())['runs']
     assert 'finetune_top1' in again['regular/seed0'] and Path(again['regular/seed0']['checkpoint']).is_file()
     assert again[f'{best}/seed0'] == runs[f'{best}/seed0']
+    # the scored record keeps its times and accuracies; the new encoder's log.txt is a fresh one
+    for k in ('pretrain_train_s', 'pretrain_wall_s', 'knn_top1', 'linprobe_top1', 'date'):
+        assert again['regular/seed0'][k] == runs['regular/seed0'][k], k
+    assert again['regular/seed0']['finetuned_encoder'].startswith('pretrained again')
+    log = Path(again['regular/seed0']['checkpoint']).parent / 'log.txt'
+    assert [json.loads(line)['epoch'] for line in log.read_text().splitlines()] == [0, 1]
+    assert json.loads(results.read_text())['best'] == best
 
 
 def test_time_budget_stops_before_a_run_that_would_not_finish(tmp_path):
