@@ -27,7 +27,9 @@ def run(name: str, flags: list[str], out: Path) -> float:
            '--log_dir', str(out), '--no_auto_resume']
     print(f'\n=== {name}: {" ".join(cmd[1:])}', flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=HERE, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    proc = subprocess.run(cmd, cwd=HERE, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    if proc.returncode != 0:
+        raise SystemExit(f'error: the {name} run failed (exit {proc.returncode}); its output is above')
     return time.perf_counter() - start
 
 
@@ -37,6 +39,9 @@ def main() -> None:
     parser.add_argument('--epochs', default=10, type=int)
     parser.add_argument('--device', default='cpu')
     args = parser.parse_args()
+    if args.epochs < 2:  # checked before any run: the first epoch is warmup, which no layer may freeze in
+        raise SystemExit('error: --epochs must be at least 2 (1 warmup epoch; FreezeOut cubic t_0 = 0.8 freezes '
+                         'its first layer at 51% of the run)')
     out = Path(args.out)
     data = make_demo_dataset(out / 'data', num_classes=8, images_per_class=32, size=96)
     common = ['--model', 'MIM_vit_tiny_patch16', '--input_size', '64', '--batch_size', '16',

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.t_0 is None:
         raise SystemExit('error: give --t_0 (and --how_scale) to estimate a FreezeOut run')
-    fo.validate(args.t_0, args.how_scale, args.decoder_freeze, 0, 1)
+    fo.validate(args.t_0, args.how_scale, args.decoder_freeze, args.warmup_epochs, args.epochs)  # as run_pretrain
     result = {mode: estimate(args.model, args.input_size, args.mask_ratio, args.hog_nbins, args.t_0,
                              args.how_scale, mode) for mode in fo.DECODER_FREEZE_MODES}
     if args.json:

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.t_0 is None:
         raise SystemExit('error: give --t_0 (and --how_scale) to draw a FreezeOut schedule')
     lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter / 256
-    depth = flops.SHAPES.get(args.model, flops.ModelShape()).depth
+    if args.model not in flops.SHAPES:
+        raise SystemExit(f'error: unknown --model {args.model}; choose one of: {", ".join(sorted(flops.SHAPES))}')
+    depth = flops.SHAPES[args.model].depth
     taps = [b + 1 for b in flops.ModelShape(depth=depth).taps]
     steps_per_epoch = max(args.points // args.epochs, 1)
     schedule = fo.FreezeOutSchedule.build(depth + 1, taps, lr, args.t_0, args.how_scale, args.scale_lr,

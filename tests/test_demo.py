@@ -1,0 +1,18 @@
+"""demo.py, the README's first command (shortened)."""
+import sys
+
+from helpers import VIT, run_cmd
+
+
+def test_demo_runs_plain_and_freezeout(tmp_path):
+    res = run_cmd([sys.executable, VIT / 'demo.py', '--epochs', '2', '--out', tmp_path / 'demo'], timeout=300)
+    assert res.returncode == 0, res.describe()
+    assert 'FreezeOut saved' in res.stdout and 'Traceback' not in res.output, res.describe()
+    for run in ('plain', 'freezeout'):
+        assert (tmp_path / 'demo' / run / 'checkpoint-1.pth').is_file(), run
+
+
+def test_demo_with_too_few_epochs_is_a_clear_error(tmp_path):
+    res = run_cmd([sys.executable, VIT / 'demo.py', '--epochs', '1', '--out', tmp_path / 'demo'], timeout=120)
+    assert res.returncode != 0 and 'error: --epochs must be at least 2' in res.stderr, res.describe()
+    assert 'Traceback' not in res.output and not (tmp_path / 'demo' / 'plain').exists()

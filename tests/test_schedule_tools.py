@@ -1,0 +1,31 @@
+"""estimate_speedup.py and plot_lr_schedule.py: run_pretrain's flags in, an estimate or a figure out."""
+import pytest
+
+import estimate_speedup
+import plot_lr_schedule
+
+
+def test_estimate_speedup_both_decoder_modes():
+    result = estimate_speedup.main(['--model', 'MIM_vit_base_patch16', '--how_scale', 'cubic', '--t_0', '0.8'])
+    assert set(result) == {'tap', 'never'}
+    for r in result.values():
+        assert 0 < r['saving'] < 1 and r['speedup'] == pytest.approx(1 / (1 - r['saving']), rel=1e-6)
+    assert result['tap']['saving'] > result['never']['saving']  # dropped decoders save more
+
+
+@pytest.mark.parametrize('flags, message', [
+    ([], 'give --t_0'),
+    (['--t_0', '0.5', '--how_scale', 'cubic', '--epochs', '10', '--warmup_epochs', '2'], 'inside the warmup'),
+    (['--t_0', '0.8', '--model', 'MIM_vit_nope'], 'no FLOP model'),
+])
+def test_estimate_speedup_refuses_what_run_pretrain_refuses(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        estimate_speedup.main(flags)
+
+
+def test_plot_lr_schedule_writes_a_figure(tmp_path):
+    out = plot_lr_schedule.main(['--t_0', '0.8', '--how_scale', 'cubic', '--epochs', '100', '--warmup_epochs', '10',
+                                 '--points', '200', '--out', str(tmp_path / 'lr.png')])
+    assert out == tmp_path / 'lr.png' and out.stat().st_size > 5000
+    with pytest.raises(SystemExit, match='unknown --model'):
+        plot_lr_schedule.main(['--t_0', '0.8', '--model', 'MIM_vit_nope', '--out', str(tmp_path / 'x.png')])
