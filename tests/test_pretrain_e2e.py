@@ -73,6 +73,14 @@ def test_plain_run_writes_checkpoints_log_and_tensorboard(plain_run):
                            ckpts['checkpoint-1.pth']['model']['blocks.0.attn.qkv.weight']), 'no training?'
     assert 'resumed from' not in res.stdout
 
+    # train_lr: the mean over the epoch's steps of the lr each trained with, as upstream's meter
+    from util.lr_sched import PlainSchedule
+    a = ckpts['checkpoint-last.pth']['args']
+    sched = PlainSchedule(None, a['lr'], a['min_lr'], a['warmup_epochs'], a['epochs'], STEPS_PER_EPOCH)
+    for r in log:
+        steps = range(r['epoch'] * STEPS_PER_EPOCH, (r['epoch'] + 1) * STEPS_PER_EPOCH)
+        assert r['train_lr'] == pytest.approx(sum(sched.lr_at(s) for s in steps) / STEPS_PER_EPOCH, rel=1e-9)
+
 
 # ---- 2. FreezeOut run -----------------------------------------------------------------------
 def test_freezeout_run_schedule_and_frozen_weights(data, tmp_path):

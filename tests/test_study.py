@@ -123,3 +123,13 @@ def test_time_saved_is_against_regular_on_the_same_card(tmp_path):
             for line in (tmp_path / 'study_results.md').read_text().splitlines()[2:]}
     assert '| 20.0% |' in rows[('cubic0.8', '0')] and '| 10.0% |' in rows[('cubic0.8', '1')]
     assert '| n/a |' in rows[('linear0.5', '0')]  # no regular run on that card
+
+
+def test_quick_mode_writes_beside_its_runs_not_into_image(tmp_path, monkeypatch):
+    import study
+    data = make_demo_data(tmp_path)
+    monkeypatch.setattr(study, 'ROOT', tmp_path / 'checkout')
+    study.main(['--quick', '--device', 'cpu', '--data_path', str(data), '--max_minutes', '0'])
+    written = tmp_path / 'checkout' / 'study_out' / 'quick' / 'study_results.json'
+    assert json.loads(written.read_text()) == {'runs': {}}  # nothing fitted in 0 minutes; saved atomically
+    assert not (tmp_path / 'checkout' / 'image').exists() and not list(written.parent.glob('*.tmp'))
