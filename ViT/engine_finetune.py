@@ -58,12 +58,12 @@ def train_one_epoch(handle: ModelHandle, criterion: Callable, data_loader, optim
             loss = criterion(outputs.float(), targets)
             backward(loss / accum, loss_scaler)
         grad_norm = optimizer_step(optimizer, loss_scaler, params, max_norm) if update else None
-        progress.update(samples.shape[0] * world, max(g['lr'] for g in optimizer.param_groups),
-                        loss=loss.detach(), window_only={'grad_norm': grad_norm} if grad_norm is not None else None)
+        lr = max(g['lr'] for g in optimizer.param_groups)  # the step's lr (layer decay: the top group's)
+        progress.update(samples.shape[0] * world, lr, loss=loss.detach(),
+                        window_only={'grad_norm': grad_norm} if grad_norm is not None else None)
 
         if progress.due(it):
             m = progress.report(it)
-            lr = max(g['lr'] for g in optimizer.param_groups)
             norm = f'  grad norm {m["grad_norm"]:.3f}' if 'grad_norm' in m else ''
             print(f'Epoch [{epoch}] [{it + 1}/{steps * accum}]  eta {format_seconds(m["eta_s"])}  '
                   f'loss {m["loss"]:.4f}  lr {lr:.3e}{norm}  {m["images_per_s"]:.0f} img/s', flush=True)

@@ -78,12 +78,12 @@ def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Opt
             backward(loss / accum, loss_scaler)
         if update:
             optimizer_step(optimizer, loss_scaler)
-        progress.update(images_per_iter, optimizer.param_groups[-1]['lr'], loss=loss.detach(),
+        lr = optimizer.param_groups[-1]['lr']
+        progress.update(images_per_iter, lr, loss=loss.detach(),
                         **{f'loss_scale{SCALE_NAMES[k]}': v.detach() for k, v in terms.items()})
 
         if progress.due(it):
             m = progress.report(it)
-            lr = optimizer.param_groups[-1]['lr']
             memory = f'  mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G' if device.type == 'cuda' else ''
             print(f'Epoch [{epoch}] [{it + 1}/{steps * accum}]  eta {format_seconds(m["eta_s"])}  '
                   f'loss {m["loss"]:.4f}  lr {lr:.3e}  {m["images_per_s"]:.0f} img/s  '
