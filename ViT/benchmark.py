@@ -16,7 +16,8 @@ Measures, on synthetic input (random normal images on the device):
       weighted by the fraction of the run with k frozen (t_k - t_{k-1}), the projected epoch
       time, and util.flops' estimate for comparison;
   (d) images/s of each input backend (pil, gpu, gpu-cache) on --data_path, if given (GPU
-      backends are skipped, with a note, on a CPU device);
+      backends are skipped, with a note, on a CPU device); the gpu backend at each
+      --cpu_decode_shares value (the share of every batch decoded by the CPU workers);
   (e) end to end: the project step (b) fed by each backend's real batches instead of a
       synthetic one, with k = 0 and k = L-1 frozen (--e2e_ks): if the input keeps up with the
       fastest step, it keeps up over the whole FreezeOut schedule.
@@ -82,6 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--num_workers', default=10, type=int, help='loader workers (pil, gpu; gpu-cache decoding)')
     p.add_argument('--cache_size', default=None, type=int, help='gpu-cache image side (default as run_pretrain.py)')
     p.add_argument('--decode_ahead', default=2, type=int, help='gpu backend: batches prepared ahead, as run_pretrain.py')
+    p.add_argument('--cpu_decode_shares', default=[0.0], type=float, nargs='+',
+                   help="gpu backend: time it at each of these run_pretrain.py --cpu_decode_share values "
+                        "(shown as 'gpu (cpu decode S)' for S > 0)")
     p.add_argument('--e2e_ks', default=None, type=int, nargs='*',
                    help='frozen k for the end-to-end runs on each backend (default: 0 and L-1; none: skip)')
     p.add_argument('--out', default='benchmark_out', help='folder for benchmark.json / .md / _freeze.png')
@@ -418,6 +422,11 @@ def time_end_to_end(args: argparse.Namespace, loader, ks: list[int], device: tor
     return rates
 
 
+def loader_label(backend: str, cpu_decode_share: float) -> str:
+    """The name of a timed loader in benchmark.json: the backend, plus its CPU decode share if any."""
+    return f'{backend} (cpu decode {cpu_decode_share:g})' if cpu_decode_share else backend
+
+
 def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, e2e_ks: list[int],
                   save: Callable[[], None]) -> None:
     """(d) and (e) for each backend, into result's loader_img_per_s / loader_setup_s /
@@ -428,15 +437,17 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, 
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = repeated_folder(args.data_path, args.repeat, Path(tmp))
-        for backend in args.backends:
-            if backend != 'pil' and device.type != 'cuda':
+        variants = [(b, share) for b in args.backends for share in (args.cpu_decode_shares if b == 'gpu' else [0.0])]
+        for kind, share in variants:
+            backend = loader_label(kind, share)
+            if kind != 'pil' and device.type != 'cuda':
                 notes.append(f'loader {backend} skipped: needs a CUDA device (running on {device})')
                 log(f'[loader {backend}] skipped: needs a CUDA device')
                 continue
             start, refusals = time.perf_counter(), gpu_data._refusals
             try:
-                loader = build_loader(backend, folder, args.input_size, args.batch_size, 0, args.num_workers,
-                                      device.type == 'cuda', 1, 0, device, args.cache_size, args.decode_ahead)
+                loader = build_loader(kind, folder, args.input_size, args.batch_size, 0, args.num_workers,
+                                      device.type == 'cuda', 1, 0, device, args.cache_size, args.decode_ahead, share)
             except SystemExit as e:
                 notes.append(f'loader {backend} skipped: {e}')
                 log(f'[loader {backend}] skipped: {e}')
@@ -576,7 +587,7 @@ def check_targets(folder: Path) -> str:
                      f'{k0:,.0f} vs {ref:,.0f} img/s', TARGETS['project_k0_vs_reference']))
         rows.append((f'FreezeOut schedule average ({sched}) vs upstream reference', avg / ref,
                      f'{avg:,.0f} vs {ref:,.0f} img/s', TARGETS['schedule_average_vs_reference']))
-    jpeg = {b: v for b, v in main_run['loader_img_per_s'].items() if b in JPEG_BACKENDS}
+    jpeg = {b: v for b, v in main_run['loader_img_per_s'].items() if b.split(' (')[0] in JPEG_BACKENDS}
     if jpeg:
         best = max(jpeg, key=jpeg.get)
         rows.append((f'fastest JPEG backend ({best}, loader alone) vs schedule average', jpeg[best] / avg,
@@ -630,6 +641,8 @@ def main(argv: list[str] | None = None) -> dict:
     if min(args.steps, args.batch_size) < 1 or min(args.warmup, args.decode_ahead) < 0 or args.repeat < 1:
         raise SystemExit('error: --steps and --batch_size must be at least 1, --warmup and --decode_ahead at least 0, '
                          '--repeat at least 1')
+    for share in args.cpu_decode_shares:
+        gpu_data.check_cpu_decode_share('gpu', share)
     fo.validate(args.t_0, args.how_scale, args.decoder_freeze, 0, 1)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
@@ -694,6 +707,7 @@ def main(argv: list[str] | None = None) -> dict:
                               'schedule_average': args.epoch_images / avg['img_per_s']},
         'flops_estimate': flops_estimate(args, ks),
         'loader_img_per_s': {}, 'loader_setup_s': {}, 'end_to_end_img_per_s': {}, 'decode_ahead': args.decode_ahead,
+        'cpu_decode_shares': args.cpu_decode_shares,
         'data_path': args.data_path, 'repeat': args.repeat, 'num_workers': args.num_workers,
         'notes': notes, 'torch': torch.__version__,
         'command': list(sys.argv) if argv is None else ['benchmark.py', *argv],

@@ -7,8 +7,9 @@
 # they may pass the device tool's 600 s per call, so run GPU_TESTS=0 first and the tests as a
 # second call: python3 -m pytest -q -rs tests/test_gpu_paths.py):
 #   1. upstream reference vs the project step with k = 0..L-1 frozen; each input backend alone
-#      and feeding the step (ViT-B/16, 224 px, batch 256, imagenet-sample-40 repeated to 100
-#      batches an epoch);
+#      and feeding the step, the gpu backend also with 25% and 50% of each batch decoded by the
+#      CPU workers (ViT-B/16, 224 px, batch 256, imagenet-sample-40 repeated to 100 batches an
+#      epoch);
 #   2. the gpu backend decoding on the training thread (--decode_ahead 0), for comparison;
 #   3. Imagenette-128: synthetic-input step vs a real run_pretrain.py run with gpu-cache;
 #   4. the performance targets checked (summary.md);
@@ -74,7 +75,7 @@ PY
 stage "1. step: upstream reference vs project step with k frozen (cubic 0.8); loaders alone and feeding the step"
 $cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
   --how_scale cubic --t_0 0.8 --data_path "$data/imagenet-sample-40" --repeat $repeat --num_workers $workers \
-  --out "$work/b16_224"
+  --cpu_decode_shares 0 0.25 0.5 --out "$work/b16_224"
 pack
 
 stage "2. gpu backend decoding on the training thread (--decode_ahead 0), for comparison"

@@ -17,7 +17,7 @@ from engine_pretrain import SCALE_NAMES, ModelHandle, train_one_epoch
 from util import checkpoint, dist
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util import freezeout as fo
-from util.gpu_data import BACKENDS, build_loader
+from util.gpu_data import BACKENDS, build_loader, check_cpu_decode_share
 from util.log import append_json_line, format_seconds, make_writer
 from util.lr_sched import PlainSchedule
 from util.optim import build_adamw, param_groups_weight_decay
@@ -89,6 +89,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--decode_ahead', default=2, type=int,
                    help='gpu: batches decoded and augmented in advance by a background thread on its own '
                         'CUDA stream (0: on the training thread, which then waits for each decode)')
+    g.add_argument('--cpu_decode_share', default=0.0, type=float,
+                   help='gpu: share of each batch that the loader workers decode on the CPU (full size, '
+                        'libjpeg) while nvjpeg decodes the rest, so the CPU cores add to the GPU decoder; '
+                        'crops and flips are the same either way (benchmark.py --cpu_decode_shares times it)')
     g.add_argument('--cache_size', default=None, type=int,
                    help='gpu-cache: square side of the cached images (default: the images\' own size when '
                         'they all have one, else input_size * 1.15); non-square images are cached as their '
@@ -110,6 +114,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit('error: --print_freq must be at least 1')
     if args.decode_ahead < 0:
         raise SystemExit(f'error: --decode_ahead must be 0 or more, got {args.decode_ahead}')
+    check_cpu_decode_share(args.data_backend, args.cpu_decode_share)
     if args.warmup_epochs > args.epochs:
         raise SystemExit(f'error: --warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}')
     if args.t_0 is not None:
@@ -192,7 +197,7 @@ def main(args: argparse.Namespace) -> dict:
     model.to(device)
     loader = build_loader(args.data_backend, args.data_path, args.input_size, args.batch_size, args.seed,
                           args.num_workers, args.pin_mem and device.type == 'cuda', world, rank, device,
-                          args.cache_size, args.decode_ahead)
+                          args.cache_size, args.decode_ahead, args.cpu_decode_share)
     print(f'data: {loader.dataset.root}: {len(loader.dataset)} images, {len(loader)} batches per process')
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:

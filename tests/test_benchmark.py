@@ -48,7 +48,7 @@ def test_cpu_run_writes_results_and_skips_gpu_backends(tmp_path):
     write_images(data / 'train' / 'b', 5, seed=1)
     out = tmp_path / 'out'
     res = run_benchmark(*TINY, '--out', out, '--data_path', data, '--repeat', '2', '--num_workers', '0',
-                        '--backends', 'pil', 'gpu', 'gpu-cache')
+                        '--backends', 'pil', 'gpu', 'gpu-cache', '--cpu_decode_shares', '0', '0.5')
     result = json.loads((out / 'benchmark.json').read_text())
     for key in ('device', 'model', 'batch_size', 'input_size', 'reference_step_img_per_s', 'freeze_img_per_s',
                 'ks', 'schedule_average_img_per_s', 'speedup_vs_reference', 'flops_estimate', 'loader_img_per_s',
@@ -73,8 +73,9 @@ def test_cpu_run_writes_results_and_skips_gpu_backends(tmp_path):
     assert set(result['end_to_end_img_per_s']) == {'pil'}
     assert set(result['end_to_end_img_per_s']['pil']) == {'0', '12'}
     assert all(positive(v) for v in result['end_to_end_img_per_s']['pil'].values())
-    for backend in ('gpu', 'gpu-cache'):
+    for backend in ('gpu', 'gpu (cpu decode 0.5)', 'gpu-cache'):  # the gpu backend at each CPU decode share
         assert any(f'loader {backend} skipped' in n and 'CUDA' in n for n in result['notes']), result['notes']
+    assert result['cpu_decode_shares'] == [0.0, 0.5]
     md = (out / 'benchmark.md').read_text()
     assert '| project, 12 layers frozen |' in md and 'upstream reference' in md and '| pil |' in md
     assert 'step on its batches, k=12' in md and 'of synthetic' in md
@@ -94,7 +95,8 @@ def test_cpu_run_subset_of_ks_without_data(tmp_path):
     assert any('interpolates' in n for n in result['notes'])
 
 
-@pytest.mark.parametrize('flags', [['--ks', '13'], ['--e2e_ks', '0', '13'], ['--decode_ahead', '-1']])
+@pytest.mark.parametrize('flags', [['--ks', '13'], ['--e2e_ks', '0', '13'], ['--decode_ahead', '-1'],
+                                   ['--cpu_decode_shares', '0', '1.5']])
 def test_bad_flags_are_a_clear_error(tmp_path, flags):
     res = run_cmd([sys.executable, 'benchmark.py', *TINY, '--out', tmp_path, *flags, '--skip_reference'],
                   timeout=120, cwd=VIT, env=subprocess_env())

@@ -238,6 +238,16 @@ def write_folder(base: Path, sizes, classes=('a', 'b'), seed=0, png_every=0):
     return base
 
 
+def assert_same_batches(loader_a, loader_b, batches: int) -> None:
+    """Both loaders give the same `batches` batches, bit for bit, in epochs 0 and 1."""
+    for epoch in (0, 1):
+        loader_a.sampler.set_epoch(epoch)
+        loader_b.sampler.set_epoch(epoch)
+        a, b = list(loader_a), list(loader_b)
+        assert len(a) == len(b) == batches
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
 def test_bytes_travel_packed_one_tensor_per_batch(tmp_path):
     """Workers send a batch's files as one packed tensor (one shared-memory handle, not one per file);
     the views split from it decode exactly like the files."""
@@ -245,13 +255,59 @@ def test_bytes_travel_packed_one_tensor_per_batch(tmp_path):
     from util.gpu_data import JpegBytesFolder, collate_bytes, split_bytes
     root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50)], png_every=2)
     loader = torch.utils.data.DataLoader(JpegBytesFolder(root), batch_size=5, num_workers=2, collate_fn=collate_bytes)
-    packed, lengths, targets = next(iter(loader))
+    packed, lengths, pixels, shapes, targets = next(iter(loader))
+    assert pixels.numel() == 0 and shapes.shape == (0, 2)  # no CPU decode share: all files stay bytes
     assert packed.dtype == torch.uint8 and packed.ndim == 1 and lengths.tolist() == [
         len(read_file(path)) for path, _ in loader.dataset.samples[:5]]
     assert targets.tolist() == [t for _, t in loader.dataset.samples[:5]]
     for view, (path, _) in zip(split_bytes(packed, lengths), loader.dataset.samples):
         assert torch.equal(view, read_file(path))
         assert torch.equal(decode_image(view, mode=ImageReadMode.RGB), decode_image(read_file(path), mode=ImageReadMode.RGB))
+
+
+@pytest.mark.parametrize('share, decoded', [(0.4, 2), (1.0, 5), (0.05, 0)])
+def test_cpu_decode_share_is_decoded_by_the_workers(tmp_path, share, decoded):
+    """With --cpu_decode_share the first round(share * B) files of a batch arrive decoded (packed
+    pixels + shapes), the rest as packed bytes; targets keep the batch order."""
+    import functools
+
+    from util.gpu_data import JpegBytesFolder, collate_bytes, split_bytes, split_pixels
+    root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50)], png_every=2)
+    collate = functools.partial(collate_bytes, cpu_decode_share=share)
+    loader = torch.utils.data.DataLoader(JpegBytesFolder(root), batch_size=5, num_workers=2, collate_fn=collate)
+    packed, lengths, pixels, shapes, targets = next(iter(loader))
+    samples = loader.dataset.samples[:5]
+    assert targets.tolist() == [t for _, t in samples]
+    assert shapes.shape == (decoded, 2) and lengths.shape == (5 - decoded,)
+    assert pixels.dtype == torch.uint8 and pixels.numel() == 3 * int(shapes.prod(1).sum())
+    for im, (path, _) in zip(split_pixels(pixels, shapes), samples[:decoded]):
+        assert torch.equal(im, decode_image(read_file(path), mode=ImageReadMode.RGB))
+    views = split_bytes(packed, lengths)
+    assert len(views) == 5 - decoded
+    for view, (path, _) in zip(views, samples[decoded:]):
+        assert torch.equal(view, read_file(path))
+
+
+@pytest.mark.parametrize('share, workers', [(0.5, 0), (1.0, 2)])
+def test_gpu_loader_cpu_decode_share_gives_the_same_batches(tmp_path, share, workers):
+    """Where a file is decoded changes nothing else: on the CPU both decoders are libjpeg, so the
+    batches are identical (on a GPU nvjpeg differs by a grey level or so: test_gpu_paths)."""
+    root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50), (20, 36)], png_every=3)
+    kw = dict(input_size=16, batch_size=3, seed=5, world_size=1, rank=0, device='cpu', num_workers=workers)
+    assert_same_batches(GpuJpegLoader(root, **kw), GpuJpegLoader(root, cpu_decode_share=share, **kw), 2)
+
+
+@pytest.mark.parametrize('backend, share, message', [('gpu', 1.5, 'must lie in'), ('gpu', -0.1, 'must lie in'),
+                                                     ('pil', 0.5, 'gpu only'), ('gpu-cache', 0.5, 'gpu only')])
+def test_cpu_decode_share_is_checked(tmp_path, backend, share, message):
+    from util.gpu_data import check_cpu_decode_share
+    with pytest.raises(SystemExit, match=message):
+        check_cpu_decode_share(backend, share)
+    root = write_folder(tmp_path / 'train', [(40, 30)] * 4)
+    with pytest.raises(SystemExit, match=message):  # before any CUDA check or folder scan
+        build_loader(backend, str(root), 32, 2, 0, 0, False, 1, 0, device='cpu', cpu_decode_share=share)
+    check_cpu_decode_share('gpu', 0.0)
+    check_cpu_decode_share('pil', 0.0)
 
 
 def test_gpu_loader_on_cpu(tmp_path):
@@ -356,14 +412,7 @@ def test_gpu_loader_workers_same_as_main_process(tmp_path):
 def test_gpu_loader_decoding_ahead_gives_the_same_batches(tmp_path):
     root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50), (20, 36)])
     kw = dict(input_size=16, batch_size=2, seed=3, world_size=1, rank=0, device='cpu', num_workers=0)
-    inline = GpuJpegLoader(root, decode_ahead=0, **kw)
-    ahead = GpuJpegLoader(root, decode_ahead=3, **kw)
-    for epoch in (0, 1):
-        inline.sampler.set_epoch(epoch)
-        ahead.sampler.set_epoch(epoch)
-        a, b = list(inline), list(ahead)
-        assert len(a) == len(b) == 4
-        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    assert_same_batches(GpuJpegLoader(root, decode_ahead=0, **kw), GpuJpegLoader(root, decode_ahead=3, **kw), 4)
 
 
 class _CountingBatches:
@@ -505,6 +554,14 @@ def test_run_pretrain_flag_parses():
     assert args.data_backend == 'gpu-cache' and args.cache_size == 144
     with pytest.raises(SystemExit):
         parser.parse_args(['--data_backend', 'nvidia'])
+
+
+def test_run_pretrain_cpu_decode_share_with_pil_is_a_clear_error(tmp_path):
+    write_folder(tmp_path / 'data' / 'train', [(40, 40)] * 4)
+    res = run_pretrain('--data_path', tmp_path / 'data', '--output_dir', tmp_path / 'out', '--epochs', '1',
+                       '--cpu_decode_share', '0.3', timeout=120)
+    assert res.returncode != 0 and 'Traceback' not in res.output, res.describe()
+    assert 'error: --cpu_decode_share applies to --data_backend gpu only (got pil)' in res.output, res.describe()
 
 
 def test_run_pretrain_gpu_backend_on_cpu_is_a_clear_error(tmp_path):

@@ -116,6 +116,25 @@ def test_decode_ahead_on_cuda_streams_is_safe_while_the_consumer_lags(tmp_path):
         assert torch.allclose(x, ex, atol=1e-5)
 
 
+def test_cpu_decode_share_on_cuda_matches_nvjpeg_batches(tmp_path):
+    """--cpu_decode_share: the workers' libjpeg images, copied to the GPU, join nvjpeg's in the same
+    crops and flips; the batches differ from all-nvjpeg ones by decoder rounding only."""
+    from util import gpu_data
+    from util.gpu_data import GpuJpegLoader
+    root = tmp_path / 'train'
+    for c in ('a', 'b'):
+        smooth_jpegs(root / c, SIZES, seed=ord(c))
+    kw = dict(input_size=96, batch_size=4, seed=0, num_workers=2, world_size=1, rank=0, device='cuda')
+    refusals = gpu_data._refusals
+    nvjpeg = [(x.cpu(), y.cpu()) for x, y in GpuJpegLoader(root, **kw)]
+    hybrid = [(x.cpu(), y.cpu()) for x, y in GpuJpegLoader(root, cpu_decode_share=0.5, pin_memory=True, **kw)]
+    assert gpu_data._refusals == refusals
+    assert len(nvjpeg) == len(hybrid) == 4
+    for (x, y), (hx, hy) in zip(nvjpeg, hybrid):
+        assert torch.equal(y, hy)
+        assert (x - hx).abs().mean() < 0.05  # normalised units: about 3 grey levels / 255 / 0.22
+
+
 def race_loader(tmp_path: Path, ahead: int):
     """A gpu-backend loader over 32 baseline JPEGs of one size (so freed blocks fit the next
     batch's images exactly), 8 batches an epoch."""

@@ -6,6 +6,9 @@ than the model step (design.md section 4). Two backends move the work to the GPU
 gpu        DataLoader workers only read the JPEG files (bytes); the batch is decoded on the GPU
            in one nvjpeg call and cropped, flipped and normalised there in one batched resample,
            by a background thread on its own CUDA stream, `decode_ahead` batches in advance.
+           With `cpu_decode_share` s > 0 the workers also decode the first round(s * B) files
+           of each batch on the CPU (full size, libjpeg): the CPU cores add their decoding rate
+           to nvjpeg's. Only the decoder differs; crops and flips are drawn as before.
 gpu-cache  for data sets that fit in GPU memory: every image is decoded once (PIL, CPU),
            resized so its shorter side is `cache_size`, centre-cropped to a square and kept on
            the GPU as one uint8 tensor; each step gathers its batch and augments it on the GPU.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -189,20 +193,37 @@ class JpegBytesFolder(datasets.ImageFolder):
         return read_file(path).clone(), target
 
 
-def collate_bytes(batch):
-    """[(bytes, target)] -> (packed: the files' bytes end to end, uint8; lengths: int64 (B,);
-    targets: int64 (B,)). One tensor for the whole batch: a worker hands every tensor over
-    through its own shared-memory file descriptor: receiving 256 of them took 77 ms per batch
-    against 10 ms packed (2 workers, 2-core CPU), and 4 batches in flight per worker can pass a
-    1,024 open-file limit."""
+def collate_bytes(batch, cpu_decode_share: float = 0.0):
+    """[(bytes, target)] -> (packed, lengths, pixels, shapes, targets), in batch order: the first
+    k = round(cpu_decode_share * B) files decoded here (RGB uint8, full size), the rest left as
+    bytes for the GPU.
+      packed: uint8, the B - k undecoded files end to end; lengths: int64 (B - k,)
+      pixels: uint8, the k decoded (3, h, w) images flattened end to end; shapes: int64 (k, 2)
+      targets: int64 (B,)
+    One tensor per kind for the whole batch: a worker hands every tensor over through its own
+    shared-memory file descriptor: receiving 256 of them took 77 ms per batch against 10 ms
+    packed (2 workers, 2-core CPU), and 4 batches in flight per worker can pass a 1,024
+    open-file limit."""
     data = [b[0] for b in batch]
-    return (torch.cat(data), torch.tensor([d.numel() for d in data], dtype=torch.int64),
+    k = round(cpu_decode_share * len(data))
+    decoded = [decode_image(d, mode=ImageReadMode.RGB) for d in data[:k]]
+    rest = data[k:]
+    return (torch.cat(rest) if rest else torch.empty(0, dtype=torch.uint8),
+            torch.tensor([d.numel() for d in rest], dtype=torch.int64),
+            torch.cat([im.flatten() for im in decoded]) if decoded else torch.empty(0, dtype=torch.uint8),
+            torch.tensor([im.shape[1:] for im in decoded], dtype=torch.int64).view(k, 2),
             torch.tensor([b[1] for b in batch], dtype=torch.int64))
 
 
 def split_bytes(packed: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
     """collate_bytes' packed bytes -> one 1-D uint8 view per file."""
     return list(torch.split(packed, lengths.tolist()))
+
+
+def split_pixels(pixels: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
+    """collate_bytes' packed pixels -> one (3, h, w) uint8 view per image (on pixels' device)."""
+    sizes = [(int(h), int(w)) for h, w in shapes.tolist()]
+    return [flat.view(3, h, w) for flat, (h, w) in zip(torch.split(pixels, [3 * h * w for h, w in sizes]), sizes)]
 
 
 def _is_jpeg(data: torch.Tensor) -> bool:
@@ -350,17 +371,22 @@ class GpuJpegLoader:
 
     def __init__(self, root: str | Path, input_size: int, batch_size: int, seed: int, num_workers: int,
                  world_size: int, rank: int, device: torch.device | str, mode: str = 'bicubic',
-                 max_canvas_pixels: int = MAX_CANVAS_PIXELS, decode_ahead: int = 2):
+                 max_canvas_pixels: int = MAX_CANVAS_PIXELS, decode_ahead: int = 2, cpu_decode_share: float = 0.0,
+                 pin_memory: bool = False):
+        check_cpu_decode_share('gpu', cpu_decode_share)
         self.dataset = JpegBytesFolder(root)
         _check_enough(self.dataset, root, batch_size, world_size)
         self.input_size, self.batch_size, self.seed, self.rank = input_size, batch_size, seed, rank
         self.device, self.mode, self.max_canvas_pixels = torch.device(device), mode, max_canvas_pixels
-        self.decode_ahead = decode_ahead
+        self.decode_ahead, self.cpu_decode_share = decode_ahead, cpu_decode_share
         self.sampler = EpochSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                     seed=seed, drop_last=True)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, sampler=self.sampler, batch_size=batch_size, num_workers=num_workers,
-            collate_fn=collate_bytes, drop_last=True, persistent_workers=num_workers > 0,
+            collate_fn=functools.partial(collate_bytes, cpu_decode_share=cpu_decode_share), drop_last=True,
+            # the CPU-decoded pixels (about 0.6 MB an ImageNet image) are pinned by the loader's own
+            # thread, not by the decode thread, which has nvjpeg to feed; bytes alone need no pinning
+            pin_memory=pin_memory and cpu_decode_share > 0, persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
 
@@ -371,8 +397,10 @@ class GpuJpegLoader:
         epoch = self.sampler.epoch
 
         def prepare(b: int, raw) -> tuple[torch.Tensor, torch.Tensor]:
-            packed, lengths, targets = raw
-            images = decode_batch(split_bytes(packed, lengths), self.device)
+            packed, lengths, pixels, shapes, targets = raw
+            images = split_pixels(to_device(pixels, self.device), shapes) if len(shapes) else []
+            if len(lengths):
+                images += decode_batch(split_bytes(packed, lengths), self.device)
             gen = batch_generator(self.seed, epoch, b, self.rank)
             return (augment_images(images, gen, self.input_size, mode=self.mode,
                                    max_canvas_pixels=self.max_canvas_pixels),
@@ -479,6 +507,14 @@ class GpuCacheLoader:
 
 
 # ---- choice ----------------------------------------------------------------------------------
+def check_cpu_decode_share(backend: str, share: float) -> None:
+    """--cpu_decode_share: a fraction, and only for the gpu backend (a clear SystemExit)."""
+    if not 0.0 <= share <= 1.0:
+        raise SystemExit(f'error: --cpu_decode_share must lie in [0, 1], got {share}')
+    if share and backend != 'gpu':
+        raise SystemExit(f'error: --cpu_decode_share applies to --data_backend gpu only (got {backend})')
+
+
 def require_cuda(backend: str, device: torch.device | str | None) -> torch.device:
     """The GPU backends' device check, a clear SystemExit instead of a traceback."""
     dev = torch.device(device if device is not None else 'cpu')
@@ -491,10 +527,12 @@ def require_cuda(backend: str, device: torch.device | str | None) -> torch.devic
 
 def build_loader(backend: str, data_path: str, input_size: int, batch_size: int, seed: int, num_workers: int,
                  pin_mem: bool, world_size: int, rank: int, device: torch.device | str | None = None,
-                 cache_size: int | None = None, decode_ahead: int = 2):
+                 cache_size: int | None = None, decode_ahead: int = 2, cpu_decode_share: float = 0.0):
     """The pretraining loader of --data_backend: 'pil' (util.data.build_pretrain_loader: CPU
     workers), 'gpu' or 'gpu-cache'. All three yield normalised float32 batches on `device`.
-    decode_ahead: batches the gpu backend prepares in advance on its background thread."""
+    decode_ahead: batches the gpu backend prepares in advance on its background thread;
+    cpu_decode_share: the share of each of its batches that its workers decode on the CPU."""
+    check_cpu_decode_share(backend, cpu_decode_share)
     if backend == 'pil':
         return build_pretrain_loader(data_path, input_size, batch_size, seed, num_workers, pin_mem,
                                      world_size, rank, device if device is not None else 'cpu')
@@ -504,5 +542,5 @@ def build_loader(backend: str, data_path: str, input_size: int, batch_size: int,
     root = resolve_image_folder(data_path, 'train')
     if backend == 'gpu':
         return GpuJpegLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev,
-                             decode_ahead=decode_ahead)
+                             decode_ahead=decode_ahead, cpu_decode_share=cpu_decode_share, pin_memory=pin_mem)
     return GpuCacheLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev, cache_size)
