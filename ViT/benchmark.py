@@ -422,6 +422,13 @@ def time_end_to_end(args: argparse.Namespace, loader, ks: list[int], device: tor
     return rates
 
 
+def error_line(e: BaseException) -> str:
+    """The line of an error worth a note: its first, or for an error re-raised from a DataLoader
+    worker ("Caught ... in DataLoader worker process N" + the worker's traceback) its last."""
+    lines = [line for line in str(e).splitlines() if line.strip()] or ['']
+    return (lines[-1] if lines[0].startswith('Caught ') else lines[0])[:300]
+
+
 def loader_label(backend: str, cpu_decode_share: float) -> str:
     """The name of a timed loader in benchmark.json: the backend, plus its CPU decode share if any."""
     return f'{backend} (cpu decode {cpu_decode_share:g})' if cpu_decode_share else backend
@@ -437,7 +444,7 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, 
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = repeated_folder(args.data_path, args.repeat, Path(tmp))
-        variants = [(b, share) for b in args.backends for share in (args.cpu_decode_shares if b == 'gpu' else [0.0])]
+        variants = [(b, share) for b in args.backends for share in (sorted(set(args.cpu_decode_shares)) if b == 'gpu' else [0.0])]
         for kind, share in variants:
             backend = loader_label(kind, share)
             if kind != 'pil' and device.type != 'cuda':
@@ -453,8 +460,7 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, 
                 log(f'[loader {backend}] skipped: {e}')
                 continue
             except Exception as e:  # e.g. out of memory filling the gpu-cache: note it, time the others
-                notes.append(f'loader {backend} failed to build: {type(e).__name__}: '
-                             f'{(str(e).splitlines() or [""])[0][:300]}')
+                notes.append(f'loader {backend} failed to build: {type(e).__name__}: {error_line(e)}')
                 log(f'[loader {backend}] failed to build: {e!r}')
                 continue
             setup[backend] = time.perf_counter() - start
@@ -467,8 +473,7 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, 
                     log(f'[end to end {backend}] ' +
                         ', '.join(f'k={k}: {v:.0f} img/s' for k, v in e2e[backend].items()))
             except Exception as e:  # the step timings already taken are worth more than this backend
-                first_line = (str(e).splitlines() or [''])[0][:300]
-                notes.append(f'loader {backend} failed: {type(e).__name__}: {first_line}')
+                notes.append(f'loader {backend} failed: {type(e).__name__}: {error_line(e)}')
                 log(f'[loader {backend}] failed: {e!r}')
             if gpu_data._refusals > refusals:  # its rates are then those of a CPU decode: say so
                 notes.append(f'loader {backend}: the batched GPU JPEG decoder refused {gpu_data._refusals - refusals} '

@@ -3,7 +3,7 @@
 # repository root, with the shared data copied into the ignored data/ folder (carry `data`):
 #   mkdir -p data && cp -r ../shared/data/imagenet-sample-40 ../shared/data/imagenette-128 data/
 #   [STUDY_MINUTES=N] [GPU_TESTS=0] bash ViT/measure_gpu.sh [out_dir]   (default: $OUT, else gpu_measure_out)
-# Stages (estimated, not yet measured, on an H100: 1-4 about 5-6 minutes, 5 about 4-7; together
+# Stages (estimated, not yet measured, on an H100: 1-4 about 6-7 minutes, 5 about 4-7; together
 # they may pass the device tool's 600 s per call, so run GPU_TESTS=0 first and the tests as a
 # second call: python3 -m pytest -q -rs tests/test_gpu_paths.py):
 #   1. upstream reference vs the project step with k = 0..L-1 frozen; each input backend alone

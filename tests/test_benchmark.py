@@ -120,6 +120,14 @@ def test_a_failing_backend_is_noted_and_the_step_timings_kept(tmp_path, monkeypa
     assert 'loader pil failed' in (out / 'benchmark.md').read_text()
 
 
+def test_error_line_keeps_a_worker_errors_own_message():
+    worker = RuntimeError('Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent '
+                          'call last):\n  File "x.py", line 1\nRuntimeError: cannot decode /d/a.jpg: truncated\n')
+    assert benchmark.error_line(worker) == 'RuntimeError: cannot decode /d/a.jpg: truncated'
+    assert benchmark.error_line(RuntimeError('CUDA out of memory.\nmore')) == 'CUDA out of memory.'
+    assert benchmark.error_line(RuntimeError()) == ''
+
+
 def test_a_backend_that_cannot_be_built_or_falls_back_is_noted(tmp_path, monkeypatch):
     """An error building a loader (e.g. out of memory filling the gpu-cache) and batches the GPU
     decoder refused (decoded on the CPU: the rate is not nvjpeg's) end up in the notes."""

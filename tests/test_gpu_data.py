@@ -255,7 +255,8 @@ def test_bytes_travel_packed_one_tensor_per_batch(tmp_path):
     from util.gpu_data import JpegBytesFolder, collate_bytes, split_bytes
     root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50)], png_every=2)
     loader = torch.utils.data.DataLoader(JpegBytesFolder(root), batch_size=5, num_workers=2, collate_fn=collate_bytes)
-    packed, lengths, pixels, shapes, targets = next(iter(loader))
+    packed, lengths, pixels, shapes, targets, names = next(iter(loader))
+    assert names == [path for path, _ in loader.dataset.samples[:5]]
     assert pixels.numel() == 0 and shapes.shape == (0, 2)  # no CPU decode share: all files stay bytes
     assert packed.dtype == torch.uint8 and packed.ndim == 1 and lengths.tolist() == [
         len(read_file(path)) for path, _ in loader.dataset.samples[:5]]
@@ -275,9 +276,9 @@ def test_cpu_decode_share_is_decoded_by_the_workers(tmp_path, share, decoded):
     root = write_folder(tmp_path / 'train', [(40, 30), (30, 44), (50, 50)], png_every=2)
     collate = functools.partial(collate_bytes, cpu_decode_share=share)
     loader = torch.utils.data.DataLoader(JpegBytesFolder(root), batch_size=5, num_workers=2, collate_fn=collate)
-    packed, lengths, pixels, shapes, targets = next(iter(loader))
+    packed, lengths, pixels, shapes, targets, names = next(iter(loader))
     samples = loader.dataset.samples[:5]
-    assert targets.tolist() == [t for _, t in samples]
+    assert targets.tolist() == [t for _, t in samples] and names == [p for p, _ in samples[decoded:]]
     assert shapes.shape == (decoded, 2) and lengths.shape == (5 - decoded,)
     assert pixels.dtype == torch.uint8 and pixels.numel() == 3 * int(shapes.prod(1).sum())
     for im, (path, _) in zip(split_pixels(pixels, shapes), samples[:decoded]):
@@ -297,15 +298,68 @@ def test_gpu_loader_cpu_decode_share_gives_the_same_batches(tmp_path, share, wor
     assert_same_batches(GpuJpegLoader(root, **kw), GpuJpegLoader(root, cpu_decode_share=share, **kw), 2)
 
 
+def test_build_loader_passes_the_cpu_decode_share_on(tmp_path, monkeypatch):
+    """run_pretrain's flag reaches the workers: a raw batch of build_loader('gpu', ...) arrives
+    with its share decoded (CUDA check bypassed to build it on CPU)."""
+    import util.gpu_data as gd
+    monkeypatch.setattr(gd, 'require_cuda', lambda backend, device: torch.device('cpu'))
+    root = write_folder(tmp_path / 'data' / 'train', [(40, 30), (30, 44)])
+    loader = build_loader('gpu', str(tmp_path / 'data'), 16, 4, 0, 0, False, 1, 0, device='cpu', cpu_decode_share=0.5)
+    _, lengths, _, shapes, _, _ = next(iter(loader.loader))
+    assert shapes.shape == (2, 2) and lengths.shape == (2,)
+    assert next(iter(loader))[0].shape == (4, 3, 16, 16) and len(loader.dataset) == len(list(root.rglob('*.jpg')))
+
+
+def test_run_pretrain_passes_the_cpu_decode_share_to_the_loader(tmp_path, monkeypatch):
+    import run_pretrain
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def fake_build_loader(*args):
+        seen.append(args)
+        raise Built
+    monkeypatch.setattr(run_pretrain, 'build_loader', fake_build_loader)
+    write_folder(tmp_path / 'data' / 'train', [(40, 30)] * 2)
+    args = run_pretrain.get_args_parser().parse_args(
+        ['--model', 'MIM_vit_tiny_patch16', '--input_size', '32', '--device', 'cpu', '--data_backend', 'gpu',
+         '--cpu_decode_share', '0.25', '--data_path', str(tmp_path / 'data'), '--output_dir', str(tmp_path / 'out')])
+    with pytest.raises(Built):
+        run_pretrain.main(args)
+    assert seen[0][0] == 'gpu' and seen[0][-1] == 0.25
+
+
+def test_decoding_names_the_file_it_cannot_decode_and_reads_16_bit_pngs(tmp_path):
+    """A corrupt file fails with its path, in the workers' CPU share and in the main process'
+    decode alike; 16-bit PNGs (torchvision decodes them as uint16) become uint8 (top 8 bits)."""
+    import util.gpu_data as gd
+    root = write_folder(tmp_path / 'train', [(40, 30)] * 3, classes=('a',))
+    deep = (np.arange(48 * 40, dtype=np.uint16).reshape(40, 48) * 31)
+    Image.fromarray(deep).save(root / 'a' / 'deep.png')
+    bad = root / 'a' / 'bad.jpg'
+    bad.write_bytes((root / 'a' / '0.jpg').read_bytes()[:200])  # a JPEG cut short
+    folder = gd.JpegBytesFolder(root)
+    items = {Path(p).name: folder[i] for i, (p, _) in enumerate(folder.samples)}
+    for share in (1.0, 0.0):  # decoded by the worker's collate, or by decode_batch
+        packed, lengths, pixels, shapes, _, names = gd.collate_bytes([items['deep.png'], items['0.jpg']], share)
+        images = (gd.split_pixels(pixels, shapes) + gd.decode_batch(gd.split_bytes(packed, lengths), 'cpu', names))
+        assert images[0].dtype == torch.uint8 and images[0].shape == (3, 40, 48)
+        assert torch.equal(images[0][1], torch.from_numpy((deep >> 8).astype(np.uint8)))
+        with pytest.raises(RuntimeError, match=f'cannot decode {bad}'):
+            packed, lengths, _, _, _, names = gd.collate_bytes([items['0.jpg'], items['bad.jpg']], share)
+            gd.decode_batch(gd.split_bytes(packed, lengths), 'cpu', names)
+
+
 @pytest.mark.parametrize('backend, share, message', [('gpu', 1.5, 'must lie in'), ('gpu', -0.1, 'must lie in'),
                                                      ('pil', 0.5, 'gpu only'), ('gpu-cache', 0.5, 'gpu only')])
 def test_cpu_decode_share_is_checked(tmp_path, backend, share, message):
     from util.gpu_data import check_cpu_decode_share
     with pytest.raises(SystemExit, match=message):
         check_cpu_decode_share(backend, share)
-    root = write_folder(tmp_path / 'train', [(40, 30)] * 4)
     with pytest.raises(SystemExit, match=message):  # before any CUDA check or folder scan
-        build_loader(backend, str(root), 32, 2, 0, 0, False, 1, 0, device='cpu', cpu_decode_share=share)
+        build_loader(backend, str(tmp_path / 'missing'), 32, 2, 0, 0, False, 1, 0, device='cpu',
+                     cpu_decode_share=share)
     check_cpu_decode_share('gpu', 0.0)
     check_cpu_decode_share('pil', 0.0)
 

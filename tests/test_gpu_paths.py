@@ -127,7 +127,10 @@ def test_cpu_decode_share_on_cuda_matches_nvjpeg_batches(tmp_path):
     kw = dict(input_size=96, batch_size=4, seed=0, num_workers=2, world_size=1, rank=0, device='cuda')
     refusals = gpu_data._refusals
     nvjpeg = [(x.cpu(), y.cpu()) for x, y in GpuJpegLoader(root, **kw)]
-    hybrid = [(x.cpu(), y.cpu()) for x, y in GpuJpegLoader(root, cpu_decode_share=0.5, pin_memory=True, **kw)]
+    loader = GpuJpegLoader(root, cpu_decode_share=0.5, pin_memory=True, **kw)
+    _, lengths, pixels, shapes, _, _ = next(iter(loader.loader))  # a raw batch: half of it decoded
+    assert shapes.shape == (2, 2) and lengths.shape == (2,) and pixels.is_pinned()
+    hybrid = [(x.cpu(), y.cpu()) for x, y in loader]
     assert gpu_data._refusals == refusals
     assert len(nvjpeg) == len(hybrid) == 4
     for (x, y), (hx, hy) in zip(nvjpeg, hybrid):

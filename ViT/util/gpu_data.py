@@ -3,7 +3,7 @@
 On a 16-core-per-GPU server the PIL pipeline (util.data) delivers about 1,000 images/s, slower
 than the model step (design.md section 4). Two backends move the work to the GPU:
 
-gpu        DataLoader workers only read the JPEG files (bytes); the batch is decoded on the GPU
+gpu        DataLoader workers read the JPEG files (bytes); the batch is decoded on the GPU
            in one nvjpeg call and cropped, flipped and normalised there in one batched resample,
            by a background thread on its own CUDA stream, `decode_ahead` batches in advance.
            With `cpu_decode_share` s > 0 the workers also decode the first round(s * B) files
@@ -190,29 +190,39 @@ class JpegBytesFolder(datasets.ImageFolder):
         path, target = self.samples[index]
         # read_file's storage is file-backed and cannot be sent to the main process through
         # shared memory (the worker's queue fails on it); a plain copy can
-        return read_file(path).clone(), target
+        return read_file(path).clone(), target, path
+
+
+def decode_rgb(data: torch.Tensor, name: str = 'an image') -> torch.Tensor:
+    """File bytes -> RGB uint8 (3, h, w) on the CPU, any format torchvision reads (16-bit PNGs
+    scaled to 8 bits). A file that cannot be decoded is an error that names it."""
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise RuntimeError(f'cannot decode {name}: {(str(e).splitlines() or [""])[0]}') from e
+    return image if image.dtype == torch.uint8 else (image.to(torch.int32) >> 8).to(torch.uint8)  # uint16
 
 
 def collate_bytes(batch, cpu_decode_share: float = 0.0):
-    """[(bytes, target)] -> (packed, lengths, pixels, shapes, targets), in batch order: the first
-    k = round(cpu_decode_share * B) files decoded here (RGB uint8, full size), the rest left as
-    bytes for the GPU.
+    """[(bytes, target, path)] -> (packed, lengths, pixels, shapes, targets, names), in batch
+    order: the first k = round(cpu_decode_share * B) files decoded here (RGB uint8, full size),
+    the rest left as bytes for the GPU.
       packed: uint8, the B - k undecoded files end to end; lengths: int64 (B - k,)
       pixels: uint8, the k decoded (3, h, w) images flattened end to end; shapes: int64 (k, 2)
-      targets: int64 (B,)
+      targets: int64 (B,); names: the B - k undecoded files' paths (for error messages)
     One tensor per kind for the whole batch: a worker hands every tensor over through its own
     shared-memory file descriptor: receiving 256 of them took 77 ms per batch against 10 ms
     packed (2 workers, 2-core CPU), and 4 batches in flight per worker can pass a 1,024
     open-file limit."""
-    data = [b[0] for b in batch]
+    data, names = [b[0] for b in batch], [b[2] for b in batch]
     k = round(cpu_decode_share * len(data))
-    decoded = [decode_image(d, mode=ImageReadMode.RGB) for d in data[:k]]
+    decoded = [decode_rgb(d, name) for d, name in zip(data[:k], names[:k])]
     rest = data[k:]
     return (torch.cat(rest) if rest else torch.empty(0, dtype=torch.uint8),
             torch.tensor([d.numel() for d in rest], dtype=torch.int64),
             torch.cat([im.flatten() for im in decoded]) if decoded else torch.empty(0, dtype=torch.uint8),
             torch.tensor([im.shape[1:] for im in decoded], dtype=torch.int64).view(k, 2),
-            torch.tensor([b[1] for b in batch], dtype=torch.int64))
+            torch.tensor([b[1] for b in batch], dtype=torch.int64), names[k:])
 
 
 def split_bytes(packed: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
@@ -246,10 +256,12 @@ def _stream(role: str, device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[key]
 
 
-def decode_batch(data: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+def decode_batch(data: Sequence[torch.Tensor], device: torch.device | str,
+                 names: Sequence[str] | None = None) -> list[torch.Tensor]:
     """File bytes -> RGB uint8 (3, h, w) tensors on `device`: JPEGs in one batched
     decode_jpeg call (nvjpeg on CUDA); other formats, and JPEGs the batched decoder refuses
-    (e.g. CMYK; found by splitting the batch), one by one on the CPU.
+    (e.g. CMYK; found by splitting the batch), one by one on the CPU. names: the files' paths,
+    for the error when one cannot be decoded at all.
 
     On CUDA the decoder gets a stream of its own. torchvision allocates the decoded images on
     the current stream but nvjpeg writes them from another one (and its hardware engine does not
@@ -259,7 +271,7 @@ def decode_batch(data: Sequence[torch.Tensor], device: torch.device | str) -> li
     them only once the caller's work on them is done."""
     device = torch.device(device)
     if device.type != 'cuda':
-        return _decode(data, device)
+        return _decode(data, device, names)
     if device.index is None:
         device = torch.device('cuda', torch.cuda.current_device())
     caller, own = torch.cuda.current_stream(device), _stream('decode', device)
@@ -269,14 +281,14 @@ def decode_batch(data: Sequence[torch.Tensor], device: torch.device | str) -> li
         # cudaMallocAsync orders memory reuse on the GPU only, which nvjpeg does not honour: wait
         torch.cuda.synchronize(device)
     with torch.cuda.stream(own):
-        out = _decode(data, device)
+        out = _decode(data, device, names)
     own.synchronize()  # nvjpeg has already waited for itself; this covers the CPU-decoded copies
     for im in out:
         im.record_stream(caller)
     return out
 
 
-def _decode(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def _decode(data: Sequence[torch.Tensor], device: torch.device, names: Sequence[str] | None) -> list[torch.Tensor]:
     out: list[torch.Tensor | None] = [None] * len(data)
     jpeg = [i for i, d in enumerate(data) if _is_jpeg(d)]
     if jpeg:
@@ -284,7 +296,7 @@ def _decode(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Te
             out[i] = im
     for i, d in enumerate(data):
         if out[i] is None:  # not a JPEG, or one the batched decoder refused even alone
-            out[i] = decode_image(d, mode=ImageReadMode.RGB).to(device)
+            out[i] = decode_rgb(d, names[i] if names else f'file {i} of the batch').to(device)
     return out
 
 
@@ -384,10 +396,12 @@ class GpuJpegLoader:
         self.loader = torch.utils.data.DataLoader(
             self.dataset, sampler=self.sampler, batch_size=batch_size, num_workers=num_workers,
             collate_fn=functools.partial(collate_bytes, cpu_decode_share=cpu_decode_share), drop_last=True,
-            # the CPU-decoded pixels (about 0.6 MB an ImageNet image) are pinned by the loader's own
-            # thread, not by the decode thread, which has nvjpeg to feed; bytes alone need no pinning
+            # with workers, the CPU-decoded pixels (about 0.6 MB an ImageNet image) are pinned by the
+            # loader's own thread, not by the decode thread, which has nvjpeg to feed (without
+            # pinning here, to_device pins them there); bytes alone need no pinning
             pin_memory=pin_memory and cpu_decode_share > 0, persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
+            # bytes are small: 4 batches ahead per worker; decoded pixels are 4x a pil batch: 2
+            prefetch_factor=(2 if cpu_decode_share > 0 else 4) if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
 
     def __len__(self) -> int:
@@ -397,10 +411,10 @@ class GpuJpegLoader:
         epoch = self.sampler.epoch
 
         def prepare(b: int, raw) -> tuple[torch.Tensor, torch.Tensor]:
-            packed, lengths, pixels, shapes, targets = raw
+            packed, lengths, pixels, shapes, targets, names = raw
             images = split_pixels(to_device(pixels, self.device), shapes) if len(shapes) else []
             if len(lengths):
-                images += decode_batch(split_bytes(packed, lengths), self.device)
+                images += decode_batch(split_bytes(packed, lengths), self.device, names)
             gen = batch_generator(self.seed, epoch, b, self.rank)
             return (augment_images(images, gen, self.input_size, mode=self.mode,
                                    max_canvas_pixels=self.max_canvas_pixels),
