@@ -167,6 +167,22 @@ def test_canvas_replicates_edges():
     assert torch.equal(canvas[1, :, :, 2], b[:, :, 1])  # last column repeated
 
 
+def test_canvas_equals_replicate_padding_of_each_image():
+    """The one-gather canvas is each image padded on its right and bottom by repeating its edge
+    (F.pad 'replicate', image by image), for random sizes, one image, and non-contiguous views."""
+    g = gen(3)
+    for n in (1, 2, 7):
+        sizes = [(int(h), int(w)) for h, w in torch.randint(1, 30, (n, 2), generator=g)]
+        images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+        images[0] = images[0].transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+        canvas = make_canvas(images)
+        hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
+        assert canvas.shape == (n, 3, hmax, wmax) and canvas.dtype == torch.uint8 and canvas.is_contiguous()
+        for im, (h, w), got in zip(images, sizes, canvas):
+            expect = F.pad(im[None].float(), (0, wmax - w, 0, hmax - h), mode='replicate')[0]
+            assert torch.equal(got.float(), expect)
+
+
 def test_plan_canvas_groups_partition_and_budget():
     g = gen(2)
     sizes = [(int(h), int(w)) for h, w in torch.randint(20, 300, (50, 2), generator=g)]

@@ -94,19 +94,26 @@ def resized_crop_batch(canvas: torch.Tensor, boxes: torch.Tensor, flips: torch.T
 def make_canvas(images: Sequence[torch.Tensor]) -> torch.Tensor:
     """(C, h_i, w_i) images -> (B, C, max h, max w), each at the top left, the rest filled by
     repeating its last column and row (so resampling at its right/bottom edge sees its own
-    border, as when it is resampled alone)."""
-    c = images[0].shape[0]
-    hmax = max(int(im.shape[-2]) for im in images)
-    wmax = max(int(im.shape[-1]) for im in images)
-    canvas = images[0].new_empty((len(images), c, hmax, wmax))
-    for i, im in enumerate(images):
-        h, w = im.shape[-2:]
-        canvas[i, :, :h, :w] = im
-        if w < wmax:
-            canvas[i, :, :h, w:] = im[:, :, w - 1:w]
-        if h < hmax:
-            canvas[i, :, h:, :] = canvas[i, :, h - 1:h, :]
-    return canvas
+    border, as when it is resampled alone).
+
+    One gather for the batch, not a few copies per image: canvas pixel (y, x) of image i is its
+    pixel (min(y, h_i - 1), min(x, w_i - 1)). A per-image loop costs 3 kernel launches an image
+    from the decode thread, which shares the GIL with the training thread's launches."""
+    c, device = images[0].shape[0], images[0].device
+    heights = [int(im.shape[-2]) for im in images]
+    widths = [int(im.shape[-1]) for im in images]
+    hmax, wmax = max(heights), max(widths)
+    flat = torch.cat([im.reshape(c, -1) for im in images], dim=1)  # (C, sum of h_i * w_i)
+    dtype = torch.int32 if flat.shape[1] < 2 ** 31 else torch.int64  # index_select takes both
+    starts = [0]
+    for h, w in zip(heights[:-1], widths[:-1]):
+        starts.append(starts[-1] + h * w)
+    h, w, start = to_device(torch.tensor([heights, widths, starts], dtype=dtype), device)  # (B,) each
+    y = torch.minimum(torch.arange(hmax, dtype=dtype, device=device)[None, :], h[:, None] - 1)  # (B, H)
+    x = torch.minimum(torch.arange(wmax, dtype=dtype, device=device)[None, :], w[:, None] - 1)  # (B, W)
+    index = start[:, None, None] + y[:, :, None] * w[:, None, None] + x[:, None, :]  # (B, H, W)
+    canvas = flat.index_select(1, index.flatten()).view(c, len(images), hmax, wmax)  # (C, B, H, W)
+    return canvas.transpose(0, 1).contiguous()
 
 
 def plan_canvas_groups(sizes: Sequence[tuple[int, int]], max_pixels: int = MAX_CANVAS_PIXELS) -> list[list[int]]:
