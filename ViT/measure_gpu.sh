@@ -2,19 +2,22 @@
 # Every GPU measurement the project reports, in one run sized for one device lease. From the
 # repository root, with the shared data copied into the ignored data/ folder (carry `data`):
 #   mkdir -p data && cp -r ../shared/data/imagenet-sample-40 ../shared/data/imagenette-128 data/
-#   [STUDY_MINUTES=N] [GPU_TESTS=0] bash ViT/measure_gpu.sh [out_dir]   (default: $OUT, else gpu_measure_out)
-# Stages (estimated, not yet measured, on an H100: 1-4 about 6-7 minutes, 5 about 4-7; together
-# they may pass the device tool's 600 s per call, so run GPU_TESTS=0 first and the tests as a
-# second call: python3 -m pytest -q -rs tests/test_gpu_paths.py):
+#   [STUDY_MINUTES=N] [GPU_TESTS=0] [COMPILE=0] bash ViT/measure_gpu.sh [out_dir]   (default: $OUT, else gpu_measure_out)
+# Stages (estimated, not yet measured, on an H100: 1-2 about 5 minutes, 3 up to 5, 4-5 about 1,
+# 6 about 4-7; one call of the device tool runs at most 600 s, so run GPU_TESTS=0 first and the
+# tests as a second call: python3 -m pytest -q -rs tests/test_gpu_paths.py):
 #   1. upstream reference vs the project step with k = 0..L-1 frozen; each input backend alone
 #      and feeding the step, the gpu backend also with 25% and 50% of each batch decoded by the
 #      CPU workers (ViT-B/16, 224 px, batch 256, imagenet-sample-40 repeated to 100 batches an
 #      epoch);
-#   2. the gpu backend decoding on the training thread (--decode_ahead 0), for comparison;
-#   3. Imagenette-128: synthetic-input step vs a real run_pretrain.py run with gpu-cache;
-#   4. the performance targets checked (summary.md);
-#   5. unless GPU_TESTS=0: the GPU integration tests (tests/test_gpu_paths.py);
-#   6. with STUDY_MINUTES=N: study.py for at most N minutes, continuing image/study_results.json
+#   2. Imagenette-128: synthetic-input step vs a real run_pretrain.py run with gpu-cache;
+#   3. unless COMPILE=0: the project step under torch.compile at k = 0, 4, 8, 12 (one compile
+#      each; the schedule average interpolates the other k);
+#   4. the gpu backend decoding on the training thread (--decode_ahead 0), for comparison;
+#   5. the performance targets checked (summary.md; `benchmark.py --check_targets DIR` redoes it
+#      from an unpacked measure_gpu.tgz, e.g. when a later stage was cut short);
+#   6. unless GPU_TESTS=0: the GPU integration tests (tests/test_gpu_paths.py);
+#   7. with STUDY_MINUTES=N: study.py for at most N minutes, continuing image/study_results.json
 #      in <out>/study/ (updated after every run; run logs in <out>/study_logs.tgz).
 # The device tool returns at most 8 files: everything is packed after every stage into
 # <out>/measure_gpu.tgz, and the console goes in full to <out>/console.txt, so a run cut short
@@ -44,9 +47,11 @@ fi
 if [ "${QUICK:-0}" = 1 ]; then
   dev=cpu; model=MIM_vit_tiny_patch16; size=64; batch=8; steps="--steps 2 --warmup 1"; repeat=2; workers=2
   small_batch=8; small_workers=2; epochs=1; backend=pil; study_flags="--quick --device cpu"
+  compile_flags="--compile --compile_backend eager"  # dynamo without code generation: seconds on CPU
 else
   dev=cuda; model=MIM_vit_base_patch16; size=224; batch=256; steps="--steps 20 --warmup 5"; repeat=640; workers=15
   small_batch=256; small_workers=8; epochs=3; backend=gpu-cache; study_flags=""
+  compile_flags="--compile"
 fi
 cap="timeout -k 10 300"
 stage() { echo; echo "== $(date +%T) [+${SECONDS}s] $*"; }
@@ -78,13 +83,7 @@ $cap python3 benchmark.py --device $dev --model $model --input_size $size --batc
   --cpu_decode_shares 0 0.25 0.5 --out "$work/b16_224"
 pack
 
-stage "2. gpu backend decoding on the training thread (--decode_ahead 0), for comparison"
-$cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
-  --ks 0 --skip_reference --backends gpu --decode_ahead 0 --e2e_ks 0 --data_path "$data/imagenet-sample-40" \
-  --repeat $repeat --num_workers $workers --out "$work/b16_224_decode_inline"
-pack
-
-stage "3. Imagenette-128: synthetic-input step vs a real run_pretrain.py run with $backend"
+stage "2. Imagenette-128: synthetic-input step vs a real run_pretrain.py run with $backend"
 $cap python3 benchmark.py --device $dev --model $model --input_size 128 --batch_size $small_batch $steps \
   --ks 0 --skip_reference --out "$work/imagenette_step"
 $cap python3 run_pretrain.py --device $dev --model $model --input_size 128 --batch_size $small_batch \
@@ -92,19 +91,32 @@ $cap python3 run_pretrain.py --device $dev --model $model --input_size 128 --bat
   --output_dir "$work/imagenette_run" --no_auto_resume --print_freq 1000 --num_workers $small_workers
 pack
 
-stage "4. targets"
+if [ "${COMPILE:-1}" != 0 ]; then
+  stage "3. the project step under torch.compile (k = 0, 4, 8, 12)"
+  $cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
+    --how_scale cubic --t_0 0.8 --ks 0 4 8 12 --skip_reference $compile_flags --out "$work/b16_224_compile"
+  pack
+fi
+
+stage "4. gpu backend decoding on the training thread (--decode_ahead 0), for comparison"
+$cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
+  --ks 0 --skip_reference --backends gpu --decode_ahead 0 --e2e_ks 0 --data_path "$data/imagenet-sample-40" \
+  --repeat $repeat --num_workers $workers --out "$work/b16_224_decode_inline"
+pack
+
+stage "5. targets"
 python3 benchmark.py --check_targets "$work" | tee "$work/summary.md"
 pack
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then
-  stage "5. GPU integration tests"
+  stage "6. GPU integration tests"
   (cd .. && timeout -k 10 420 python3 -m pytest -q -rs --tb=short --durations=0 tests/test_gpu_paths.py) 2>&1 \
     | tee "$work/gpu_tests.txt"
   pack
 fi
 
 if [ "$study_s" != 0 ]; then
-  stage "6. study (at most $STUDY_MINUTES minutes; results in $out/study/)"
+  stage "7. study (at most $STUDY_MINUTES minutes; results in $out/study/)"
   mkdir -p "$out/study" "$work/study_runs"
   [ "${QUICK:-0}" != 1 ] && [ -f ../image/study_results.json ] && cp ../image/study_results.json "$out/study/"
   timeout -k 10 $(( study_s + 120 )) python3 study.py $study_flags --data_path "$data/imagenette-128" \

@@ -42,8 +42,8 @@ def test_quick_run_packs_every_stage(tmp_path):
     # few files come back from the device: one archive per part and the console log
     assert sorted(p.name for p in out.iterdir()) == ['console.txt', 'measure_gpu.tgz', 'study', 'study_logs.tgz']
     console = (out / 'console.txt').read_text()
-    stages = ['1. step', '2. gpu backend', '3. Imagenette', '4. targets', '5. GPU integration tests', '6. study',
-              'done']
+    stages = ['1. step', '2. Imagenette', '3. the project step under torch.compile', '4. gpu backend', '5. targets',
+              '6. GPU integration tests', '7. study', 'done']
     at = [console.find(f's] {stage}') for stage in stages]  # the stage lines: '== 12:00:00 [+5s] 1. step'
     assert -1 not in at and at == sorted(at), dict(zip(stages, at))
     with tarfile.open(out / 'measure_gpu.tgz') as tar:
@@ -51,10 +51,14 @@ def test_quick_run_packs_every_stage(tmp_path):
         summary = tar.extractfile('./summary.md').read().decode()
     for name in ('env.txt', 'b16_224/benchmark.json', 'b16_224/benchmark_freeze.png',
                  'b16_224_decode_inline/benchmark.json', 'imagenette_step/benchmark.json',
+                 'b16_224_compile/benchmark.json',
                  'imagenette_run/log.txt', 'summary.md', 'gpu_tests.txt'):
         assert name in names, name
     assert not any(n.endswith('.pth') for n in names)  # checkpoints stay behind
     assert '| project step, nothing frozen, vs upstream reference |' in summary
+    assert '| project step under --compile, nothing frozen, vs upstream reference |' in summary
+    compiled = json.loads(tar_member(out, './b16_224_compile/benchmark.json'))
+    assert compiled['compile'] is True and compiled['ks'] == [0, 4, 8, 12]
     assert 'real run_pretrain.py epoch' in summary and 'linear t_0=0.5' in summary
     assert 'step fed by each backend' in summary  # pil end to end, measured on CPU too
     assert 'skipped' in console and 'needs a CUDA GPU' in console  # the GPU tests, on CPU
@@ -65,6 +69,11 @@ def test_quick_run_packs_every_stage(tmp_path):
     assert (out / 'study' / 'study_results.md').is_file()
     with tarfile.open(out / 'study_logs.tgz') as tar:
         assert any(n.endswith('study_log.txt') for n in tar.getnames())
+
+
+def tar_member(out: Path, name: str) -> str:
+    with tarfile.open(out / 'measure_gpu.tgz') as tar:
+        return tar.extractfile(name).read().decode()
 
 
 def test_missing_data_and_bad_study_minutes_are_clear_errors(tmp_path):
@@ -92,6 +101,8 @@ def test_check_targets_arithmetic(tmp_path):
     write_json(tmp_path / 'b16_224_decode_inline' / 'benchmark.json', {
         'loader_img_per_s': {'gpu': 1500.0}, 'end_to_end_img_per_s': {'gpu': {'0': 700.0}}})
     write_json(tmp_path / 'imagenette_step' / 'benchmark.json', {'input_size': 128, 'freeze_img_per_s': [4000.0]})
+    write_json(tmp_path / 'b16_224_compile' / 'benchmark.json', {
+        'ks': [0, 4, 8, 12], 'freeze_img_per_s': [1750.0, 2000.0, 3000.0, 6000.0], 'schedule_average_img_per_s': 2300.0})
     (tmp_path / 'imagenette_run').mkdir()
     (tmp_path / 'imagenette_run' / 'log.txt').write_text(
         json.dumps({'train_images_per_s': 1000.0}) + '\n' + json.dumps({'train_images_per_s': 3800.0}) + '\n')
@@ -99,6 +110,11 @@ def test_check_targets_arithmetic(tmp_path):
     rows = {line.split(' | ')[0].lstrip('| '): line for line in md.splitlines() if line.startswith('| ')}
     assert '1.80x' in rows['project step, nothing frozen, vs upstream reference'] and '| met |' in md
     assert 'missed by 9%' in rows['FreezeOut schedule average (cubic t_0=0.8) vs upstream reference']  # 2.0 / 2.2
+    compiled = rows['project step under --compile, nothing frozen, vs upstream reference']
+    assert '1.75x (1,750 vs 1,000 img/s)' in compiled and compiled.endswith('| met |')
+    compiled_avg = rows['FreezeOut schedule average under --compile (cubic t_0=0.8; k = 0, 4, 8, 12 measured, the '
+                        'rest interpolated) vs upstream reference']
+    assert '2.30x' in compiled_avg and compiled_avg.endswith('| met |')
     # gpu-cache is not a JPEG backend; the gpu backend with a CPU decode share is
     gpu = rows['fastest JPEG backend (gpu (cpu decode 0.3), loader alone) vs schedule average']
     assert '130%' in gpu and gpu.endswith('| met |')
