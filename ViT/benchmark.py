@@ -649,6 +649,37 @@ def check_targets(folder: Path) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def step_result(args: argparse.Namespace, command: list[str], device_name: str, ref: float | None, ks: list[int],
+                rates: list[float], num_layers: int, notes: list[str]) -> dict:
+    """benchmark.json's content from the step timings (the loader entries start empty)."""
+    avg = schedule_average(ks, rates, num_layers, args.t_0, args.how_scale)
+    notes = list(notes)
+    if avg['interpolated']:
+        notes.append(f'schedule average interpolates k = {avg["interpolated"]} (not measured)')
+    k0 = rates[ks.index(0)] if 0 in ks else None
+    return {
+        'device': device_name, 'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
+        'amp': args.amp, 'compile': args.compile, 'steps': args.steps, 'warmup': args.warmup,
+        'reference_step_img_per_s': ref,
+        'ks': ks, 'freeze_img_per_s': rates,
+        'how_scale': args.how_scale, 't_0': args.t_0, 'decoder_freeze': args.decoder_freeze,
+        'schedule_average_img_per_s': avg['img_per_s'], 'schedule_weights': avg['weights'],
+        'speedup_vs_reference': {'project_k0': k0 / ref if ref and k0 else None,
+                                 'schedule_average': avg['img_per_s'] / ref if ref else None},
+        'schedule_speedup_vs_k0': avg['img_per_s'] / k0 if k0 else None,
+        'epoch_images': args.epoch_images,
+        'projected_epoch_s': {'reference': args.epoch_images / ref if ref else None,
+                              'project_k0': args.epoch_images / k0 if k0 else None,
+                              'schedule_average': args.epoch_images / avg['img_per_s']},
+        'flops_estimate': flops_estimate(args, ks),
+        'loader_img_per_s': {}, 'loader_setup_s': {}, 'end_to_end_img_per_s': {}, 'decode_ahead': args.decode_ahead,
+        'cpu_decode_shares': args.cpu_decode_shares,
+        'data_path': args.data_path, 'repeat': args.repeat, 'num_workers': args.num_workers,
+        'notes': notes, 'torch': torch.__version__, 'command': command,
+        'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     if args.check_targets:
@@ -690,6 +721,14 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type != 'cuda':
         notes.append('CPU: the reference runs in fp32 without GradScaler (no fp16 autocast on CPU)')
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(res: dict) -> None:  # after each k, after the step timings and after each backend
+        (out / 'benchmark.json').write_text(json.dumps(res, indent=1))
+        (out / 'benchmark.md').write_text(markdown(res))
+
+    command = list(sys.argv) if argv is None else ['benchmark.py', *argv]
     rates = []
     for k in ks:
         project.set_frozen(k)
@@ -700,46 +739,17 @@ def main(argv: list[str] | None = None) -> dict:
         mem = (f', peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB'
                if device.type == 'cuda' else '')
         log(f'[project] k={k:2d} frozen, live taps {project.model.live_taps}: {rates[-1]:.1f} img/s{mem}')
+        if len(rates) < len(ks):  # a run cut short (e.g. by a time limit while compiling) keeps what it measured
+            save(step_result(args, command, device_name, ref, ks[:len(rates)], rates, num_layers,
+                             notes + [f'partial: k = {ks[len(rates):]} not measured yet']))
     project = None
     if device.type == 'cuda':
         torch.cuda.empty_cache()
 
-    avg = schedule_average(ks, rates, num_layers, args.t_0, args.how_scale)
-    if avg['interpolated']:
-        notes.append(f'schedule average interpolates k = {avg["interpolated"]} (not measured)')
-    k0 = rates[ks.index(0)] if 0 in ks else None
-    result = {
-        'device': device_name, 'model': args.model, 'batch_size': args.batch_size, 'input_size': args.input_size,
-        'amp': args.amp, 'compile': args.compile, 'steps': args.steps, 'warmup': args.warmup,
-        'reference_step_img_per_s': ref,
-        'ks': ks, 'freeze_img_per_s': rates,
-        'how_scale': args.how_scale, 't_0': args.t_0, 'decoder_freeze': args.decoder_freeze,
-        'schedule_average_img_per_s': avg['img_per_s'], 'schedule_weights': avg['weights'],
-        'speedup_vs_reference': {'project_k0': k0 / ref if ref and k0 else None,
-                                 'schedule_average': avg['img_per_s'] / ref if ref else None},
-        'schedule_speedup_vs_k0': avg['img_per_s'] / k0 if k0 else None,
-        'epoch_images': args.epoch_images,
-        'projected_epoch_s': {'reference': args.epoch_images / ref if ref else None,
-                              'project_k0': args.epoch_images / k0 if k0 else None,
-                              'schedule_average': args.epoch_images / avg['img_per_s']},
-        'flops_estimate': flops_estimate(args, ks),
-        'loader_img_per_s': {}, 'loader_setup_s': {}, 'end_to_end_img_per_s': {}, 'decode_ahead': args.decode_ahead,
-        'cpu_decode_shares': args.cpu_decode_shares,
-        'data_path': args.data_path, 'repeat': args.repeat, 'num_workers': args.num_workers,
-        'notes': notes, 'torch': torch.__version__,
-        'command': list(sys.argv) if argv is None else ['benchmark.py', *argv],
-        'date': datetime.datetime.now().isoformat(timespec='seconds'),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def save() -> None:  # after the step timings and after each backend: a later failure keeps them
-        (out / 'benchmark.json').write_text(json.dumps(result, indent=1))
-        (out / 'benchmark.md').write_text(markdown(result))
-
-    save()
-    bench_loaders(args, device, result, e2e_ks, save)
-    save()
+    result = step_result(args, command, device_name, ref, ks, rates, num_layers, notes)
+    save(result)
+    bench_loaders(args, device, result, e2e_ks, lambda: save(result))
+    save(result)
     plot(result, out / 'benchmark_freeze.png')
     log('\n' + markdown(result))
     log(f'wrote {out / "benchmark.json"}, {out / "benchmark.md"}, {out / "benchmark_freeze.png"}')

@@ -104,6 +104,27 @@ def test_bad_flags_are_a_clear_error(tmp_path, flags):
     assert not (tmp_path / 'benchmark.json').exists()
 
 
+def test_a_run_cut_short_keeps_the_ks_it_timed(tmp_path, monkeypatch):
+    """benchmark.json is written after every k but the last, so a time limit (e.g. while
+    compiling the next k) leaves the figures measured so far, marked partial."""
+    real_time_runs, calls = benchmark.time_runs, []
+
+    def killed_at_the_third_k(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a time limit's signal would
+        return real_time_runs(*args, **kwargs)
+    monkeypatch.setattr(benchmark, 'time_runs', killed_at_the_third_k)
+    out = tmp_path / 'out'
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main([*TINY, '--ks', '0', '6', '12', '--skip_reference', '--out', str(out)])
+    saved = json.loads((out / 'benchmark.json').read_text())
+    assert saved['ks'] == [0, 6] and len(saved['freeze_img_per_s']) == 2 and positive(saved['freeze_img_per_s'][1])
+    assert 'partial: k = [12] not measured yet' in saved['notes']
+    assert positive(saved['schedule_average_img_per_s'])
+    assert 'partial' in (out / 'benchmark.md').read_text()
+
+
 def test_a_failing_backend_is_noted_and_the_step_timings_kept(tmp_path, monkeypatch):
     data = tmp_path / 'data'
     write_images(data / 'train' / 'a', 8)
