@@ -599,11 +599,12 @@ def check_targets(folder: Path) -> str:
     if ref and compiled_rates.get(0):
         c0, cavg = compiled_rates[0], compiled['schedule_average_img_per_s']
         measured = ', '.join(str(k) for k in compiled['ks'])
+        cut = f'; cut short, k = {compiled["partial"]} not measured' if compiled.get('partial') else ''
         rows.append(('project step under --compile, nothing frozen, vs upstream reference', c0 / ref,
                      f'{c0:,.0f} vs {ref:,.0f} img/s', TARGETS['project_k0_vs_reference']))
-        rows.append((f'FreezeOut schedule average under --compile ({sched}; k = {measured} measured, the rest '
-                     f'interpolated) vs upstream reference', cavg / ref, f'{cavg:,.0f} vs {ref:,.0f} img/s',
-                     TARGETS['schedule_average_vs_reference']))
+        rows.append((f'FreezeOut schedule average under --compile ({compiled["how_scale"]} t_0={compiled["t_0"]}; '
+                     f'k = {measured} measured, the others from them{cut}) vs upstream reference', cavg / ref,
+                     f'{cavg:,.0f} vs {ref:,.0f} img/s', TARGETS['schedule_average_vs_reference']))
     jpeg = {b: v for b, v in main_run['loader_img_per_s'].items() if b.split(' (')[0] in JPEG_BACKENDS}
     if jpeg:
         best = max(jpeg, key=jpeg.get)
@@ -621,10 +622,14 @@ def check_targets(folder: Path) -> str:
     if not rows:
         lines.append('| (no target could be computed from these results) | | | |')
     problems = [n for n in main_run.get('notes', []) if n.startswith('loader ')]
+    for name, run in (('stage 1 (eager step)', main_run), ('the compiled step', compiled)):
+        if run and run.get('partial'):  # its schedule average holds the last timed k for the rest
+            problems.append(f'{name} was cut short: k = {run["partial"]} not measured')
     if problems:  # e.g. a failed gpu backend, which would leave pil as "the fastest JPEG backend"
         lines += [''] + [f'- {n}' for n in problems]
-    linear = schedule_average(main_run['ks'], main_run['freeze_img_per_s'], len(main_run['ks']), 0.5, 'linear') \
-        if main_run['ks'] == list(range(len(main_run['ks']))) else None
+    num_layers = len(main_run.get('schedule_weights') or main_run['ks'])  # one weight per layer, whatever was timed
+    linear = schedule_average(main_run['ks'], main_run['freeze_img_per_s'], num_layers, 0.5, 'linear') \
+        if main_run['ks'] == list(range(num_layers)) else None
     if linear:
         vs = f' ({linear["img_per_s"] / ref:.2f}x the reference)' if ref else ''
         lines += ['', f'Schedule average for linear t_0=0.5, from the same per-k timings: '
@@ -725,8 +730,10 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     def save(res: dict) -> None:  # after each k, after the step timings and after each backend
-        (out / 'benchmark.json').write_text(json.dumps(res, indent=1))
-        (out / 'benchmark.md').write_text(markdown(res))
+        for name, text in (('benchmark.json', json.dumps(res, indent=1)), ('benchmark.md', markdown(res))):
+            tmp = out / f'{name}.tmp'  # replaced whole: a time limit's kill never leaves half a file
+            tmp.write_text(text)
+            os.replace(tmp, out / name)
 
     command = list(sys.argv) if argv is None else ['benchmark.py', *argv]
     rates = []
@@ -740,8 +747,10 @@ def main(argv: list[str] | None = None) -> dict:
                if device.type == 'cuda' else '')
         log(f'[project] k={k:2d} frozen, live taps {project.model.live_taps}: {rates[-1]:.1f} img/s{mem}')
         if len(rates) < len(ks):  # a run cut short (e.g. by a time limit while compiling) keeps what it measured
-            save(step_result(args, command, device_name, ref, ks[:len(rates)], rates, num_layers,
-                             notes + [f'partial: k = {ks[len(rates):]} not measured yet']))
+            partial = step_result(args, command, device_name, ref, ks[:len(rates)], rates, num_layers, notes)
+            partial['partial'] = ks[len(rates):]  # the ks not timed yet; absent from a finished run's file
+            partial['notes'].append(f'partial: k = {partial["partial"]} not measured yet')
+            save(partial)
     project = None
     if device.type == 'cuda':
         torch.cuda.empty_cache()

@@ -4,8 +4,12 @@
 #   mkdir -p data && cp -r ../shared/data/imagenet-sample-40 ../shared/data/imagenette-128 data/
 #   [STUDY_MINUTES=N] [GPU_TESTS=0] [COMPILE=0] bash ViT/measure_gpu.sh [out_dir]   (default: $OUT, else gpu_measure_out)
 # Stages (estimated, not yet measured, on an H100: 1-2 about 5 minutes, 3 up to 5, 4-5 about 1,
-# 6 about 4-7; one call of the device tool runs at most 600 s, so run GPU_TESTS=0 first and the
-# tests as a second call: python3 -m pytest -q -rs tests/test_gpu_paths.py):
+# 6 about 4-7). One call of the device tool runs at most 600 s, so there: first
+# COMPILE=0 GPU_TESTS=0 (stages 1, 2, 4, 5), then the compile stage alone as
+#   cd ViT && python3 benchmark.py --device cuda --model MIM_vit_base_patch16 --batch_size 256 \
+#     --how_scale cubic --t_0 0.8 --ks 0 4 8 12 --skip_reference --compile --out $OUT/b16_224_compile
+# (then `benchmark.py --check_targets DIR` on the unpacked archive plus that folder), then the
+# GPU tests: python3 -m pytest -q -rs tests/test_gpu_paths.py.
 #   1. upstream reference vs the project step with k = 0..L-1 frozen; each input backend alone
 #      and feeding the step, the gpu backend also with 25% and 50% of each batch decoded by the
 #      CPU workers (ViT-B/16, 224 px, batch 256, imagenet-sample-40 repeated to 100 batches an
@@ -56,6 +60,9 @@ fi
 cap="timeout -k 10 300"
 stage() { echo; echo "== $(date +%T) [+${SECONDS}s] $*"; }
 pack() { tar czf "$out/measure_gpu.tgz" -C "$work" --exclude='*.pth' --exclude='events.out.*' . ; }
+# a time limit's TERM mid-stage: pack what the stage has written so far (benchmark.json is
+# rewritten after every timed k) before stopping; pack first, as the console's tee may be gone
+trap 'pack; trap "" PIPE; echo "stopped by a signal: packed what was measured" 2>/dev/null; exit 143' TERM INT
 
 stage "0. environment"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"

@@ -89,6 +89,7 @@ def test_cpu_run_subset_of_ks_without_data(tmp_path):
     run_benchmark(*TINY, '--out', out, '--ks', '0', '6', '12', '--skip_reference')
     result = json.loads((out / 'benchmark.json').read_text())
     assert result['ks'] == [0, 6, 12] and len(result['freeze_img_per_s']) == 3
+    assert 'partial' not in result and not any(n.startswith('partial') for n in result['notes'])  # finished
     assert result['loader_img_per_s'] == {} and result['end_to_end_img_per_s'] == {}
     assert result['reference_step_img_per_s'] is None
     assert positive(result['schedule_average_img_per_s'])
@@ -120,7 +121,8 @@ def test_a_run_cut_short_keeps_the_ks_it_timed(tmp_path, monkeypatch):
         benchmark.main([*TINY, '--ks', '0', '6', '12', '--skip_reference', '--out', str(out)])
     saved = json.loads((out / 'benchmark.json').read_text())
     assert saved['ks'] == [0, 6] and len(saved['freeze_img_per_s']) == 2 and positive(saved['freeze_img_per_s'][1])
-    assert 'partial: k = [12] not measured yet' in saved['notes']
+    assert 'partial: k = [12] not measured yet' in saved['notes'] and saved['partial'] == [12]
+    assert not list(out.glob('*.tmp'))  # written whole, then renamed
     assert positive(saved['schedule_average_img_per_s'])
     assert 'partial' in (out / 'benchmark.md').read_text()
 

@@ -1,7 +1,7 @@
 """GPU integration checks: the code paths a CPU cannot run (nvjpeg decode, grid_sample and the
 decode-ahead thread on CUDA streams, the gpu / gpu-cache backends in real runs, bf16 and fp16
 with GradScaler, inductor compile, NCCL through torchrun, fine-tuning and kNN on the GPU).
-Skipped without a CUDA GPU; on the device machine measure_gpu.sh runs them (stage 5):
+Skipped without a CUDA GPU; on the device machine measure_gpu.sh runs them (stage 6):
 
     python3 -m pytest -q tests/test_gpu_paths.py
 """
@@ -19,7 +19,7 @@ from PIL import Image
 from helpers import free_port, run_cmd, subprocess_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason='needs a CUDA GPU (run on the device machine: ViT/measure_gpu.sh stage 5)')
+                                reason='needs a CUDA GPU (run on the device machine: ViT/measure_gpu.sh stage 6)')
 
 TINY = ['--model', 'MIM_vit_tiny_patch16', '--input_size', '64', '--batch_size', '8', '--device', 'cuda',
         '--num_workers', '2', '--print_freq', '2', '--warmup_epochs', '0', '--blr', '1e-3']
@@ -207,7 +207,8 @@ def test_the_race_harness_catches_decoding_on_the_callers_stream(tmp_path, monke
     behaviour without decode_batch's own stream) should corrupt batches in the same harness."""
     import util.gpu_data as gd
     loader = race_loader(tmp_path, 0)
-    monkeypatch.setattr(gd, 'decode_batch', lambda data, device: gd._decode(data, torch.device(device)))
+    monkeypatch.setattr(gd, 'decode_batch',
+                        lambda data, device, names=None: gd._decode(data, torch.device(device), names))
     batches, busy = batches_with_reads_held_back(loader, monkeypatch)
     bad = corrupted_batches(loader, batches)
     if not bad:

@@ -2,7 +2,11 @@
 on stand-in data (every stage, results packed into one archive beside the console log, the
 targets summary), a clear error without the data, and benchmark.check_targets' arithmetic."""
 import json
+import os
+import signal
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +106,8 @@ def test_check_targets_arithmetic(tmp_path):
         'loader_img_per_s': {'gpu': 1500.0}, 'end_to_end_img_per_s': {'gpu': {'0': 700.0}}})
     write_json(tmp_path / 'imagenette_step' / 'benchmark.json', {'input_size': 128, 'freeze_img_per_s': [4000.0]})
     write_json(tmp_path / 'b16_224_compile' / 'benchmark.json', {
-        'ks': [0, 4, 8, 12], 'freeze_img_per_s': [1750.0, 2000.0, 3000.0, 6000.0], 'schedule_average_img_per_s': 2300.0})
+        'ks': [0, 4, 8], 'freeze_img_per_s': [1750.0, 2000.0, 3000.0], 'schedule_average_img_per_s': 2300.0,
+        'how_scale': 'cubic', 't_0': 0.8, 'partial': [12]})  # cut short before its last k
     (tmp_path / 'imagenette_run').mkdir()
     (tmp_path / 'imagenette_run' / 'log.txt').write_text(
         json.dumps({'train_images_per_s': 1000.0}) + '\n' + json.dumps({'train_images_per_s': 3800.0}) + '\n')
@@ -112,9 +117,10 @@ def test_check_targets_arithmetic(tmp_path):
     assert 'missed by 9%' in rows['FreezeOut schedule average (cubic t_0=0.8) vs upstream reference']  # 2.0 / 2.2
     compiled = rows['project step under --compile, nothing frozen, vs upstream reference']
     assert '1.75x (1,750 vs 1,000 img/s)' in compiled and compiled.endswith('| met |')
-    compiled_avg = rows['FreezeOut schedule average under --compile (cubic t_0=0.8; k = 0, 4, 8, 12 measured, the '
-                        'rest interpolated) vs upstream reference']
+    compiled_avg = rows['FreezeOut schedule average under --compile (cubic t_0=0.8; k = 0, 4, 8 measured, the '
+                        'others from them; cut short, k = [12] not measured) vs upstream reference']
     assert '2.30x' in compiled_avg and compiled_avg.endswith('| met |')
+    assert '- the compiled step was cut short: k = [12] not measured' in md
     # gpu-cache is not a JPEG backend; the gpu backend with a CPU decode share is
     gpu = rows['fastest JPEG backend (gpu (cpu decode 0.3), loader alone) vs schedule average']
     assert '130%' in gpu and gpu.endswith('| met |')
@@ -126,3 +132,45 @@ def test_check_targets_arithmetic(tmp_path):
     assert '- loader gpu-cache failed: RuntimeError: boom' in md and 'interpolates' not in md
     # missing stages are reported, not a traceback
     assert 'nothing to check' in benchmark.check_targets(tmp_path / 'empty')
+
+
+def test_check_targets_flags_a_stage_1_cut_short(tmp_path):
+    """A partial stage-1 file (ks 0..6 of 13 layers) is flagged, and the linear t_0=0.5 average,
+    which needs every k, is not derived from it."""
+    write_json(tmp_path / 'b16_224' / 'benchmark.json', {
+        'device': 'NVIDIA H100', 'model': 'MIM_vit_base_patch16', 'batch_size': 256, 'input_size': 224,
+        'amp': 'bf16', 'date': '2026-11-28', 'reference_step_img_per_s': 1000.0,
+        'ks': list(range(7)), 'freeze_img_per_s': [1800.0] * 7, 'schedule_weights': [0.1] * 13,
+        'schedule_average_img_per_s': 2000.0, 'how_scale': 'cubic', 't_0': 0.8, 'loader_img_per_s': {},
+        'notes': [], 'partial': list(range(7, 13))})
+    md = benchmark.check_targets(tmp_path)
+    assert '- stage 1 (eager step) was cut short: k = [7, 8, 9, 10, 11, 12] not measured' in md
+    assert 'linear t_0=0.5' not in md and '| project step, nothing frozen, vs upstream reference |' in md
+
+
+def test_a_time_limit_mid_stage_packs_what_was_written(tmp_path):
+    """TERM to the script's process group (as a time limit sends) during stage 2, after its
+    synthetic-step benchmark wrote its results: the archive holds them although the stage
+    never reached its own pack."""
+    data = stand_in_data(tmp_path / 'data')
+    work = tmp_path / 'tmp'
+    work.mkdir()
+    out = tmp_path / 'out'
+    proc = subprocess.Popen(['bash', str(ROOT / 'ViT' / 'measure_gpu.sh'), str(out)], cwd=ROOT,
+                            env=subprocess_env(QUICK='1', DATA=str(data), TMPDIR=str(work)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(work.glob('measure_gpu.*/imagenette_step/benchmark.json')):
+            assert proc.poll() is None and time.monotonic() < deadline, 'stage 2 never wrote its step benchmark'
+            time.sleep(0.2)
+        with tarfile.open(out / 'measure_gpu.tgz') as tar:  # as packed after stage 1
+            stage_2_packed = any('imagenette_run' in name for name in tar.getnames())
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not stage_2_packed  # the stage was still running: only the signal's pack can hold its results
+    assert json.loads(tar_member(out, './imagenette_step/benchmark.json'))['input_size'] == 128
+    assert json.loads(tar_member(out, './b16_224/benchmark.json'))['ks'] == list(range(13))
