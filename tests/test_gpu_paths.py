@@ -242,7 +242,9 @@ def test_gpu_cache_backend_pretrains_with_freezeout(gpu_cache_run):
 
 
 def test_gpu_backend_pretrains_with_freezeout_in_bf16(demo_data, tmp_path):
-    res = run_ok([sys.executable, 'run_pretrain.py', *TINY, '--data_backend', 'gpu', '--amp', 'bf16',
+    # a quarter of each batch decoded by the workers (pinned by the loader), the rest by nvjpeg
+    res = run_ok([sys.executable, 'run_pretrain.py', *TINY, '--data_backend', 'gpu', '--cpu_decode_share', '0.25',
+                  '--amp', 'bf16',
                   '--epochs', '2', '--t_0', '0.5', '--how_scale', 'linear', '--data_path', demo_data,
                   '--output_dir', tmp_path])
     epochs_ok(tmp_path, 2)
