@@ -17,7 +17,7 @@ from engine_pretrain import SCALE_NAMES, ModelHandle, train_one_epoch
 from util import checkpoint, dist
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util import freezeout as fo
-from util.gpu_data import BACKENDS, build_loader, check_cpu_decode_share
+from util.gpu_data import BACKENDS, build_loader, check_cpu_decode_share, input_bound_hint
 from util.log import append_json_line, format_seconds, make_writer
 from util.lr_sched import PlainSchedule
 from util.optim import build_adamw, param_groups_weight_decay
@@ -251,10 +251,16 @@ def main(args: argparse.Namespace) -> dict:
     log_writer = make_writer(args.log_dir)
     print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
     run_start = time.time()
-    stats = {}
+    stats, hinted = {}, False
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(handle, loader, optimizer, device, epoch, loss_scaler, schedule, args, log_writer)
+        # once a run, from its second epoch (the first also waits for the workers to start)
+        hint = None if hinted or epoch == start_epoch else input_bound_hint(
+            args.data_backend, stats['data_wait_s'], stats['epoch_time'], args.cpu_decode_share, device.type)
+        if hint:
+            print(hint, flush=True)
+            hinted = True
         save_checkpoint(args, model, optimizer, loss_scaler, epoch, extra={'frozen': frozen_set(model)})
         append_json_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch})
         if log_writer is not None:

@@ -634,6 +634,36 @@ def test_run_pretrain_cpu_decode_share_with_pil_is_a_clear_error(tmp_path):
     assert 'error: --cpu_decode_share applies to --data_backend gpu only (got pil)' in res.output, res.describe()
 
 
+def test_input_bound_hint():
+    from util.gpu_data import input_bound_hint
+    assert input_bound_hint('pil', 1.0, 10.0) is None  # 10% waiting: the model set the speed
+    pil = input_bound_hint('pil', 4.5, 10.0)
+    assert pil.startswith('note: the step waited for its input 45% of this epoch (4.5 of 10.0 s)')
+    assert '--data_backend gpu' in pil and 'gpu-cache' in pil
+    assert '--cpu_decode_share' in input_bound_hint('gpu', 3.0, 10.0, cpu_decode_share=0.0)
+    assert '--cpu_decode_share' not in input_bound_hint('gpu', 3.0, 10.0, cpu_decode_share=0.5)
+    assert input_bound_hint('pil', 9.0, 10.0, device_type='cpu') is None  # no GPU backend to suggest
+    assert input_bound_hint('gpu-cache', 9.0, 10.0) is None and input_bound_hint('pil', 0.0, 0.0) is None
+
+
+def test_run_pretrain_prints_the_input_hint_once_from_the_second_epoch(tmp_path, monkeypatch, capsys):
+    import run_pretrain
+    calls = []
+
+    def hint(backend, wait_s, epoch_s, share, device_type):
+        calls.append((backend, device_type))
+        return f'HINT {len(calls)}'
+    monkeypatch.setattr(run_pretrain, 'input_bound_hint', hint)
+    write_folder(tmp_path / 'data' / 'train', [(40, 30)] * 4)
+    args = run_pretrain.get_args_parser().parse_args(
+        ['--model', 'MIM_vit_tiny_patch16', '--input_size', '32', '--batch_size', '4', '--device', 'cpu',
+         '--epochs', '3', '--warmup_epochs', '0', '--num_workers', '0', '--data_path', str(tmp_path / 'data'),
+         '--output_dir', str(tmp_path / 'out')])
+    run_pretrain.main(args)
+    out = capsys.readouterr().out
+    assert calls == [('pil', 'cpu')] and out.count('HINT') == 1  # epoch 1 only: not epoch 0, not again
+
+
 def test_run_pretrain_gpu_backend_on_cpu_is_a_clear_error(tmp_path):
     write_folder(tmp_path / 'data' / 'train', [(40, 40)] * 4)
     res = run_pretrain('--data_path', tmp_path / 'data', '--output_dir', tmp_path / 'out', '--epochs', '1',

@@ -528,6 +528,27 @@ class GpuCacheLoader:
 
 
 # ---- choice ----------------------------------------------------------------------------------
+INPUT_BOUND_SHARE = 0.2  # an epoch that waited this share of its time for batches is input-bound
+
+
+def input_bound_hint(backend: str, wait_s: float, epoch_s: float, cpu_decode_share: float = 0.0,
+                     device_type: str = 'cuda') -> str | None:
+    """Advice after a GPU epoch whose step waited for the input pipeline for a large share of
+    its time (FreezeOut's savings then do not reach the wall clock); None when it did not, and
+    on the CPU (where the workers and the step share the cores, and no GPU backend exists)."""
+    if device_type != 'cuda' or backend not in ('pil', 'gpu') or epoch_s <= 0 or wait_s / epoch_s < INPUT_BOUND_SHARE:
+        return None
+    if backend == 'pil':
+        advice = '--data_backend gpu (JPEGs decoded by nvjpeg), gpu-cache when the images fit in GPU memory, ' \
+                 'or more --num_workers'
+    else:
+        advice = ('a larger --cpu_decode_share (the workers then decode part of each batch)' if cpu_decode_share < 0.5
+                  else 'more --num_workers') + ', or gpu-cache when the images fit in GPU memory'
+    return (f'note: the step waited for its input {wait_s / epoch_s:.0%} of this epoch ({wait_s:.1f} of '
+            f'{epoch_s:.1f} s): the input pipeline, not the model, set the speed; try {advice} '
+            f'(benchmark.py --data_path times the backends)')
+
+
 def check_cpu_decode_share(backend: str, share: float) -> None:
     """--cpu_decode_share: a fraction, and only for the gpu backend (a clear SystemExit)."""
     if not 0.0 <= share <= 1.0:
