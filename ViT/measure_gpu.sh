@@ -51,11 +51,11 @@ fi
 if [ "${QUICK:-0}" = 1 ]; then
   dev=cpu; model=MIM_vit_tiny_patch16; size=64; batch=8; steps="--steps 2 --warmup 1"; repeat=2; workers=2
   small_batch=8; small_workers=2; epochs=1; backend=pil; study_flags="--quick --device cpu"
-  compile_flags="--compile --compile_backend eager"  # dynamo without code generation: seconds on CPU
+  compile_flags="--compile --compile_backend eager --ks 0 12"  # dynamo without code generation, 2 graphs
 else
   dev=cuda; model=MIM_vit_base_patch16; size=224; batch=256; steps="--steps 20 --warmup 5"; repeat=640; workers=15
   small_batch=256; small_workers=8; epochs=3; backend=gpu-cache; study_flags=""
-  compile_flags="--compile"
+  compile_flags="--compile --ks 0 4 8 12"
 fi
 cap="timeout -k 10 300"
 stage() { echo; echo "== $(date +%T) [+${SECONDS}s] $*"; }
@@ -101,7 +101,7 @@ pack
 if [ "${COMPILE:-1}" != 0 ]; then
   stage "3. the project step under torch.compile (k = 0, 4, 8, 12)"
   $cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
-    --how_scale cubic --t_0 0.8 --ks 0 4 8 12 --skip_reference $compile_flags --out "$work/b16_224_compile"
+    --how_scale cubic --t_0 0.8 --skip_reference $compile_flags --out "$work/b16_224_compile"
   pack
 fi
 

@@ -62,7 +62,7 @@ def test_quick_run_packs_every_stage(tmp_path):
     assert '| project step, nothing frozen, vs upstream reference |' in summary
     assert '| project step under --compile, nothing frozen, vs upstream reference |' in summary
     compiled = json.loads(tar_member(out, './b16_224_compile/benchmark.json'))
-    assert compiled['compile'] is True and compiled['ks'] == [0, 4, 8, 12]
+    assert compiled['compile'] is True and compiled['ks'] == [0, 12]  # QUICK: 2 of the GPU run's 4 graphs
     assert 'real run_pretrain.py epoch' in summary and 'linear t_0=0.5' in summary
     assert 'step fed by each backend' in summary  # pil end to end, measured on CPU too
     assert 'skipped' in console and 'needs a CUDA GPU' in console  # the GPU tests, on CPU
@@ -149,9 +149,9 @@ def test_check_targets_flags_a_stage_1_cut_short(tmp_path):
 
 
 def test_a_time_limit_mid_stage_packs_what_was_written(tmp_path):
-    """TERM to the script's process group (as a time limit sends) during stage 2, after its
-    synthetic-step benchmark wrote its results: the archive holds them although the stage
-    never reached its own pack."""
+    """TERM to the script's process group (as a time limit sends) in stage 1, once its benchmark
+    has written the first k's figures: the archive, which the stage would only have made at
+    its end, holds them, marked partial."""
     data = stand_in_data(tmp_path / 'data')
     work = tmp_path / 'tmp'
     work.mkdir()
@@ -161,16 +161,15 @@ def test_a_time_limit_mid_stage_packs_what_was_written(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not list(work.glob('measure_gpu.*/imagenette_step/benchmark.json')):
-            assert proc.poll() is None and time.monotonic() < deadline, 'stage 2 never wrote its step benchmark'
-            time.sleep(0.2)
-        with tarfile.open(out / 'measure_gpu.tgz') as tar:  # as packed after stage 1
-            stage_2_packed = any('imagenette_run' in name for name in tar.getnames())
+        while not list(work.glob('measure_gpu.*/b16_224/benchmark.json')):
+            assert proc.poll() is None and time.monotonic() < deadline, 'stage 1 never wrote a benchmark.json'
+            time.sleep(0.1)
+        packed_before = (out / 'measure_gpu.tgz').exists()
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 143
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not stage_2_packed  # the stage was still running: only the signal's pack can hold its results
-    assert json.loads(tar_member(out, './imagenette_step/benchmark.json'))['input_size'] == 128
-    assert json.loads(tar_member(out, './b16_224/benchmark.json'))['ks'] == list(range(13))
+    assert not packed_before  # stage 1 was still running: only the signal's pack can have made the archive
+    partial = json.loads(tar_member(out, './b16_224/benchmark.json'))
+    assert partial['ks'][0] == 0 and partial['partial'] and partial['ks'] + partial['partial'] == list(range(13))
