@@ -44,6 +44,7 @@ import torch
 import models_mim
 from engine_pretrain import ModelHandle, train_one_epoch
 from util import flops, gpu_data
+from util.checkpoint import write_text_atomic
 from util import freezeout as fo
 from util.data import IMAGE_EXTENSIONS, resolve_image_folder
 from util.gpu_data import BACKENDS, build_loader
@@ -730,10 +731,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     def save(res: dict) -> None:  # after each k, after the step timings and after each backend
-        for name, text in (('benchmark.json', json.dumps(res, indent=1)), ('benchmark.md', markdown(res))):
-            tmp = out / f'{name}.tmp'  # replaced whole: a time limit's kill never leaves half a file
-            tmp.write_text(text)
-            os.replace(tmp, out / name)
+        write_text_atomic(out / 'benchmark.json', json.dumps(res, indent=1))
+        write_text_atomic(out / 'benchmark.md', markdown(res))
 
     command = list(sys.argv) if argv is None else ['benchmark.py', *argv]
     rates = []

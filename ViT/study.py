@@ -32,6 +32,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from util import flops  # noqa: E402
+from util.checkpoint import write_text_atomic  # noqa: E402
 
 FREEZEOUT_CONFIGS = {
     'cubic0.8': ['--how_scale', 'cubic', '--t_0', '0.8'],
@@ -155,9 +156,7 @@ class Study:
 
     def save(self) -> None:
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.results_path.with_name(self.results_path.name + '.tmp')
-        tmp.write_text(json.dumps(self.results, indent=1))
-        os.replace(tmp, self.results_path)  # a kill mid-write leaves the previous JSON whole
+        write_text_atomic(self.results_path, json.dumps(self.results, indent=1))
         render(self.results, self.results_path.parent)
 
     def run_pretraining(self, config: str, flags: list[str], seed: int) -> tuple[Path, float, list[dict]]:

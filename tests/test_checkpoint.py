@@ -30,3 +30,11 @@ def test_save_flags_are_checked():
     for flags in (['--save_freq', '0'], ['--save_last_freq', '0']):
         with pytest.raises(SystemExit, match='at least 1'):
             checkpoint.check_save_flags(parser.parse_args(flags))
+
+
+def test_write_text_atomic_replaces_whole_and_leaves_no_temp(tmp_path):
+    from util.checkpoint import write_text_atomic
+    path = tmp_path / 'results.json'
+    write_text_atomic(path, 'old')
+    write_text_atomic(path, 'new')
+    assert path.read_text() == 'new' and [p.name for p in tmp_path.iterdir()] == ['results.json']

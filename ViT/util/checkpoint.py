@@ -76,6 +76,14 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """save_atomic for a text file (results JSON, tables): a kill mid-write leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def keep_copy(src: str | Path, dst: str | Path) -> None:
     """dst becomes a hard link to src (no second serialisation; src is later replaced by rename,
     which leaves dst intact), or a copy where links are not supported."""
