@@ -12,7 +12,8 @@ linear probe); regular and the best config also by a short fine-tune. Each run i
 the FLOP estimate, accuracies, device) in a results JSON that later invocations extend (runs
 already there are skipped unless --rerun), rendered as a markdown table and a plot. Runs go in
 order of importance; --max_minutes stops before a run that would not finish in time, so a
-study can be spread over several GPU sessions by repeating the same command.
+study can be spread over several GPU sessions by repeating the same command. A run that fails is
+reported and left out, the others go on, and the study exits with an error listing the failures.
 """
 from __future__ import annotations
 
@@ -94,6 +95,10 @@ def device_name(device: str) -> str:
     return 'cpu'
 
 
+class RunFailed(Exception):
+    """A script of the study exited with an error; the message ends with its log's last lines."""
+
+
 def run(cmd: list[str], log: Path) -> float:
     """Runs a script from ViT/, its output appended to `log`; returns the wall time."""
     print(f'$ {" ".join(cmd)}', flush=True)
@@ -103,7 +108,7 @@ def run(cmd: list[str], log: Path) -> float:
                               env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-15:]
-        raise SystemExit(f'error: {cmd[0]} failed (exit {proc.returncode}); last lines of {log}:\n' + '\n'.join(tail))
+        raise RunFailed(f'{cmd[0]} failed (exit {proc.returncode}); last lines of {log}:\n' + '\n'.join(tail))
     return time.perf_counter() - start
 
 
@@ -140,6 +145,7 @@ class Study:
                                 for r in self.results['runs'].values() if r.get('device') == card] +
                                [r.get('finetune_wall_s', 0)
                                 for r in self.results['runs'].values() if r.get('device') == card] + [0.0])
+        self.failures: list[str] = []  # this invocation's failed runs; the JSON keeps only finished ones
         self.encoder = args.model.replace('MIM_', '')
         self.common = ['--device', args.device, '--input_size', str(args.input_size),
                        '--data_path', args.data_path, '--num_workers', str(args.num_workers)]
@@ -153,6 +159,12 @@ class Study:
         if elapsed + runs * self.longest_run > 60 * self.args.max_minutes:
             raise OutOfTime(f'{what} not started: {elapsed / 60:.1f} min spent, the longest run took '
                             f'{self.longest_run / 60:.1f} min, --max_minutes {self.args.max_minutes:g}')
+
+    def fail(self, what: str, error: RunFailed) -> None:
+        """A run that failed is reported and left out; the study goes on with the others, and the
+        next invocation of the same command tries it again."""
+        self.failures.append(f'{what}: {error}')
+        print(f'FAILED {what}: {error}\n(the study goes on without it)', flush=True)
 
     def save(self) -> None:
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +194,13 @@ class Study:
             print(f'{key}: in {self.results_path}, skipped (--rerun to redo)')
             return self.results['runs'][key]
         self.check_time(f'pretraining {key}')
+        try:
+            return self.pretrain_and_score(key, config, flags, seed)
+        except RunFailed as e:
+            self.fail(f'pretraining or scoring {key}', e)
+            return None
+
+    def pretrain_and_score(self, key: str, config: str, flags: list[str], seed: int) -> dict:
         a = self.args
         ckpt, wall, epochs = self.run_pretraining(config, flags, seed)
         folder = ckpt.parents[1]
@@ -219,9 +238,17 @@ class Study:
         return record
 
     def finetune(self, key: str) -> None:
-        record = self.results['runs'][key]
+        record = self.results['runs'].get(key)
+        if record is None:  # its pretraining failed (reported)
+            return
         if 'finetune_top1' in record and not self.args.rerun:
             return
+        try:
+            self.pretrain_again_and_finetune(key, record)
+        except RunFailed as e:
+            self.fail(f'fine-tuning {key}', e)
+
+    def pretrain_again_and_finetune(self, key: str, record: dict) -> None:
         if not Path(record['checkpoint']).is_file():  # recorded by an earlier session, on another machine
             print(f'{key}: checkpoint {record["checkpoint"]} is gone; pretraining it again to fine-tune it')
             self.check_time(f'pretraining {key} again and fine-tuning it', runs=2)
@@ -325,6 +352,10 @@ def main(argv: list[str] | None = None) -> dict:
     table = Path(args.results).parent / 'study_results.md'
     if table.is_file():
         print(table.read_text())
+    if study.failures:
+        raise SystemExit(f'error: {len(study.failures)} run(s) of the study failed (the others are recorded in '
+                         f'{args.results}; the same command tries the failed ones again):\n\n' +
+                         '\n\n'.join(study.failures))
     return study.results
 
 
@@ -337,6 +368,11 @@ def run_study(study: Study, args: argparse.Namespace) -> None:
         study.finetune(f'regular/seed{first}')
     names = QUICK_CONFIGS if args.quick else list(FREEZEOUT_CONFIGS)
     scored = {name: study.pretrain(name, FREEZEOUT_CONFIGS[name], first) for name in names}
+    scored = {name: record for name, record in scored.items() if record is not None}
+    if not scored:
+        print('no FreezeOut config finished: the best config\'s runs are left out')
+        study.pretrain('regular', [], second)
+        return
     best = study.results.get('best')  # chosen once: later sessions continue with the same config
     if best not in scored or args.rerun:
         best = max(scored, key=lambda n: (scored[n]['knn_top1'] + scored[n]['linprobe_top1']))

@@ -133,3 +133,72 @@ def test_quick_mode_writes_beside_its_runs_not_into_image(tmp_path, monkeypatch)
     written = tmp_path / 'checkout' / 'study_out' / 'quick' / 'study_results.json'
     assert json.loads(written.read_text()) == {'runs': {}}  # nothing fitted in 0 minutes; saved atomically
     assert not (tmp_path / 'checkout' / 'image').exists() and not list(written.parent.glob('*.tmp'))
+
+
+def fake_scripts(fail_when):
+    """Stands in for study.run: writes what run_pretrain / run_knn / run_finetune would leave in
+    --output_dir (log.txt lines, the final checkpoint), or raises RunFailed when fail_when(cmd)."""
+    import study
+
+    def run(cmd, log):
+        cmd = [str(c) for c in cmd]
+        if fail_when(cmd):
+            raise study.RunFailed(f'{cmd[0]} failed (exit 1); last lines of {log}:\nerror: injected')
+        out = Path(cmd[cmd.index('--output_dir') + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if cmd[0] == 'run_pretrain.py':
+            epochs = int(cmd[cmd.index('--epochs') + 1])
+            lines = [{'epoch': e, 'train_epoch_time': 1.0, 'train_images_per_s': 8.0, 'train_loss': 1.0}
+                     for e in range(epochs)]
+            (out / f'checkpoint-{epochs - 1}.pth').write_bytes(b'weights')
+        elif cmd[0] == 'run_knn.py':
+            lines = [{'mode': 'knn', 'acc1': 40.0}, {'mode': 'linear', 'acc1': 50.0}]
+        else:
+            lines = [{'epoch': 0, 'max_accuracy': 60.0}]
+        (out / 'log.txt').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+        return 1.0
+    return run
+
+
+def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path, monkeypatch):
+    import study
+    data = make_demo_data(tmp_path)
+    argv = ['--quick', '--device', 'cpu', '--data_path', str(data), '--out', str(tmp_path / 'runs'),
+            '--results', str(tmp_path / 'r.json')]
+    # linear0.5-noscale's pretraining and regular's fine-tune fail; everything else goes on
+    monkeypatch.setattr(study, 'run', fake_scripts(lambda cmd: cmd[0] == 'run_finetune.py' and 'regular' in str(cmd)
+                                                   or cmd[0] == 'run_pretrain.py' and 'linear' in cmd))
+    with pytest.raises(SystemExit) as failed:
+        study.main(argv)
+    message = str(failed.value)
+    assert message.startswith('error: 2 run(s) of the study failed') and message.count('error: injected') == 2
+    assert 'pretraining or scoring linear0.5-noscale/seed0' in message and 'fine-tuning regular/seed0' in message
+    recorded = json.loads((tmp_path / 'r.json').read_text())
+    assert set(recorded['runs']) == {'regular/seed0', 'cubic0.8/seed0', 'cubic0.8-never/seed0', 'regular/seed1',
+                                     'cubic0.8/seed1'}
+    assert recorded['best'] == 'cubic0.8'  # chosen among the configs that finished
+    assert 'finetune_top1' not in recorded['runs']['regular/seed0']
+    assert recorded['runs']['cubic0.8/seed0']['finetune_top1'] == 60.0
+
+    # the same command again tries only what failed, and ends cleanly
+    calls = []
+    fake = fake_scripts(lambda cmd: False)
+    monkeypatch.setattr(study, 'run', lambda cmd, log: calls.append(cmd[0]) or fake(cmd, log))
+    again = study.main(argv)
+    assert calls == ['run_finetune.py', 'run_pretrain.py', 'run_knn.py']
+    assert 'finetune_top1' in again['runs']['regular/seed0'] and 'linear0.5-noscale/seed0' in again['runs']
+    assert again['best'] == 'cubic0.8'
+
+    # no FreezeOut config finishes: regular and its second seed are still recorded
+    monkeypatch.setattr(study, 'run', fake_scripts(lambda cmd: cmd[0] == 'run_pretrain.py' and '--t_0' in cmd))
+    with pytest.raises(SystemExit, match='2 run'):
+        study.main([*argv[:-1], str(tmp_path / 'r2.json')])
+    assert set(json.loads((tmp_path / 'r2.json').read_text())['runs']) == {'regular/seed0', 'regular/seed1'}
+
+
+def test_a_failing_script_raises_run_failed_with_its_last_lines(tmp_path):
+    import study
+    log = tmp_path / 'log.txt'
+    with pytest.raises(study.RunFailed, match=r'(?s)run_pretrain.py failed \(exit [1-9].*--t_0 .*5'):
+        study.run(['run_pretrain.py', '--t_0', '5', '--device', 'cpu'], log)
+    assert 'Traceback' not in log.read_text()
