@@ -291,14 +291,16 @@ class ProjectStep:
                                    self.scaler, _Applied(), args)
 
 
-def time_runs(run, warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds of run(steps) after run(warmup), device synchronised."""
+def time_runs(run, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds of run(warmup), seconds of run(steps) after it), device synchronised; the
+    warm-up's time includes any compilation."""
+    start = time.perf_counter()
     run(warmup)
     sync(device)
-    start = time.perf_counter()
+    warm = time.perf_counter()
     run(steps)
     sync(device)
-    return time.perf_counter() - start
+    return warm - start, time.perf_counter() - warm
 
 
 # ---- (c) the schedule average ----------------------------------------------------------------
@@ -419,7 +421,7 @@ def time_end_to_end(args: argparse.Namespace, loader, ks: list[int], device: tor
     rates = {}
     for k in sorted(ks):
         project.set_frozen(k)
-        seconds = time_runs(lambda n: project.run_loader(_Take(it, n), args.batch_size), warmup, batches, device)
+        _, seconds = time_runs(lambda n: project.run_loader(_Take(it, n), args.batch_size), warmup, batches, device)
         rates[str(k)] = batches * args.batch_size / seconds
         warmup = max(args.warmup, 1)  # the workers' prefetched batches were drained by the first k
     return rates
@@ -511,6 +513,9 @@ def markdown(result: dict) -> str:
                       f'{f["average_gflops_per_image"]:.1f} on average, speedup {f["speedup"]:.2f}x '
                       f'(measured schedule average over project k=0: '
                       f'{result["schedule_speedup_vs_k0"] or float("nan"):.2f}x)']
+    if result.get('warmup_s'):  # absent from files of older versions
+        lines += ['', 'Warm-up per k (untimed' + ('; compilation included' if result['compile'] else '') + '): ' +
+                  ', '.join(f'k={k} {w:.1f} s' for k, w in zip(result['ks'], result['warmup_s']))]
     epoch = result['projected_epoch_s']
     lines += ['', f'Projected epoch of {result["epoch_images"]:,} images on this device: ' +
               ', '.join(f'{k} {v / 60:.1f} min' for k, v in epoch.items() if v)]
@@ -635,6 +640,11 @@ def check_targets(folder: Path) -> str:
         vs = f' ({linear["img_per_s"] / ref:.2f}x the reference)' if ref else ''
         lines += ['', f'Schedule average for linear t_0=0.5, from the same per-k timings: '
                       f'{linear["img_per_s"]:,.0f} img/s{vs}.']
+    if compiled and compiled.get('warmup_s'):  # what the compiled step's speed costs up front, per graph
+        eager = dict(zip(main_run['ks'], main_run.get('warmup_s') or []))
+        lines += ['', 'Warm-up of the compiled step (compilation included) per k: ' + ', '.join(
+            f'k={k} {w:.0f} s' + (f' (eager {eager[k]:.1f} s)' if k in eager else '')
+            for k, w in zip(compiled['ks'], compiled['warmup_s'])) + '.']
     e2e = main_run.get('end_to_end_img_per_s') or {}
     if e2e:
         lines += ['', 'The step fed by each backend\'s real batches (end to end) vs the synthetic-input step:', '',
@@ -656,7 +666,7 @@ def check_targets(folder: Path) -> str:
 
 
 def step_result(args: argparse.Namespace, command: list[str], device_name: str, ref: float | None, ks: list[int],
-                rates: list[float], num_layers: int, notes: list[str]) -> dict:
+                rates: list[float], warmup_s: list[float], num_layers: int, notes: list[str]) -> dict:
     """benchmark.json's content from the step timings (the loader entries start empty)."""
     avg = schedule_average(ks, rates, num_layers, args.t_0, args.how_scale)
     notes = list(notes)
@@ -668,6 +678,7 @@ def step_result(args: argparse.Namespace, command: list[str], device_name: str, 
         'amp': args.amp, 'compile': args.compile, 'steps': args.steps, 'warmup': args.warmup,
         'reference_step_img_per_s': ref,
         'ks': ks, 'freeze_img_per_s': rates,
+        'warmup_s': warmup_s,  # per k: the untimed warm-up steps, compilation included under --compile
         'how_scale': args.how_scale, 't_0': args.t_0, 'decoder_freeze': args.decoder_freeze,
         'schedule_average_img_per_s': avg['img_per_s'], 'schedule_weights': avg['weights'],
         'speedup_vs_reference': {'project_k0': k0 / ref if ref and k0 else None,
@@ -735,18 +746,21 @@ def main(argv: list[str] | None = None) -> dict:
         write_text_atomic(out / 'benchmark.md', markdown(res))
 
     command = list(sys.argv) if argv is None else ['benchmark.py', *argv]
-    rates = []
+    rates, warmup_s = [], []
     for k in ks:
         project.set_frozen(k)
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)  # the peak of this k, not the largest so far
-        seconds = time_runs(lambda n: project.run(imgs, n), args.warmup, args.steps, device)
+        warm, seconds = time_runs(lambda n: project.run(imgs, n), args.warmup, args.steps, device)
         rates.append(images / seconds)
+        warmup_s.append(warm)
         mem = (f', peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB'
                if device.type == 'cuda' else '')
-        log(f'[project] k={k:2d} frozen, live taps {project.model.live_taps}: {rates[-1]:.1f} img/s{mem}')
+        log(f'[project] k={k:2d} frozen, live taps {project.model.live_taps}: {rates[-1]:.1f} img/s{mem} '
+            f'(warm-up {warm:.1f} s)')
         if len(rates) < len(ks):  # a run cut short (e.g. by a time limit while compiling) keeps what it measured
-            partial = step_result(args, command, device_name, ref, ks[:len(rates)], rates, num_layers, notes)
+            partial = step_result(args, command, device_name, ref, ks[:len(rates)], rates, warmup_s, num_layers,
+                                  notes)
             partial['partial'] = ks[len(rates):]  # the ks not timed yet; absent from a finished run's file
             partial['notes'].append(f'partial: k = {partial["partial"]} not measured yet')
             save(partial)
@@ -754,7 +768,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == 'cuda':
         torch.cuda.empty_cache()
 
-    result = step_result(args, command, device_name, ref, ks, rates, num_layers, notes)
+    result = step_result(args, command, device_name, ref, ks, rates, warmup_s, num_layers, notes)
     save(result)
     bench_loaders(args, device, result, e2e_ks, lambda: save(result))
     save(result)

@@ -89,6 +89,8 @@ def test_cpu_run_subset_of_ks_without_data(tmp_path):
     run_benchmark(*TINY, '--out', out, '--ks', '0', '6', '12', '--skip_reference')
     result = json.loads((out / 'benchmark.json').read_text())
     assert result['ks'] == [0, 6, 12] and len(result['freeze_img_per_s']) == 3
+    assert len(result['warmup_s']) == 3 and all(positive(w) for w in result['warmup_s'])
+    assert 'Warm-up per k (untimed): k=0 ' in (out / 'benchmark.md').read_text()
     assert 'partial' not in result and not any(n.startswith('partial') for n in result['notes'])  # finished
     assert result['loader_img_per_s'] == {} and result['end_to_end_img_per_s'] == {}
     assert result['reference_step_img_per_s'] is None
@@ -121,10 +123,23 @@ def test_a_run_cut_short_keeps_the_ks_it_timed(tmp_path, monkeypatch):
         benchmark.main([*TINY, '--ks', '0', '6', '12', '--skip_reference', '--out', str(out)])
     saved = json.loads((out / 'benchmark.json').read_text())
     assert saved['ks'] == [0, 6] and len(saved['freeze_img_per_s']) == 2 and positive(saved['freeze_img_per_s'][1])
+    assert len(saved['warmup_s']) == 2
     assert 'partial: k = [12] not measured yet' in saved['notes'] and saved['partial'] == [12]
     assert not list(out.glob('*.tmp'))  # written whole, then renamed
     assert positive(saved['schedule_average_img_per_s'])
     assert 'partial' in (out / 'benchmark.md').read_text()
+
+
+def test_time_runs_splits_warm_up_from_timed_steps(monkeypatch):
+    """The warm-up's seconds (compilation, under --compile) are reported apart from the timed ones."""
+    clock = [0.0]
+    monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: clock[0])
+
+    def run(n):  # a first call as slow as a compilation
+        clock[0] += 100.0 if not run.calls else n
+        run.calls += 1
+    run.calls = 0
+    assert benchmark.time_runs(run, 5, 3, torch.device('cpu')) == (100.0, 3.0)
 
 
 def test_a_failing_backend_is_noted_and_the_step_timings_kept(tmp_path, monkeypatch):

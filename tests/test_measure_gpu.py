@@ -98,7 +98,7 @@ def test_check_targets_arithmetic(tmp_path):
         'device': 'NVIDIA H100', 'model': 'MIM_vit_base_patch16', 'batch_size': 256, 'input_size': 224,
         'amp': 'bf16', 'date': '2026-11-28', 'reference_step_img_per_s': 1000.0,
         'ks': ks, 'freeze_img_per_s': [1800.0] * 13, 'schedule_average_img_per_s': 2000.0,
-        'how_scale': 'cubic', 't_0': 0.8, 'decode_ahead': 2,
+        'how_scale': 'cubic', 't_0': 0.8, 'decode_ahead': 2, 'warmup_s': [0.5 + k for k in ks],
         'loader_img_per_s': {'pil': 500.0, 'gpu': 2500.0, 'gpu (cpu decode 0.3)': 2600.0, 'gpu-cache': 9000.0},
         'notes': ['schedule average interpolates k = [3]', 'loader gpu-cache failed: RuntimeError: boom'],
         'end_to_end_img_per_s': {'gpu': {'0': 900.0, '12': 1700.0}}})
@@ -107,7 +107,7 @@ def test_check_targets_arithmetic(tmp_path):
     write_json(tmp_path / 'imagenette_step' / 'benchmark.json', {'input_size': 128, 'freeze_img_per_s': [4000.0]})
     write_json(tmp_path / 'b16_224_compile' / 'benchmark.json', {
         'ks': [0, 4, 8], 'freeze_img_per_s': [1750.0, 2000.0, 3000.0], 'schedule_average_img_per_s': 2300.0,
-        'how_scale': 'cubic', 't_0': 0.8, 'partial': [12]})  # cut short before its last k
+        'how_scale': 'cubic', 't_0': 0.8, 'partial': [12], 'warmup_s': [61.2, 40.4, 38.0]})  # cut short before its last k
     (tmp_path / 'imagenette_run').mkdir()
     (tmp_path / 'imagenette_run' / 'log.txt').write_text(
         json.dumps({'train_images_per_s': 1000.0}) + '\n' + json.dumps({'train_images_per_s': 3800.0}) + '\n')
@@ -121,6 +121,7 @@ def test_check_targets_arithmetic(tmp_path):
                         'others from them; cut short, k = [12] not measured) vs upstream reference']
     assert '2.30x' in compiled_avg and compiled_avg.endswith('| met |')
     assert '- the compiled step was cut short: k = [12] not measured' in md
+    assert 'compilation included) per k: k=0 61 s (eager 0.5 s), k=4 40 s (eager 4.5 s), k=8 38 s (eager 8.5 s).' in md
     # gpu-cache is not a JPEG backend; the gpu backend with a CPU decode share is
     gpu = rows['fastest JPEG backend (gpu (cpu decode 0.3), loader alone) vs schedule average']
     assert '130%' in gpu and gpu.endswith('| met |')
