@@ -344,6 +344,26 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
     assert lines[-1]['max_accuracy'] == max(l['test_acc1'] for l in lines)
 
 
+def test_best_checkpoint_is_the_best_epoch_when_last_is_saved_rarely(tmp_path, demo_data, monkeypatch):
+    """With --save_last_freq > 1, checkpoint-last.pth is older than the epoch that improved;
+    checkpoint-best.pth must still be that epoch, not a copy of an older one."""
+    import engine_finetune
+    import run_finetune
+    accuracies = iter([10.0, 30.0, 20.0])  # epoch 1 is the best, and its checkpoint-last is skipped
+    monkeypatch.setattr(engine_finetune, 'evaluate', lambda *a, **k: {
+        'acc1': next(accuracies), 'acc5': 100.0, 'loss': 1.0, 'num_samples': 8})
+    out = tmp_path / 'ft'
+    args = run_finetune.get_args_parser().parse_args([
+        '--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4', '--num_workers', '0',
+        '--device', 'cpu', '--data_path', str(demo_data), '--output_dir', str(out), '--epochs', '3',
+        '--warmup_epochs', '0', '--save_freq', '100', '--save_last_freq', '5'])
+    run_finetune.main(args)
+    best = torch.load(out / 'checkpoint-best.pth', weights_only=True)
+    assert best['epoch'] == 1 and set(best) >= {'model', 'optimizer', 'args', 'rng'}
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 2  # the last epoch is saved
+    assert [json.loads(line)['max_accuracy'] for line in (out / 'log.txt').read_text().splitlines()] == [10, 30, 30]
+
+
 def test_finetune_resume_is_exact(tmp_path, demo_data, pretrain_ckpt):
     """Resuming after epoch 1 of 3 ends with the uninterrupted run's weights (with --num_workers 0 the
     augmentation draws from the RNG the checkpoint restores; evaluation must not draw from it)."""

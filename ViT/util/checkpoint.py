@@ -198,25 +198,33 @@ def check_save_flags(args: argparse.Namespace) -> None:
         raise SystemExit('error: --save_freq and --save_last_freq must be at least 1')
 
 
+def checkpoint_state(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     loss_scaler, epoch: int, rng_states: list, extra: dict[str, Any] | None = None) -> dict:
+    """What a checkpoint file holds (upstream's keys, plus every rank's RNG state)."""
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
+            'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
+            'args': args_to_dict(args), 'rng': rng_states, **(extra or {})}
+
+
 def save_checkpoint(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    loss_scaler, epoch: int, extra: dict[str, Any] | None = None) -> None:
+                    loss_scaler, epoch: int, extra: dict[str, Any] | None = None) -> bool:
     """checkpoint-last.pth every --save_last_freq epochs, checkpoint-<epoch>.pth every --save_freq,
     both at the end. RNG states of all ranks are gathered so each rank resumes its own stream.
-    Rank 0 writes. `extra`: more top-level entries (pretraining records its frozen set)."""
+    Rank 0 writes. `extra`: more top-level entries (pretraining records its frozen set).
+    Returns whether this epoch was saved (the same answer on every rank)."""
     keep = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
     if not keep and (epoch + 1) % args.save_last_freq:
-        return  # the same decision on every rank: none enters the gather below
+        return False  # the same decision on every rank: none enters the gather below
     states = [rng_state()]
     if dist.is_dist():
         gathered = [None] * dist.get_world_size()
         torch.distributed.all_gather_object(gathered, states[0])
         states = gathered
     if not args.output_dir or not dist.is_main_process():
-        return
-    obj = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch,
-           'scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
-           'args': args_to_dict(args), 'rng': states, **(extra or {})}
+        return True
     out = Path(args.output_dir)
-    save_atomic(obj, out / 'checkpoint-last.pth')
+    save_atomic(checkpoint_state(args, model, optimizer, loss_scaler, epoch, states, extra),
+                out / 'checkpoint-last.pth')
     if keep:
         keep_copy(out / 'checkpoint-last.pth', out / f'checkpoint-{epoch}.pth')
+    return True
