@@ -143,16 +143,17 @@ def gather_in_dataset_order(feats: torch.Tensor, labels: torch.Tensor, sampler) 
 
 @torch.no_grad()
 def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], data_loader, device: torch.device,
-                     amp: str = 'none', gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features float32 (N, D), labels (N,)) of this process's samples in loader order, or with
-    `gather` of all processes' samples in dataset order."""
+                     feature_dim: int, amp: str = 'none', gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32 (N, D = feature_dim), labels (N,)) of this process's samples in loader
+    order, or with `gather` of all processes' samples in dataset order. A process with no
+    samples (a split smaller than the process count) returns (0, D)."""
     feats, labels = [], []
     for samples, targets in data_loader:
         with autocast_context(device, amp):
             f = forward(samples.to(device, non_blocking=True))
         feats.append(f.float())
         labels.append(targets.to(device))
-    feats = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
+    feats = torch.cat(feats) if feats else torch.zeros(0, feature_dim, device=device)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     return gather_in_dataset_order(feats, labels, data_loader.sampler) if gather else (feats, labels)
 

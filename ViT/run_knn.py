@@ -86,11 +86,12 @@ def fit_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor
         return head(x_test)
 
 
-def knn_correct(scores: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """(top-1 hits, top-5 hits); top-5 is capped at the number of classes."""
+def knn_correct(scores: torch.Tensor, labels: torch.Tensor, top: int = 5) -> tuple[int, int]:
+    """(top-1 hits, top-`top` hits), `top` capped at the number of classes. kNN passes min(5, k):
+    at most k classes get votes, and the zero-score rest would fill top-5 in arbitrary order."""
     if scores.shape[0] == 0:
         return 0, 0
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    top = scores.topk(min(top, scores.shape[1]), dim=1).indices
     hit = top.eq(labels[:, None])
     return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
 
@@ -119,9 +120,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def accuracy_record(scores: torch.Tensor, labels: torch.Tensor, device: torch.device) -> dict:
-    """Top-1 / top-5 (percent) over every process's share of the val set."""
-    top1, top5 = knn_correct(scores, labels)
+def accuracy_record(scores: torch.Tensor, labels: torch.Tensor, device: torch.device, top: int = 5) -> dict:
+    """Top-1 / top-5 (percent; top-`top` for kNN with k < 5) over every process's share of the val set."""
+    top1, top5 = knn_correct(scores, labels, top)
     counts = torch.tensor([top1, top5, labels.shape[0]], dtype=torch.float64, device=device)
     if dist.is_dist():
         counts = dist.all_reduce_mean(counts) * dist.get_world_size()
@@ -151,8 +152,11 @@ def main(args: argparse.Namespace) -> list[dict]:
     model.to(device).eval()
 
     start = time.time()
-    train_feats, train_labels = extract_features(model.forward_pooled, train_loader, device, args.amp, gather=True)
-    test_feats, test_labels = extract_features(model.forward_pooled, val_loader, device, args.amp, gather=False)
+    dim = model.num_features
+    train_feats, train_labels = extract_features(model.forward_pooled, train_loader, device, dim, args.amp,
+                                                 gather=True)
+    test_feats, test_labels = extract_features(model.forward_pooled, val_loader, device, dim, args.amp,
+                                               gather=False)
     print(f'features: train {tuple(train_feats.shape)}, val (this process) {tuple(test_feats.shape)} '
           f'in {format_seconds(time.time() - start)}')
 
@@ -170,7 +174,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         scores = knn_classify(train_feats, train_labels, test_feats, k, args.temperature, num_classes,
                               args.chunk_size)
         record = {'mode': 'knn', 'k': k, 'temperature': args.temperature,
-                  **accuracy_record(scores, test_labels, device), 'num_train': int(train_feats.shape[0]),
+                  **accuracy_record(scores, test_labels, device, top=min(5, k)),
+                  'num_train': int(train_feats.shape[0]),
                   'global_pool': args.global_pool, 'checkpoint': args.finetune, 'model': args.model}
         print(f'{k}-NN (T={args.temperature}): top-1 {record["acc1"]:.2f}%  top-5 {record["acc5"]:.2f}%  '
               f'({record["num_test"]} val images, {record["num_train"]} train images)')

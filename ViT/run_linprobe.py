@@ -68,8 +68,15 @@ def build_probe(args: argparse.Namespace) -> models_vit.VisionTransformer:
     return model
 
 
-def main(args: argparse.Namespace) -> dict:
+def check_args(args: argparse.Namespace) -> None:
     check_common_args(args)
+    if args.batch_size < 2 and not args.eval:
+        raise SystemExit('error: the probe\'s BatchNorm1d needs at least 2 images per process and step: '
+                         '--batch_size must be at least 2')
+
+
+def main(args: argparse.Namespace) -> dict:
+    check_args(args)
     device = setup(args)
     train_loader, val_loader = build_data(args, linprobe_train_transform(args.input_size),
                                           eval_transform(args.input_size), device)

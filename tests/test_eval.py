@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -66,6 +67,11 @@ def test_knn_classify_hand_computed():
     # z's true class 0 is second: a top-1 miss, a top-5 (capped at 3 classes) hit
     assert knn_correct(scores, torch.tensor([0, 1, 0])) == (2, 3)
 
+    # k = 1: one class gets a vote; the zero-score classes are not "top-5" candidates (capped at k)
+    nearest = knn_classify(TRAIN, TRAIN_Y, TEST, k=1, T=T, num_classes=3)
+    assert knn_correct(nearest, torch.tensor([0, 1, 0]), top=1) == (2, 2)
+    assert knn_correct(nearest, torch.tensor([0, 1, 0])) == (2, 3)  # what the uncapped count would claim
+
 
 def test_topk_correct_and_evaluate():
     logits = torch.tensor([[3., 2., 1., 0., -1., -2.],
@@ -122,6 +128,14 @@ def test_linprobe_smoke(tmp_path, demo_data, pretrain_ckpt):
     assert last['mode'] == 'eval' and last['test_acc1'] == lines[0]['test_acc1']
 
 
+def test_linprobe_batch_of_one_is_a_clear_error():
+    import run_linprobe
+    parse = run_linprobe.get_args_parser().parse_args
+    with pytest.raises(SystemExit, match='BatchNorm1d needs at least 2 images'):
+        run_linprobe.check_args(parse(['--model', 'vit_tiny_patch16', '--batch_size', '1']))
+    run_linprobe.check_args(parse(['--model', 'vit_tiny_patch16', '--batch_size', '1', '--eval']))  # no training
+
+
 # ---- kNN runs -----------------------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -144,6 +158,7 @@ def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt)
     lines = {d: [json.loads(l) for l in (d / 'log.txt').read_text().splitlines()] for d in (one, two)}
     assert [l['mode'] for l in lines[one]] == ['knn', 'knn', 'linear']
     assert [l['k'] for l in lines[one][:2]] == [1, 20]
+    assert lines[one][0]['acc5'] == lines[one][0]['acc1']  # 1-NN: top-5 capped at k
     for a, b in zip(lines[one], lines[two]):
         assert a['num_train'] == b['num_train'] == 32 and a['num_test'] == b['num_test'] == 8
         assert a['acc1'] == b['acc1'] and a['acc5'] == b['acc5'] and 0 <= a['acc1'] <= 100
@@ -154,6 +169,24 @@ def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt)
         assert torch.allclose(f1[k], f2[k], atol=1e-4), k
     for k in ('train_labels', 'test_labels'):
         assert torch.equal(f1[k], f2[k]), k
+
+
+def test_knn_two_processes_with_a_val_split_smaller_than_the_process_count(tmp_path, demo_data, pretrain_ckpt):
+    """One val image for two processes: the second extracts no features, and still takes part."""
+    data = tmp_path / 'data'
+    shutil.copytree(demo_data, data)
+    val_images = sorted((data / 'val').rglob('*.jpg'))
+    for extra in val_images[1:]:
+        extra.unlink()
+    res = run_script(['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+                      'run_knn.py', '--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4',
+                      '--num_workers', '0', '--device', 'cpu', '--finetune', str(pretrain_ckpt), '--data_path',
+                      str(data), '--nb_knn', '5', '--linear_epochs', '1', '--dump_features', '--output_dir',
+                      str(tmp_path / 'knn')])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = [json.loads(l) for l in (tmp_path / 'knn' / 'log.txt').read_text().splitlines()]
+    assert [(l['mode'], l['num_test']) for l in lines] == [('knn', 1), ('linear', 1)]
+    assert torch.load(tmp_path / 'knn' / 'knn_features.pth', weights_only=True)['test_feats'].shape == (1, 192)
 
 
 def test_linear_classifier_on_fixed_features_separates_a_toy_set():
