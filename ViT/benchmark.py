@@ -45,6 +45,7 @@ import models_mim
 from engine_pretrain import ModelHandle, train_one_epoch
 from util import flops, gpu_data
 from util.checkpoint import write_text_atomic
+from util.cli import HelpFormatter
 from util import freezeout as fo
 from util.data import IMAGE_EXTENSIONS, resolve_image_folder
 from util.gpu_data import BACKENDS, build_loader
@@ -58,11 +59,11 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('LocalMIM / FreezeOut throughput benchmark',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--model', default='MIM_vit_base_patch16', help=f'one of: {", ".join(sorted(models_mim.MODELS))}')
-    p.add_argument('--input_size', default=224, type=int)
-    p.add_argument('--batch_size', default=256, type=int)
-    p.add_argument('--mask_ratio', default=0.75, type=float)
+    p.add_argument('--input_size', default=224, type=int, help='image side')
+    p.add_argument('--batch_size', default=256, type=int, help='images per step')
+    p.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
                    help="the project step's precision, as run_pretrain.py (the reference is always fp16 on CUDA)")
@@ -70,9 +71,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--warmup', default=5, type=int, help='untimed steps first (and after each freeze change)')
     p.add_argument('--ks', default=None, type=int, nargs='+',
                    help='numbers of frozen layers to time (default: all, 0 .. L-1)')
-    p.add_argument('--how_scale', default='cubic', choices=list(fo.SCALE_FUNCTIONS))
-    p.add_argument('--t_0', default=0.8, type=float)
-    p.add_argument('--decoder_freeze', default='tap', choices=list(fo.DECODER_FREEZE_MODES))
+    p.add_argument('--how_scale', default='cubic', choices=list(fo.SCALE_FUNCTIONS),
+                   help='FreezeOut schedule whose average is projected (as run_pretrain.py)')
+    p.add_argument('--t_0', default=0.8, type=float, help='FreezeOut t_0 of the projected schedule')
+    p.add_argument('--decoder_freeze', default='tap', choices=list(fo.DECODER_FREEZE_MODES),
+                   help='what happens to a LocalMIM decoder when its tap freezes (as run_pretrain.py)')
     p.add_argument('--compile', action='store_true', help='torch.compile the project step')
     p.add_argument('--compile_backend', default='inductor', help=argparse.SUPPRESS)  # 'eager' in CPU smoke runs
     p.add_argument('--skip_reference', action='store_true', help='do not time the upstream step')
@@ -709,6 +712,9 @@ def main(argv: list[str] | None = None) -> dict:
     for share in args.cpu_decode_shares:
         gpu_data.check_cpu_decode_share('gpu', share)
     fo.validate(args.t_0, args.how_scale, args.decoder_freeze, 0, 1)
+    models_mim.check_model(args.model, args.input_size)
+    if args.data_path:  # before the step timings, not after them
+        resolve_image_folder(args.data_path, 'train')
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'

@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from util.cli import HelpFormatter  # noqa: E402
 from util.demo_data import make_demo_dataset  # noqa: E402
 
 
@@ -34,10 +35,10 @@ def run(name: str, flags: list[str], out: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--out', default=str(ROOT / 'demo_out'), help='where data, logs and checkpoints go')
-    parser.add_argument('--epochs', default=10, type=int)
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--epochs', default=10, type=int, help='epochs of each of the two pretraining runs')
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
     args = parser.parse_args()
     if args.epochs < 2:  # checked before any run: the first epoch is warmup, which no layer may freeze in
         raise SystemExit('error: --epochs must be at least 2 (1 warmup epoch; FreezeOut cubic t_0 = 0.8 freezes '

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 
+import models_mim
 from run_pretrain import get_args_parser
 from util import flops
 from util import freezeout as fo
@@ -20,6 +21,7 @@ def estimate(model: str, input_size: int, mask_ratio: float, hog_nbins: int, t_0
              decoder_freeze: str) -> dict:
     if model not in flops.SHAPES:
         raise SystemExit(f'error: no FLOP model for {model}; known: {", ".join(flops.SHAPES)}')
+    models_mim.check_model(model, input_size)
     shape = dataclasses.replace(flops.SHAPES[model], img_size=input_size, mask_ratio=mask_ratio,
                                 hog_nbins=hog_nbins)
     return flops.freezeout_speedup(shape, t_0, how_scale, decoder_freeze)

@@ -124,6 +124,18 @@ class BlockWithFreezeOut(Block):
             return super().forward(x, **kwargs)
 
 
+def token_grid(img_size: int, patch_size: int) -> int:
+    """Side of the token grid; ValueError for a size LocalMIM cannot use."""
+    if img_size % patch_size:
+        raise ValueError(f'input size {img_size} is not a multiple of the patch size {patch_size}')
+    grid = img_size // patch_size
+    if grid % 2:
+        raise ValueError(f'input size {img_size} with patch {patch_size} gives an odd token grid '
+                         f'({grid}x{grid}); LocalMIM\'s 0.5 scale needs an even grid, e.g. '
+                         f'--input_size {(grid + 1) * patch_size} or {(grid - 1) * patch_size}')
+    return grid
+
+
 class MaskedAutoencoderViT(nn.Module):
     """LocalMIM: ViT encoder; normalised features of blocks ID = [1, 3, depth-3, depth-1] feed
     one decoder each, which predicts HOG at scales [4, 2, 1, 0.5] of the token grid; the loss
@@ -133,13 +145,7 @@ class MaskedAutoencoderViT(nn.Module):
                  decoder_embed_dim=512, decoder_depth=1, decoder_num_heads=16, mlp_ratio=4.,
                  norm_layer=nn.LayerNorm, hog_nbins=9, hog_bias=False, **kwargs):
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f'input size {img_size} is not a multiple of the patch size {patch_size}')
-        grid = img_size // patch_size
-        if grid % 2:
-            raise ValueError(f'input size {img_size} with patch {patch_size} gives an odd token grid '
-                             f'({grid}x{grid}); LocalMIM\'s 0.5 scale needs an even grid, e.g. '
-                             f'--input_size {(grid + 1) * patch_size} or {(grid - 1) * patch_size}')
+        grid = token_grid(img_size, patch_size)
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -322,8 +328,17 @@ def MIM_vit_huge_patch14(**kwargs):
 MODELS = {name: fn for name, fn in globals().items() if name.startswith('MIM_vit_')}
 
 
-def build_model(name: str, **kwargs) -> MaskedAutoencoderViT:
-    """Constructor by name with a clear message for an unknown one."""
+def check_model(name: str, img_size: int = 224) -> None:
+    """A clear SystemExit for an unknown --model or an --input_size it cannot take, before any work."""
     if name not in MODELS:
         raise SystemExit(f'error: unknown --model {name}; choose one of: {", ".join(sorted(MODELS))}')
+    try:
+        token_grid(img_size, 14 if name.endswith('patch14') else 16)
+    except ValueError as e:
+        raise SystemExit(f'error: --model {name}: {e}') from None
+
+
+def build_model(name: str, **kwargs) -> MaskedAutoencoderViT:
+    """Constructor by name, checked by check_model."""
+    check_model(name, kwargs.get('img_size', 224))
     return MODELS[name](**kwargs)

@@ -22,10 +22,11 @@ import models_vit
 from engine_finetune import evaluate, fit
 from engine_pretrain import ModelHandle
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
-from util.runtime import setup
+from util.cli import HelpFormatter
+from util.runtime import run_main, setup
 from util import checkpoint, dist
-from util.data import (DataLayoutError, build_classification_datasets, build_eval_loader, build_train_loader,
-                       eval_transform, finetune_train_transform)
+from util.data import (DEFAULT_NUM_WORKERS, DataLayoutError, build_classification_datasets, build_eval_loader,
+                       build_train_loader, eval_transform, finetune_train_transform)
 from util.encoder_loading import load_pretrained_encoder
 from util.log import append_json_line, make_writer
 from util.lr_decay import describe_groups, param_groups_lrd
@@ -50,7 +51,8 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
                    help='mixed precision: auto = bf16 on GPUs that support it, none on CPU; fp16 uses a GradScaler')
     g.add_argument('--seed', default=0, type=int, help='random seed (each process adds its rank)')
-    g.add_argument('--num_workers', default=10, type=int, help='data-loading processes per training process')
+    g.add_argument('--num_workers', default=DEFAULT_NUM_WORKERS, type=int,
+                   help='data-loading processes per training process (default: 10, or the CPU count if lower)')
     g.add_argument('--pin_mem', action='store_true', default=True,
                    help='pinned host memory for faster copies to the GPU')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='turn --pin_mem off')
@@ -108,7 +110,7 @@ def add_model_args(parser: argparse.ArgumentParser, default: str, what: str,
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Fine-tuning of a pretrained ViT encoder for image classification',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_batch_args(parser, batch_size=64, epochs=50)
 
     g = add_model_args(parser, 'vit_large_patch16', 'classifier',
@@ -221,6 +223,12 @@ def ddp_wrapper(args: argparse.Namespace, device: torch.device):
     return wrap
 
 
+# flags whose change between a checkpoint and its resumption changes the run (fine-tuning and probing)
+RESUME_FLAGS = ('model', 'input_size', 'nb_classes', 'global_pool', 'epochs', 'warmup_epochs', 'batch_size',
+                'accum_iter', 'world_size', 'lr', 'min_lr', 'weight_decay', 'layer_decay', 'drop_path', 'smoothing',
+                'mixup', 'cutmix', 'seed', 'finetune')
+
+
 def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_scaler) -> tuple[int, Path | None]:
     """Load --resume (or the newest checkpoint in --output_dir). Returns (start epoch, path)."""
     path = find_resume_checkpoint(args)
@@ -229,12 +237,21 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
     ckpt = checkpoint.load(path)
     if not isinstance(ckpt, dict) or 'model' not in ckpt:
         raise checkpoint.CheckpointError(f'{path} has no "model" entry; not a checkpoint of this script')
+    saved = ckpt.get('args') or {}
+    if (not args.resume and not args.eval and args.finetune and saved.get('finetune')
+            and Path(saved['finetune']).resolve() != Path(args.finetune).resolve()):
+        # the checkpoint's weights would silently replace the encoder just loaded
+        raise SystemExit(f'error: {args.output_dir} holds a run of --finetune {saved["finetune"]} (resumable from '
+                         f'{path}), not of --finetune {args.finetune}: use another --output_dir for this encoder, '
+                         f'--no_auto_resume to start it afresh here (the earlier run\'s files are moved aside), or '
+                         f'--resume {path} to continue the earlier run')
+    if not args.eval:
+        checkpoint.note_changed_flags(path, saved, args, RESUME_FLAGS)
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise checkpoint.CheckpointError(
-            f'{path} does not fit this model ({first}); --resume/--eval take checkpoints written by this script '
+            f'{path} does not fit this model ({checkpoint.state_dict_mismatch(e)}); --resume/--eval take checkpoints written by this script '
             'with the same --model/--nb_classes/read-out; a pretraining checkpoint goes to --finetune') from None
     if optimizer is not None and not args.eval:
         checkpoint.restore_training_state(
@@ -344,15 +361,21 @@ def main(args: argparse.Namespace) -> dict:
     criterion = build_criterion(args)
     print(f'criterion: {type(criterion).__name__}' + ('  (mixup/cutmix on)' if mixup_active(args) else ''))
     return train_and_finish(args, model, criterion, train_loader, val_loader, optimizer, loss_scaler, device,
-                            start_epoch, n_parameters, build_mixup(args))
+                            start_epoch, loaded_from, n_parameters, build_mixup(args))
 
 
 def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion, train_loader, val_loader,
                      optimizer: torch.optim.Optimizer, loss_scaler, device: torch.device, start_epoch: int,
-                     n_parameters: int, mixup_fn=None) -> dict:
+                     loaded_from: Path | None, n_parameters: int, mixup_fn=None) -> dict:
     """The epochs (engine_finetune.fit) with tensorboard, then the closing lines; shared by
     fine-tuning and linear probing."""
-    log_writer = make_writer(args.log_dir)
+    if start_epoch >= args.epochs:  # a finished run relaunched (e.g. requeued): nothing to train
+        print(f'all {args.epochs} epochs are done (checkpoint {loaded_from}); raise --epochs to train more, or use '
+              f'another --output_dir for a new run')
+        dist.destroy()
+        return {}
+    checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, loaded_from is not None)
+    log_writer = make_writer(args.log_dir, start_epoch if loaded_from is not None else None)
     record = fit(ModelHandle(model, ddp_wrapper(args, device)), criterion, train_loader, val_loader, optimizer,
                  make_schedule(args, optimizer, train_loader), loss_scaler, device, args, start_epoch, n_parameters,
                  save_checkpoint, mixup_fn, log_writer)
@@ -365,4 +388,4 @@ def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser())

@@ -22,7 +22,8 @@ import torch.nn as nn
 import models_vit
 from run_finetune import (add_batch_args, add_model_args, add_readout_args, add_run_args, add_training_run_args,
                           build_data, check_common_args, evaluate_only, optimizer_and_resume, train_and_finish)
-from util.runtime import setup
+from util.cli import HelpFormatter
+from util.runtime import run_main, setup
 from util.data import eval_transform, linprobe_train_transform
 from util.encoder_loading import load_pretrained_encoder
 from util.optim import param_groups_weight_decay
@@ -32,7 +33,7 @@ HEAD_INIT_STD = 0.01  # MAE's linear-probe head init (MoCo v3)
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Linear probing of a pretrained ViT encoder',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_batch_args(parser, batch_size=512, epochs=90)
 
     add_model_args(parser, 'vit_base_patch16', 'encoder',
@@ -91,8 +92,8 @@ def main(args: argparse.Namespace) -> dict:
         return evaluate_only(args, model, val_loader, device, loaded_from)
 
     return train_and_finish(args, model, nn.CrossEntropyLoss(), train_loader, val_loader, optimizer, loss_scaler,
-                            device, start_epoch, n_parameters)
+                            device, start_epoch, loaded_from, n_parameters)
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser())

@@ -16,20 +16,23 @@ import models_mim
 from engine_pretrain import SCALE_NAMES, ModelHandle, train_one_epoch
 from util import checkpoint, dist
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
+from util.cli import HelpFormatter
 from util import freezeout as fo
+from util.data import DEFAULT_NUM_WORKERS
 from util.gpu_data import BACKENDS, build_loader, check_cpu_decode_share, input_bound_hint
 from util.log import append_json_line, format_seconds, make_writer
 from util.lr_sched import PlainSchedule
 from util.optim import build_adamw, param_groups_weight_decay
-from util.runtime import allow_recompiles, setup
+from util.runtime import allow_recompiles, run_main, setup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('LocalMIM pretraining (optionally with FreezeOut)',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--batch_size', default=128, type=int,
                         help='batch size per process (effective batch = batch_size * accum_iter * processes)')
-    parser.add_argument('--epochs', default=400, type=int)
+    parser.add_argument('--epochs', default=400, type=int, help='pretraining epochs (the whole run\'s length, '
+                        'which FreezeOut\'s schedule spans)')
     parser.add_argument('--accum_iter', default=1, type=int,
                         help='micro-batches accumulated per optimizer step')
 
@@ -42,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--hog_bias', action='store_true', help='bias in the HOG Sobel conv (upstream, ViT-L)')
 
     g = parser.add_argument_group('optimisation')
-    g.add_argument('--weight_decay', type=float, default=0.05)
+    g.add_argument('--weight_decay', type=float, default=0.05, help='AdamW weight decay (not on biases and norms)')
     g.add_argument('--lr', type=float, default=None, help='absolute lr (default: blr * effective batch / 256)')
     g.add_argument('--blr', type=float, default=1e-3, help='base lr: lr = blr * effective batch / 256')
     g.add_argument('--min_lr', type=float, default=1e-6,
@@ -74,15 +77,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--output_dir', default='./output_dir', help='checkpoints, log.txt, freezeout_schedule.json')
     g.add_argument('--log_dir', default=None, help='tensorboard folder (default: --output_dir)')
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    g.add_argument('--seed', default=0, type=int)
+    g.add_argument('--seed', default=0, type=int, help='seed of the model init, masks and augmentation '
+                   '(process r uses seed + r)')
     g.add_argument('--resume', default='', help='checkpoint to resume from')
     g.add_argument('--auto_resume', dest='auto_resume', action='store_true', default=True,
                    help='resume from the newest checkpoint in --output_dir (default on)')
-    g.add_argument('--no_auto_resume', dest='auto_resume', action='store_false')
+    g.add_argument('--no_auto_resume', dest='auto_resume', action='store_false',
+                   help='start afresh even when --output_dir holds checkpoints (an earlier run\'s files are moved '
+                        'to previous-<time>/ there)')
     g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
     checkpoint.add_save_flags(g, 50)
     g.add_argument('--print_freq', default=50, type=int, help='console/tensorboard line every N iterations')
-    g.add_argument('--num_workers', default=10, type=int)
+    g.add_argument('--num_workers', default=DEFAULT_NUM_WORKERS, type=int,
+                   help='DataLoader worker processes per training process (default: 10, or the CPU count if lower)')
     g.add_argument('--data_backend', default='pil', choices=list(BACKENDS),
                    help='pil: CPU workers decode and augment (upstream); gpu: workers read JPEG bytes, the GPU '
                         'decodes and augments; gpu-cache: all images decoded once and kept on the GPU')
@@ -99,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'centre square, so random crops never see their sides (unlike pil)')
     g.add_argument('--pin_mem', action='store_true', default=True,
                    help='pinned host memory for faster copies to the GPU')
-    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin host memory')
     dist.add_dist_args(parser)
     return parser
 
@@ -107,6 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
         raise SystemExit('error: --batch_size, --accum_iter and --epochs must be at least 1')
+    models_mim.check_model(args.model, args.input_size)
     if not 0.0 < args.mask_ratio < 1.0:  # the loss is over masked patches: 0 would divide by 0
         raise SystemExit(f'error: --mask_ratio must be in (0, 1), got {args.mask_ratio}')
     checkpoint.check_save_flags(args)
@@ -119,6 +127,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f'error: --warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}')
     if args.t_0 is not None:
         fo.validate(args.t_0, args.how_scale, args.decoder_freeze, args.warmup_epochs, args.epochs)
+    else:  # FreezeOut's own flags without --t_0 would silently run plain LocalMIM
+        given = [flag for flag, set_ in ((f'--how_scale {args.how_scale}', args.how_scale != 'cubic'),
+                                         ('--no_scale_lr', not args.scale_lr),
+                                         (f'--decoder_freeze {args.decoder_freeze}', args.decoder_freeze != 'tap'))
+                 if set_]
+        if given:
+            raise SystemExit(f'error: {", ".join(given)} configure(s) FreezeOut, which is off without --t_0: '
+                             f'add --t_0 (e.g. 0.8), or drop them for a plain LocalMIM run')
 
 
 # flags whose change between a checkpoint and its resumption changes the run
@@ -164,17 +180,18 @@ def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module
     ckpt = checkpoint.load(path)
     if 'model' not in ckpt:
         raise checkpoint.CheckpointError(f'{path} has no "model" entry; not a pretraining checkpoint')
-    saved = ckpt.get('args') or {}
-    changed = [f'--{k} {getattr(args, k)} (checkpoint: {saved[k]})' for k in RESUME_FLAGS
-               if k in saved and saved[k] != getattr(args, k)]
-    if changed:
-        print(f'note: resuming {path} with flags that differ from its run: {", ".join(changed)}')
+    checkpoint.note_changed_flags(path, ckpt.get('args'), args, RESUME_FLAGS)
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
+        keys = ckpt['model'].keys() if isinstance(ckpt['model'], dict) else ()
+        if 'head.weight' in keys and not any(k.startswith('decoder') for k in keys):
+            raise checkpoint.CheckpointError(
+                f'{path} is a classifier checkpoint (run_finetune.py / run_linprobe.py); run_pretrain.py resumes '
+                f'only its own checkpoints (and the classifier scripts take pretraining ones as --finetune)') from None
         raise checkpoint.CheckpointError(
             f'{path} does not fit --model {args.model} at --input_size {args.input_size}: '
-            f'{str(e).splitlines()[0]} (resume with the run\'s own flags, or start afresh with '
+            f'{checkpoint.state_dict_mismatch(e)} (resume with the run\'s own flags, or start afresh with '
             f'--no_auto_resume / another --output_dir)') from None
     start_epoch = int(ckpt['epoch']) + 1
     schedule.on_step(start_epoch * steps_per_epoch)
@@ -248,7 +265,9 @@ def main(args: argparse.Namespace) -> dict:
         return torch.compile(module, backend=args.compile_backend) if args.compile else module
 
     handle = ModelHandle(model, wrap)
-    log_writer = make_writer(args.log_dir)
+    resumed = resume_path is not None
+    checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, resumed)
+    log_writer = make_writer(args.log_dir, start_epoch if resumed else None)
     print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
     run_start = time.time()
     stats, hinted = {}, False
@@ -277,4 +296,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser())

@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from util import flops  # noqa: E402
 from util.checkpoint import write_text_atomic  # noqa: E402
+from util.cli import HelpFormatter  # noqa: E402
 
 FREEZEOUT_CONFIGS = {
     'cubic0.8': ['--how_scale', 'cubic', '--t_0', '0.8'],
@@ -44,7 +45,7 @@ FREEZEOUT_CONFIGS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--data_path', default=str(ROOT.parent / 'shared' / 'data' / 'imagenette-128'),
                    help='ImageFolder with train/ and val/ (default: ../shared/data/imagenette-128)')
     p.add_argument('--out', default=None, help='run folders (checkpoints, logs; default: study_out/, '
@@ -52,23 +53,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--results', default=None,
                    help='results JSON, extended by every invocation; the table and plot go beside it '
                         '(default: image/study_results.json; study_out/quick/study_results.json with --quick)')
-    p.add_argument('--model', default='MIM_vit_small_patch16')
-    p.add_argument('--input_size', default=128, type=int)
+    p.add_argument('--model', default='MIM_vit_small_patch16', help='pretraining model (run_pretrain.py --model)')
+    p.add_argument('--input_size', default=128, type=int, help='image side of every run')
     p.add_argument('--epochs', default=40, type=int, help='pretraining epochs')
-    p.add_argument('--warmup_epochs', default=4, type=int)
-    p.add_argument('--batch_size', default=256, type=int)
-    p.add_argument('--blr', default=1.5e-4, type=float)
+    p.add_argument('--warmup_epochs', default=4, type=int, help='pretraining lr warmup epochs')
+    p.add_argument('--batch_size', default=256, type=int,
+                   help='pretraining and feature batch (fine-tuning uses at most 128)')
+    p.add_argument('--blr', default=1.5e-4, type=float, help='pretraining base lr (lr = blr * batch / 256)')
     p.add_argument('--linprobe_epochs', default=20, type=int, help='epochs of the linear classifier')
     p.add_argument('--full_linprobe', action='store_true',
                    help='linear probe by run_linprobe.py (augmented images every epoch, MAE\'s protocol) instead '
                         'of a linear classifier on frozen, unaugmented features (much faster)')
-    p.add_argument('--finetune_epochs', default=15, type=int)
+    p.add_argument('--finetune_epochs', default=15, type=int, help='epochs of each fine-tune')
     p.add_argument('--seeds', default=[0, 1], type=int, nargs=2, metavar=('FIRST', 'SECOND'),
                    help='seed of every config, and the second seed for regular and the best config')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     p.add_argument('--data_backend', default=None,
                    help='pretraining input backend (default: gpu-cache on a GPU, pil on CPU)')
-    p.add_argument('--num_workers', default=8, type=int)
+    p.add_argument('--num_workers', default=8, type=int, help='DataLoader workers of every run')
     p.add_argument('--rerun', action='store_true', help='run again configs already in the results JSON')
     p.add_argument('--no_finetune', action='store_true', help='skip the fine-tuning runs')
     p.add_argument('--max_minutes', default=None, type=float,

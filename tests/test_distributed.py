@@ -138,8 +138,25 @@ def test_torchrun_freeze_events_mid_epoch_no_hang(data, tmp_path):
     # relaunching the finished run (auto-resume from its last checkpoint, as a requeued job
     # would) trains nothing and exits cleanly, even though every layer counts as frozen at step T
     again = run_cmd([*launcher('torchrun', free_port()), 'run_pretrain.py', *COMMON, '--data_path', str(data),
-                     '--output_dir', str(out), '--epochs', str(epochs), '--t_0', '0.85', '--how_scale', 'linear'],
-                    timeout=TIMEOUT, cwd=VIT)
+                     '--output_dir', str(out), '--epochs', str(epochs), '--t_0', '0.85', '--how_scale', 'linear',
+                     '--world_size', '4'], timeout=TIMEOUT, cwd=VIT)
     assert again.returncode == 0, again.describe()
     assert f'all {epochs} epochs are done' in again.stdout
+    # a --world_size that is not the launcher's count: the real one is used, and said once
+    assert again.stdout.count('note: --world_size 4, but 2 process(es) were started by the launcher') == 1
     assert len(read_log(out)) == epochs  # nothing appended
+
+
+def test_world_size_flag_without_a_launcher_is_a_note(monkeypatch, capsys):
+    import argparse
+
+    from util import dist
+    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(var, raising=False)
+    args = argparse.Namespace(world_size=4, local_rank=-1, device='cpu', dist_backend=None, dist_url='env://')
+    dist.init_distributed_mode(args)
+    assert (args.world_size, args.distributed) == (1, False)
+    assert 'note: --world_size 4, but 1 process(es) run (no launcher)' in capsys.readouterr().out
+    args.world_size = 1  # upstream's default: nothing to say
+    dist.init_distributed_mode(args)
+    assert capsys.readouterr().out == ''

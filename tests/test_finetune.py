@@ -342,6 +342,18 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
     lines = [json.loads(l) for l in (out / 'log.txt').read_text().splitlines()]
     assert [l.get('epoch') for l in lines] == [0, 1, None, 2]
     assert lines[-1]['max_accuracy'] == max(l['test_acc1'] for l in lines)
+    assert '--epochs 3 (checkpoint: 2)' in res.stdout  # the cosine is stretched mid-run: said so
+
+    # relaunched when finished: nothing to train, and it says so
+    res = run_script(['run_finetune.py', *common, '--finetune', str(pretrain_ckpt), '--epochs', '3',
+                      '--warmup_epochs', '1'])
+    assert res.returncode == 0 and 'all 3 epochs are done' in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    # another encoder into the same folder: its auto-resume would replace the new encoder's weights
+    other = tmp_path / 'other_encoder.pth'
+    shutil.copy(pretrain_ckpt, other)
+    res = run_script(['run_finetune.py', *common, '--finetune', str(other), '--epochs', '3', '--warmup_epochs', '1'])
+    assert res.returncode != 0 and 'Traceback' not in res.stderr, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f'holds a run of --finetune {pretrain_ckpt}' in res.stderr and '--no_auto_resume' in res.stderr
 
 
 def test_best_checkpoint_is_the_best_epoch_when_last_is_saved_rarely(tmp_path, demo_data, monkeypatch):

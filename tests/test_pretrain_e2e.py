@@ -200,6 +200,33 @@ def _empty_folder(tmp_path):
     return ['--data_path', tmp_path / 'empty']
 
 
+def _truncated_jpeg(tmp_path, data):
+    copy = tmp_path / 'truncated'
+    shutil.copytree(data, copy)
+    victim = sorted((copy / 'train').rglob('*.jpg'))[5]
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    return ['--data_path', copy, '--num_workers', '1']  # the error crosses from a worker
+
+
+def _bare_tensor(tmp_path):
+    path = tmp_path / 'tensor.pth'
+    torch.save(torch.zeros(3), path)
+    return ['--resume', path]
+
+
+def _classifier_checkpoint(tmp_path):
+    import models_vit
+    path = tmp_path / 'finetuned.pth'
+    model = models_vit.build_model('vit_tiny_patch16', img_size=32, num_classes=4)
+    torch.save({'model': model.state_dict(), 'epoch': 0}, path)
+    return ['--resume', path]
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    return ['--output_dir', tmp_path / 'a_file' / 'out']
+
+
 BAD_INPUTS = {
     'missing-data-path': (lambda tmp, data: [], 'does not exist'),  # default ./dataset/ImageNet/
     'empty-data-folder': (lambda tmp, data: _empty_folder(tmp), 'no class folders'),
@@ -213,6 +240,14 @@ BAD_INPUTS = {
     'mask-ratio-zero': (lambda tmp, data: ['--data_path', data, '--mask_ratio', '0'], '--mask_ratio'),
     'save-freq-zero': (lambda tmp, data: ['--data_path', data, '--save_freq', '0'], '--save_freq'),
     'decode-ahead-negative': (lambda tmp, data: ['--data_path', data, '--decode_ahead', '-1'], '--decode_ahead'),
+    'truncated-jpeg': (lambda tmp, data: _truncated_jpeg(tmp, data), 'cannot decode '),
+    'input-size-not-a-multiple': (lambda tmp, data: ['--data_path', data, '--input_size', '40'], 'not a multiple'),
+    'freezeout-flags-without-t0': (lambda tmp, data: ['--data_path', data, '--how_scale', 'linear'], 'without --t_0'),
+    'output-dir-under-a-file': (lambda tmp, data: ['--data_path', data, *_under_a_file(tmp)],
+                                'cannot create --output_dir'),
+    'bare-tensor-checkpoint': (lambda tmp, data: ['--data_path', data, *_bare_tensor(tmp)], 'not a checkpoint dict'),
+    'classifier-checkpoint': (lambda tmp, data: ['--data_path', data, *_classifier_checkpoint(tmp)],
+                              'classifier checkpoint'),
 }
 
 
@@ -289,6 +324,25 @@ def test_resume_notes_changed_flags(data, tmp_path):
     assert [r['epoch'] for r in read_log(out)] == [0, 1]
 
 
+def test_rerun_drops_lines_it_redoes_and_a_fresh_run_sets_the_earlier_one_aside(data, tmp_path):
+    out = tmp_path / 'out'
+    run_ok('--data_path', data, '--output_dir', out, '--epochs', '2')
+    # epoch 2 trained and logged, then interrupted before its checkpoint (--save_last_freq > 1 does that)
+    with open(out / 'log.txt', 'a') as f:
+        f.write('{"epoch": 2, "train_loss": 9.9}\n')
+    res = run_ok('--data_path', data, '--output_dir', out, '--epochs', '3')
+    assert 'dropped 1 line(s) of epochs >= 2' in res.stdout, res.describe()
+    assert [r['epoch'] for r in read_log(out)] == [0, 1, 2] and read_log(out)[2]['train_loss'] != 9.9
+    # a fresh run in the same folder: the earlier run's checkpoints and log.txt move aside, so the
+    # rerun after it resumes the new run, not the earlier run's higher checkpoint-<N>.pth
+    res = run_ok('--data_path', data, '--output_dir', out, '--epochs', '1', '--no_auto_resume')
+    assert 'moved to previous-' in res.stdout and [r['epoch'] for r in read_log(out)] == [0]
+    earlier = next(out.glob('previous-*'))
+    assert [r['epoch'] for r in read_log(earlier)] == [0, 1, 2] and (earlier / 'checkpoint-last.pth').is_file()
+    res = run_ok('--data_path', data, '--output_dir', out, '--epochs', '1')
+    assert 'all 1 epochs are done' in res.stdout, res.describe()
+
+
 def test_freezeout_resume_that_would_thaw_layers_is_refused(data, tmp_path):
     out = tmp_path / 'out'
     fo_flags = ['--t_0', '0.5', '--how_scale', 'linear']
@@ -316,3 +370,30 @@ def test_resume_from_upstream_format_checkpoint(data, plain_run, tmp_path):
     torch.save(ckpt, upstream)
     res = run_ok('--data_path', data, '--output_dir', tmp_path / 'out', '--epochs', '2', '--resume', upstream)
     assert 'upstream format' in res.stdout and 'continuing at epoch 1' in res.stdout, res.describe()
+
+
+def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import COMMON, subprocess_env
+    out = tmp_path / 'out'
+    cmd = [sys.executable, 'run_pretrain.py', *COMMON, '--data_path', str(data), '--output_dir', str(out),
+           '--epochs', '300', '--num_workers', '2']
+    proc = subprocess.Popen(cmd, cwd=VIT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / 'checkpoint-last.pth').is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole foreground group
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-3000:]
+    assert f'interrupted; the same command resumes from the newest checkpoint in {out}' in stderr
+    done = [r['epoch'] for r in read_log(out)]
+    res = run_ok('--data_path', data, '--output_dir', out, '--epochs', str(done[-1] + 2))
+    epochs = [r['epoch'] for r in read_log(out)]
+    assert 'resumed from' in res.stdout and epochs == sorted(set(epochs)) and epochs[-1] == done[-1] + 1

@@ -147,3 +147,25 @@ def test_vit_symlink_works(tmp_path):
     assert f"cwd:       {ROOT / 'ViT'}" in prov
     if (ROOT / ".git").exists():
         assert f"git repo:  {ROOT}" in prov
+
+
+def test_ctrl_c_is_recorded_when_the_command_exits_on_it(tmp_path):
+    """Ctrl-C reaches the whole foreground group; the training scripts end on it with status 130
+    (util.runtime.run_main), and record.sh still writes the status line."""
+    import signal
+    import sys
+    import time
+    command = ('import time\ntry:\n    print("started", flush=True); time.sleep(60)\n'
+               'except KeyboardInterrupt:\n    raise SystemExit(130)')
+    proc = subprocess.Popen(["bash", str(RECORD), sys.executable, "-c", command, "--output_dir", str(tmp_path / "o")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 30
+    log = tmp_path / "o" / "cli_logs.txt"
+    while not log.is_file() or "started" not in log.read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert log.read_text().endswith("record.sh: exit status 130\n")

@@ -7,6 +7,8 @@ loads with torch.load(..., weights_only=True); args are stored as a dict, not a 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import random
 import re
@@ -116,7 +118,7 @@ def load(path: str | Path, map_location: str | torch.device = 'cpu') -> dict[str
     if path.stat().st_size == 0:
         raise CheckpointError(f'checkpoint {path} is empty (0 bytes): an interrupted copy?')
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as first_error:  # noqa: BLE001 - re-raised below with context
         message = str(first_error)
         if 'Weights only load failed' in message and 'argparse' in message.lower():
@@ -131,7 +133,20 @@ def load(path: str | Path, map_location: str | torch.device = 'cpu') -> dict[str
                     obj['args'] = vars(obj['args'])  # callers read args as this project saves them
                 return obj
         first_line = (str(first_error).splitlines() or [''])[0]
-        raise CheckpointError(f'cannot read checkpoint {path}: {type(first_error).__name__}: {first_line}')
+        detail = ('it pickles Python objects other than tensors and containers' if 'Weights only load failed'
+                  in message else f'{type(first_error).__name__}: {first_line}')
+        raise CheckpointError(f'cannot read checkpoint {path} (not a checkpoint of these scripts, or damaged): '
+                              f'{detail}') from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'{path} holds a {type(obj).__name__}, not a checkpoint dict '
+                              f'(with "model", "epoch", ...)')
+    return obj
+
+
+def state_dict_mismatch(error: RuntimeError) -> str:
+    """The informative line of load_state_dict's error (its first line only names the class)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else (lines or [''])[0]
 
 
 def restore_training_state(ckpt: dict[str, Any], path: str | Path, optimizer: torch.optim.Optimizer,
@@ -181,6 +196,63 @@ def _newest_checkpoint(output_dir: str | Path) -> Path | None:
             epoch = load(last)['epoch']
         candidates.append((int(epoch), last))
     return max(candidates)[1] if candidates else None
+
+
+def note_changed_flags(path: Path, saved_args: dict | None, args: argparse.Namespace, keys: tuple[str, ...]) -> None:
+    """Prints the flags among `keys` whose value differs from the checkpointed run's (a resumed
+    run follows the new values: e.g. another --epochs stretches the lr schedule mid-run)."""
+    saved_args = saved_args or {}
+    changed = [f'--{k} {getattr(args, k)} (checkpoint: {saved_args[k]})' for k in keys
+               if k in saved_args and hasattr(args, k) and saved_args[k] != getattr(args, k)]
+    if changed:
+        print(f'note: resuming {path} with flags that differ from its run: {", ".join(changed)}')
+
+
+def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: int, resumed: bool) -> None:
+    """Rank 0, once a training script knows where its run starts, before it writes anything.
+
+    Resumed: log.txt lines of epochs from `start_epoch` on (trained after the checkpoint, before
+    an interruption; --save_last_freq > 1 leaves some) are dropped, as the run redoes them.
+    A fresh run in a folder holding an earlier run's checkpoints, log.txt or tensorboard files:
+    those move to previous-<time>/ beside them, so a later auto-resume cannot pick the earlier
+    run's checkpoint-<N>.pth and the two runs' lines never mix. Nothing is deleted."""
+    if not output_dir or not dist.is_main_process():
+        return
+    out = Path(output_dir)
+    log = out / 'log.txt'
+    if resumed:
+        if not log.is_file():
+            return
+        lines = log.read_text(encoding='utf-8').splitlines(keepends=True)
+        kept = [line for line in lines if _epoch_of(line) is None or _epoch_of(line) < start_epoch]
+        if len(kept) < len(lines):
+            write_text_atomic(log, ''.join(kept))
+            print(f'note: dropped {len(lines) - len(kept)} line(s) of epochs >= {start_epoch} from {log}: '
+                  f'trained after the checkpoint, they are redone now')
+        return
+    earlier = [p for p in out.iterdir() if CHECKPOINT_PATTERN.match(p.name) or p.name in ('checkpoint-last.pth',
+               'checkpoint-best.pth', 'log.txt')] if out.is_dir() else []
+    events = Path(log_dir or output_dir)
+    earlier += list(events.glob('events.out.tfevents.*')) if events.is_dir() else []
+    if not earlier:
+        return
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    for path in earlier:
+        target = path.parent / f'previous-{stamp}'
+        target.mkdir(exist_ok=True)
+        os.replace(path, target / path.name)
+    names = ', '.join(sorted(p.name for p in earlier)[:4]) + (', ...' if len(earlier) > 4 else '')
+    print(f'note: {out} held an earlier run\'s files ({names}); this run starts afresh, so they were moved to '
+          f'previous-{stamp}/ beside them')
+
+
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a log.txt line, None for lines without one (e.g. --eval results)."""
+    try:
+        epoch = json.loads(line).get('epoch')
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return epoch if isinstance(epoch, int) else None
 
 
 def add_save_flags(group, save_freq: int, also: str = '') -> None:

@@ -16,7 +16,11 @@ import torch
 import torch.utils.data
 import torchvision.datasets as datasets
 import torchvision.transforms.functional as TF
+from PIL import Image
 from torchvision.transforms import InterpolationMode
+
+# upstream's 10 loader workers per process, fewer on a machine with fewer cores (no DataLoader warning)
+DEFAULT_NUM_WORKERS = min(10, os.cpu_count() or 1)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,6 +34,21 @@ class DataLayoutError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__('error: ' + message)
+
+
+class UnreadableImage(RuntimeError):
+    """A file of the data set that cannot be decoded; the message names it. A RuntimeError, not a
+    SystemExit, so that a DataLoader worker hands it to the main process (util.runtime.run_main
+    turns it into a one-line error there)."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """torchvision's default ImageFolder loader (PIL, RGB), with an error that names the file."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f'cannot decode {path}: {e}') from None
 
 
 def _has_images(folder: Path) -> bool:
@@ -151,7 +170,7 @@ class SeededImageFolder(datasets.ImageFolder):
     the pair seeds that sample's augmentation."""
 
     def __init__(self, root: str | Path, transform: PretrainTransform, seed: int):
-        super().__init__(str(root))
+        super().__init__(str(root), loader=load_rgb)
         self.pretrain_transform = transform
         self.seed = seed
 
@@ -240,7 +259,7 @@ class ClassFolder(datasets.ImageFolder):
     def __init__(self, root: str | Path, transform=None, classes: Sequence[str] | None = None):
         self.imposed_classes = list(classes) if classes is not None else None
         try:
-            super().__init__(str(root), transform=transform, allow_empty=classes is not None)
+            super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=classes is not None)
         except FileNotFoundError as e:  # an empty class folder
             raise DataLayoutError(f'{root}: {e}') from None
 

@@ -69,12 +69,22 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     A launcher is recognised by RANK and WORLD_SIZE in the environment. Without one
     the run is a single process and no process group is created.
     """
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+    asked = args.world_size
+    launched = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    if launched:
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.gpu = int(os.environ.get('LOCAL_RANK', max(args.local_rank, 0)))
     else:
         args.rank, args.world_size, args.gpu = 0, 1, 0
+    # --world_size is upstream's spelling of the intended count (its default 1 means "not given"); the
+    # effective batch and lr follow the real count
+    if asked not in (1, args.world_size) and args.rank == 0:
+        print(f'note: --world_size {asked}, but {args.world_size} process(es) '
+              f'{"were started by the launcher" if args.world_size > 1 else "run (no launcher)"}: the run uses '
+              f'{args.world_size}; start {asked} with torchrun --nproc_per_node={asked} for the batch you asked for',
+              flush=True)
+    if not launched:
         args.distributed = False
         return
 

@@ -44,7 +44,7 @@ import torchvision.transforms.functional as TF
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 
-from util.data import (CROP_RATIO, CROP_SCALE, DataLayoutError, EpochSampler, build_pretrain_loader,
+from util.data import (CROP_RATIO, CROP_SCALE, DataLayoutError, EpochSampler, UnreadableImage, build_pretrain_loader,
                        normalize_uint8_range, resolve_image_folder, sample_crop_boxes, sample_flips)
 
 BACKENDS = ('pil', 'gpu', 'gpu-cache')
@@ -206,7 +206,7 @@ def decode_rgb(data: torch.Tensor, name: str = 'an image') -> torch.Tensor:
     try:
         image = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as e:
-        raise RuntimeError(f'cannot decode {name}: {(str(e).splitlines() or [""])[0]}') from e
+        raise UnreadableImage(f'cannot decode {name}: {(str(e).splitlines() or [""])[0]}') from e
     return image if image.dtype == torch.uint8 else (image.to(torch.int32) >> 8).to(torch.uint8)  # uint16
 
 

@@ -48,13 +48,16 @@ def format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
-def make_writer(log_dir: str | None):
-    """SummaryWriter on rank 0 when --log_dir is given, else None."""
+def make_writer(log_dir: str | None, resumed_at_epoch: int | None = None):
+    """SummaryWriter on rank 0 when --log_dir is given, else None. A resumed run hides what an
+    interrupted one logged from its resume point on (tensorboard's purge_step on the
+    epoch_1000x axis), so no curve shows an epoch twice."""
     if not log_dir or not dist.is_main_process():
         return None
     from torch.utils.tensorboard import SummaryWriter
     Path(log_dir).mkdir(parents=True, exist_ok=True)
-    return SummaryWriter(log_dir=log_dir)
+    purge = None if resumed_at_epoch is None else resumed_at_epoch * 1000
+    return SummaryWriter(log_dir=log_dir, purge_step=purge)
 
 
 def append_json_line(output_dir: str | None, record: dict[str, Any], name: str = 'log.txt') -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from util import dist
+from util.data import UnreadableImage
 
 
 def resolve_device_and_amp(args: argparse.Namespace) -> torch.device:
@@ -36,8 +39,14 @@ def setup(args: argparse.Namespace) -> torch.device:
     device = resolve_device_and_amp(args)
     if hasattr(args, 'log_dir'):
         args.log_dir = args.log_dir or args.output_dir
-    if args.output_dir and dist.is_main_process():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if dist.is_main_process():
+        for flag in ('output_dir', 'log_dir'):
+            folder = getattr(args, flag, None)
+            try:
+                if folder:
+                    Path(folder).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise SystemExit(f'error: cannot create --{flag} {folder}: {e.strerror or e}') from None
     print('args: ' + json.dumps(vars(args), default=str))
     seed = args.seed + dist.get_rank()
     torch.manual_seed(seed)
@@ -55,3 +64,21 @@ def allow_recompiles(graphs: int, config=None) -> None:
         import torch._dynamo.config as config
     name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
     setattr(config, name, max(getattr(config, name), graphs))
+
+
+def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
+             resumable: bool = True) -> None:
+    """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, and a data file
+    that cannot be decoded (raised in a DataLoader worker, whose traceback would bury the file's
+    name), end with one line instead of a traceback."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        again = (f'; the same command resumes from the newest checkpoint in {args.output_dir}'
+                 if resumable and getattr(args, 'output_dir', None) else '')
+        print(f'interrupted{again}', file=sys.stderr, flush=True)
+        sys.exit(130)
+    except UnreadableImage as e:
+        text = str(e)  # from a worker: its whole traceback, ending with our message
+        sys.exit('error: ' + text[text.rfind('cannot decode'):].splitlines()[0])
