@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ def run(name: str, flags: list[str], out: Path) -> float:
     cmd = [sys.executable, str(HERE / 'run_pretrain.py'), *flags, '--output_dir', str(out),
            '--log_dir', str(out), '--no_auto_resume']
     print(f'\n=== {name}: {" ".join(cmd[1:])}', flush=True)
+    shutil.rmtree(out, ignore_errors=True)  # the demo's own folder: a rerun starts clean (no previous-*/ piles)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=HERE, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     if proc.returncode != 0:

@@ -5,11 +5,15 @@ from helpers import VIT, run_cmd
 
 
 def test_demo_runs_plain_and_freezeout(tmp_path):
+    stale = tmp_path / 'demo' / 'plain' / 'checkpoint-7.pth'  # an earlier demo's: the rerun starts clean
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b'old')
     res = run_cmd([sys.executable, VIT / 'demo.py', '--epochs', '2', '--out', tmp_path / 'demo'], timeout=300)
     assert res.returncode == 0, res.describe()
     assert 'FreezeOut saved' in res.stdout and 'Traceback' not in res.output, res.describe()
     for run in ('plain', 'freezeout'):
         assert (tmp_path / 'demo' / run / 'checkpoint-1.pth').is_file(), run
+    assert not stale.exists() and not list((tmp_path / 'demo' / 'plain').glob('previous-*'))
 
 
 def test_demo_with_too_few_epochs_is_a_clear_error(tmp_path):
