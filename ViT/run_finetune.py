@@ -374,6 +374,7 @@ def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion
               f'another --output_dir for a new run')
         dist.destroy()
         return {}
+    checkpoint.lock_run_folder(args.output_dir)
     checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, loaded_from is not None)
     log_writer = make_writer(args.log_dir, start_epoch if loaded_from is not None else None)
     record = fit(ModelHandle(model, ddp_wrapper(args, device)), criterion, train_loader, val_loader, optimizer,

@@ -266,6 +266,7 @@ def main(args: argparse.Namespace) -> dict:
 
     handle = ModelHandle(model, wrap)
     resumed = resume_path is not None
+    checkpoint.lock_run_folder(args.output_dir)
     checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, resumed)
     log_writer = make_writer(args.log_dir, start_epoch if resumed else None)
     print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')

@@ -94,3 +94,15 @@ def test_resumed_writer_hides_what_the_interrupted_run_logged_after_the_checkpoi
     points = [(e.step, e.value) for e in events.Scalars('train_loss')]
     assert points == [(0, 1.0), (500, 1.0), (1000, 1.0), (1500, 1.0),
                       (2000, 2.0), (2500, 2.0), (3000, 2.0), (3500, 2.0)]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    checkpoint.lock_run_folder(str(tmp_path))  # this process now trains into tmp_path
+    try:
+        with pytest.raises(SystemExit, match=r'another run is training into .* \(pid \d+ on '):
+            checkpoint.lock_run_folder(str(tmp_path))  # a second open of the lock file conflicts
+    finally:
+        checkpoint._held_locks.pop().close()  # as the process's exit would
+    checkpoint.lock_run_folder(str(tmp_path))  # free again
+    checkpoint._held_locks.pop().close()
+    checkpoint.lock_run_folder(None)  # no folder: nothing to lock

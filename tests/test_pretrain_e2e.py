@@ -372,7 +372,7 @@ def test_resume_from_upstream_format_checkpoint(data, plain_run, tmp_path):
     assert 'upstream format' in res.stdout and 'continuing at epoch 1' in res.stdout, res.describe()
 
 
-def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(data, tmp_path):
+def test_a_second_launch_is_refused_and_ctrl_c_ends_with_one_line_and_the_rerun_resumes(data, tmp_path):
     import os
     import signal
     import subprocess
@@ -388,6 +388,10 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(data, tmp_path):
     deadline = time.time() + 120
     while not (out / 'checkpoint-last.pth').is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
+    # the same command started again while this one runs: refused before it writes anything
+    second = run_pretrain('--data_path', data, '--output_dir', out, '--epochs', '300', timeout=120)
+    assert second.returncode != 0 and 'Traceback' not in second.output, second.describe()
+    assert f'error: another run is training into {out} (pid {proc.pid} on ' in second.stderr, second.describe()
     os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole foreground group
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stdout[-2000:] + stderr[-3000:]

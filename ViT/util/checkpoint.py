@@ -208,6 +208,44 @@ def note_changed_flags(path: Path, saved_args: dict | None, args: argparse.Names
         print(f'note: resuming {path} with flags that differ from its run: {", ".join(changed)}')
 
 
+_held_locks: list = []  # open lock files, held until the process ends (the OS then releases them)
+
+
+def lock_run_folder(output_dir: str | None) -> None:
+    """Every rank: stops (all ranks together) when another live process trains into `output_dir`,
+    e.g. the same command started twice, whose checkpoints and log.txt would interleave. Rank 0
+    holds an exclusive flock on <output_dir>/.run.lock, released when it exits, however it
+    exits; a file system without locks is not checked."""
+    if not output_dir:
+        return
+    problem = None
+    if dist.is_main_process():
+        try:
+            import fcntl
+            handle = open(Path(output_dir) / '.run.lock', 'a+')
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f'pid {os.getpid()} on {os.uname().nodename}\n')
+                handle.flush()
+                _held_locks.append(handle)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or 'another process'
+                handle.close()
+                problem = (f'error: another run is training into {output_dir} ({holder}); wait for it or stop it, '
+                           f'or use another --output_dir')
+        except (ImportError, OSError):  # no fcntl (Windows) or no locking on this file system
+            pass
+    if dist.is_dist():
+        shared = [problem]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise SystemExit(problem)
+
+
 def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: int, resumed: bool) -> None:
     """Rank 0, once a training script knows where its run starts, before it writes anything.
 
