@@ -217,8 +217,10 @@ def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, opti
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: {test_stats["acc1"]:.1f}%  '
               f'(max {max_accuracy:.2f}%)')
         if log_writer is not None:
+            # on the training curves' epoch_1000x axis, at the epoch's last step (upstream used the epoch
+            # number), so a resumed run's purge_step hides exactly the epochs it redoes
             for k in ('acc1', 'acc5', 'loss'):
-                log_writer.add_scalar(f'perf/test_{k}', test_stats[k], epoch)
+                log_writer.add_scalar(f'perf/test_{k}', test_stats[k], (epoch + 1) * 1000 - 1)
             log_writer.flush()
         record = {**{f'train_{k}': v for k, v in train_stats.items()},
                   **{f'test_{k}': v for k, v in test_stats.items()},

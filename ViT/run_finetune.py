@@ -235,16 +235,17 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
     if path is None:
         return args.start_epoch, None
     ckpt = checkpoint.load(path)
-    if not isinstance(ckpt, dict) or 'model' not in ckpt:
+    if 'model' not in ckpt:
         raise checkpoint.CheckpointError(f'{path} has no "model" entry; not a checkpoint of this script')
     saved = ckpt.get('args') or {}
-    if (not args.resume and not args.eval and args.finetune and saved.get('finetune')
-            and Path(saved['finetune']).resolve() != Path(args.finetune).resolve()):
+    encoder = lambda p: str(Path(p).resolve()) if p else 'none (random init)'  # noqa: E731
+    if (not args.resume and not args.eval and 'finetune' in saved
+            and encoder(saved['finetune']) != encoder(getattr(args, 'finetune', None))):
         # the checkpoint's weights would silently replace the encoder just loaded
-        raise SystemExit(f'error: {args.output_dir} holds a run of --finetune {saved["finetune"]} (resumable from '
-                         f'{path}), not of --finetune {args.finetune}: use another --output_dir for this encoder, '
-                         f'--no_auto_resume to start it afresh here (the earlier run\'s files are moved aside), or '
-                         f'--resume {path} to continue the earlier run')
+        raise SystemExit(f'error: {args.output_dir} holds a run of --finetune {saved["finetune"] or "(none)"} '
+                         f'(resumable from {path}), not of --finetune {args.finetune or "(none)"}: use another '
+                         f'--output_dir for this encoder, --no_auto_resume to start it afresh here (the earlier '
+                         f'run\'s files are moved aside), or --resume {path} to continue the earlier run')
     if not args.eval:
         checkpoint.note_changed_flags(path, saved, args, RESUME_FLAGS)
     try:
@@ -375,8 +376,9 @@ def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion
         dist.destroy()
         return {}
     checkpoint.lock_run_folder(args.output_dir)
-    checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, loaded_from is not None)
-    log_writer = make_writer(args.log_dir, start_epoch if loaded_from is not None else None)
+    continues = checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, loaded_from,
+                                            keep=(loaded_from, getattr(args, 'finetune', None)))
+    log_writer = make_writer(args.log_dir, start_epoch if continues else None)
     record = fit(ModelHandle(model, ddp_wrapper(args, device)), criterion, train_loader, val_loader, optimizer,
                  make_schedule(args, optimizer, train_loader), loss_scaler, device, args, start_epoch, n_parameters,
                  save_checkpoint, mixup_fn, log_writer)

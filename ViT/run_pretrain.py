@@ -265,10 +265,10 @@ def main(args: argparse.Namespace) -> dict:
         return torch.compile(module, backend=args.compile_backend) if args.compile else module
 
     handle = ModelHandle(model, wrap)
-    resumed = resume_path is not None
     checkpoint.lock_run_folder(args.output_dir)
-    checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, resumed)
-    log_writer = make_writer(args.log_dir, start_epoch if resumed else None)
+    continues = checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, resume_path,
+                                            keep=(resume_path,))
+    log_writer = make_writer(args.log_dir, start_epoch if continues else None)
     print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
     run_start = time.time()
     stats, hinted = {}, False

@@ -40,40 +40,85 @@ def test_write_text_atomic_replaces_whole_and_leaves_no_temp(tmp_path):
     assert path.read_text() == 'new' and [p.name for p in tmp_path.iterdir()] == ['results.json']
 
 
-def test_start_run_folder_after_resume_drops_the_lines_it_redoes(tmp_path, capsys):
+def test_start_run_folder_continuing_sets_aside_what_the_run_redoes(tmp_path, capsys):
     import json
     log = tmp_path / 'log.txt'
-    lines = [{'epoch': e, 'train_loss': 1.0} for e in range(4)] + [{'mode': 'eval', 'test_acc1': 5.0}]
+    lines = [{'epoch': e, 'train_loss': 1.0} for e in range(6)] + [{'mode': 'eval', 'test_acc1': 5.0}]
     log.write_text(''.join(json.dumps(line) + '\n' for line in lines) + 'not json\n')
-    checkpoint.start_run_folder(str(tmp_path), str(tmp_path), 2, resumed=True)
+    for epoch in (0, 2, 4):
+        torch.save({'epoch': epoch}, tmp_path / f'checkpoint-{epoch}.pth')
+    torch.save({'epoch': 5}, tmp_path / 'checkpoint-last.pth')
+    # an explicit --resume of epoch 2's checkpoint: epochs 3.. are redone
+    assert checkpoint.start_run_folder(str(tmp_path), str(tmp_path), 3, tmp_path / 'checkpoint-2.pth',
+                                       keep=(tmp_path / 'checkpoint-2.pth',))
     kept = log.read_text().splitlines()
-    assert [json.loads(line).get('epoch') for line in kept[:-1]] == [0, 1, None] and kept[-1] == 'not json'
-    assert 'dropped 2 line(s) of epochs >= 2' in capsys.readouterr().out
-    checkpoint.start_run_folder(str(tmp_path), str(tmp_path), 2, resumed=True)  # nothing more to drop
-    assert log.read_text().splitlines() == kept and 'dropped' not in capsys.readouterr().out
+    assert [json.loads(line).get('epoch') for line in kept[:-1]] == [0, 1, 2, None] and kept[-1] == 'not json'
+    aside = next(tmp_path.glob('previous-*'))
+    assert sorted(p.name for p in aside.iterdir()) == ['checkpoint-4.pth', 'checkpoint-last.pth', 'log.txt']
+    assert [json.loads(line)['epoch'] for line in (aside / 'log.txt').read_text().splitlines()] == [3, 4, 5]
+    assert checkpoint._newest_checkpoint(tmp_path).name == 'checkpoint-2.pth'  # not the abandoned epoch 5
+    assert 'this run redoes them' in capsys.readouterr().out
+    # resuming the newest checkpoint with nothing past it: nothing to set aside
+    assert checkpoint.start_run_folder(str(tmp_path), str(tmp_path), 3, tmp_path / 'checkpoint-2.pth')
+    assert len(list(tmp_path.glob('previous-*'))) == 1 and capsys.readouterr().out == ''
 
 
 def test_start_run_folder_of_a_fresh_run_moves_the_earlier_runs_files_aside(tmp_path, capsys):
     out, tb = tmp_path / 'out', tmp_path / 'tb'
     out.mkdir()
     tb.mkdir()
-    for name in ('checkpoint-5.pth', 'checkpoint-last.pth', 'checkpoint-best.pth', 'log.txt',
-                 'freezeout_schedule.json', 'cli_logs.txt'):
+    for name in ('checkpoint-5.pth', 'checkpoint-best.pth', 'log.txt', 'freezeout_schedule.json',
+                 'cli_logs.txt', 'checkpoint-9.pth'):
         (out / name).write_text(name)
     (tb / 'events.out.tfevents.1.host').write_text('events')
     torch.save({'epoch': 5}, out / 'checkpoint-last.pth')
     assert checkpoint._newest_checkpoint(out) is not None
-    checkpoint.start_run_folder(str(out), str(tb), 0, resumed=False)
+    # fresh, fine-tuning the encoder checkpoint-9.pth that lies in this very folder: it stays
+    assert not checkpoint.start_run_folder(str(out), str(tb), 0, None, keep=(None, out / 'checkpoint-9.pth'))
     moved = list(out.glob('previous-*'))
     assert len(moved) == 1 and sorted(p.name for p in moved[0].iterdir()) == [
         'checkpoint-5.pth', 'checkpoint-best.pth', 'checkpoint-last.pth', 'log.txt']
     assert [p.name for p in (next(tb.glob('previous-*'))).iterdir()] == ['events.out.tfevents.1.host']
     # what the new run writes itself, or record.sh appends to, stays
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ['cli_logs.txt', 'freezeout_schedule.json']
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ['checkpoint-9.pth', 'cli_logs.txt',
+                                                                  'freezeout_schedule.json']
+    assert 'this run starts afresh' in capsys.readouterr().out
+    (out / 'checkpoint-9.pth').unlink()
     assert checkpoint._newest_checkpoint(out) is None  # a later auto-resume finds only the new run's
-    assert 'moved to previous-' in capsys.readouterr().out
-    checkpoint.start_run_folder(str(out), str(tb), 0, resumed=False)  # an empty folder: nothing to do
+    assert not checkpoint.start_run_folder(str(out), str(tb), 0, None)  # an empty folder: nothing to do
     assert len(list(out.glob('previous-*'))) == 1 and capsys.readouterr().out == ''
+    # another fresh start within the same second: a folder of its own, nothing overwritten
+    (out / 'log.txt').write_text('second run')
+    checkpoint.start_run_folder(str(out), str(tb), 0, None)
+    assert sorted((p / 'log.txt').read_text() for p in out.glob('previous-*')) == ['log.txt', 'second run']
+
+
+def test_start_run_folder_resumed_from_another_folder_is_a_fresh_start_here(tmp_path):
+    other, out = tmp_path / 'other', tmp_path / 'out'
+    other.mkdir()
+    out.mkdir()
+    torch.save({'epoch': 1}, other / 'checkpoint-1.pth')
+    (out / 'log.txt').write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n')
+    torch.save({'epoch': 5}, out / 'checkpoint-5.pth')
+    assert not checkpoint.start_run_folder(str(out), str(out), 2, other / 'checkpoint-1.pth',
+                                           keep=(other / 'checkpoint-1.pth',))
+    assert sorted(p.name for p in next(out.glob('previous-*')).iterdir()) == ['checkpoint-5.pth', 'log.txt']
+    assert (other / 'checkpoint-1.pth').is_file() and not (out / 'log.txt').exists()
+
+
+def test_interrupted_message_says_how_to_continue():
+    import argparse
+
+    from util.runtime import resume_hint
+    args = argparse.Namespace(output_dir='out', resume='', auto_resume=True)
+    assert resume_hint(args) == '; the same command resumes from the newest checkpoint in out'
+    args.auto_resume = False
+    assert 'rerun without --no_auto_resume' in resume_hint(args)
+    args.resume = 'a/checkpoint-3.pth'
+    assert 'rerun without --resume a/checkpoint-3.pth' in resume_hint(args)
+    args.eval = True
+    assert resume_hint(args) == ''
+    assert resume_hint(argparse.Namespace(output_dir=None)) == ''
 
 
 def test_resumed_writer_hides_what_the_interrupted_run_logged_after_the_checkpoint(tmp_path):

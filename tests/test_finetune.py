@@ -343,6 +343,11 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
     assert [l.get('epoch') for l in lines] == [0, 1, None, 2]
     assert lines[-1]['max_accuracy'] == max(l['test_acc1'] for l in lines)
     assert '--epochs 3 (checkpoint: 2)' in res.stdout  # the cosine is stretched mid-run: said so
+    # test accuracy on the training curves' axis, at each epoch's last step: one point per epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Scalars('perf/test_acc1')] == [999, 1999, 2999]
 
     # relaunched when finished: nothing to train, and it says so
     res = run_script(['run_finetune.py', *common, '--finetune', str(pretrain_ckpt), '--epochs', '3',
@@ -354,6 +359,17 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
     res = run_script(['run_finetune.py', *common, '--finetune', str(other), '--epochs', '3', '--warmup_epochs', '1'])
     assert res.returncode != 0 and 'Traceback' not in res.stderr, res.stdout[-3000:] + res.stderr[-3000:]
     assert f'holds a run of --finetune {pretrain_ckpt}' in res.stderr and '--no_auto_resume' in res.stderr
+
+    # the last epoch redone from an older checkpoint: its test point is shown once
+    for name in ('checkpoint-last.pth', 'checkpoint-2.pth'):
+        (out / name).unlink()
+    res = run_script(['run_finetune.py', *common, '--finetune', str(pretrain_ckpt), '--epochs', '3',
+                      '--warmup_epochs', '1', '--accum_iter', '2', '--blr', '1e-2'])
+    assert res.returncode == 0 and 'checkpoint-1.pth (epoch 1)' in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Scalars('perf/test_acc1')] == [999, 1999, 2999]
+    assert [l.get('epoch') for l in map(json.loads, (out / 'log.txt').read_text().splitlines())] == [0, 1, None, 2]
 
 
 def test_best_checkpoint_is_the_best_epoch_when_last_is_saved_rarely(tmp_path, demo_data, monkeypatch):

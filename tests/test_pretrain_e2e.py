@@ -331,14 +331,17 @@ def test_rerun_drops_lines_it_redoes_and_a_fresh_run_sets_the_earlier_one_aside(
     with open(out / 'log.txt', 'a') as f:
         f.write('{"epoch": 2, "train_loss": 9.9}\n')
     res = run_ok('--data_path', data, '--output_dir', out, '--epochs', '3')
-    assert 'dropped 1 line(s) of epochs >= 2' in res.stdout, res.describe()
+    assert 'log.txt lines of epochs >= 2 of an earlier run; this run redoes them' in res.stdout, res.describe()
     assert [r['epoch'] for r in read_log(out)] == [0, 1, 2] and read_log(out)[2]['train_loss'] != 9.9
+    redone = next(out.glob('previous-*'))
+    assert read_log(redone) == [{'epoch': 2, 'train_loss': 9.9}]  # set aside, not deleted
     # a fresh run in the same folder: the earlier run's checkpoints and log.txt move aside, so the
     # rerun after it resumes the new run, not the earlier run's higher checkpoint-<N>.pth
     res = run_ok('--data_path', data, '--output_dir', out, '--epochs', '1', '--no_auto_resume')
-    assert 'moved to previous-' in res.stdout and [r['epoch'] for r in read_log(out)] == [0]
-    earlier = next(out.glob('previous-*'))
-    assert [r['epoch'] for r in read_log(earlier)] == [0, 1, 2] and (earlier / 'checkpoint-last.pth').is_file()
+    assert 'this run starts afresh' in res.stdout and [r['epoch'] for r in read_log(out)] == [0]
+    earlier = [p for p in out.glob('previous-*') if p != redone]
+    assert len(earlier) == 1 and [r['epoch'] for r in read_log(earlier[0])] == [0, 1, 2]
+    assert (earlier[0] / 'checkpoint-last.pth').is_file()
     res = run_ok('--data_path', data, '--output_dir', out, '--epochs', '1')
     assert 'all 1 epochs are done' in res.stdout, res.describe()
 

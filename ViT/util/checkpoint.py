@@ -190,12 +190,16 @@ def _newest_checkpoint(output_dir: str | Path) -> Path | None:
         candidates.append((int(CHECKPOINT_PATTERN.match(numbered.name).group(1)), numbered))
     last = Path(output_dir) / 'checkpoint-last.pth'
     if last.is_file():
-        try:  # memory-mapped: reads the epoch without loading the tensors
-            epoch = torch.load(last, map_location='cpu', weights_only=True, mmap=True)['epoch']
-        except Exception:  # noqa: BLE001 - unreadable: let load() report it with a clear message
-            epoch = load(last)['epoch']
-        candidates.append((int(epoch), last))
+        candidates.append((saved_epoch(last), last))
     return max(candidates)[1] if candidates else None
+
+
+def saved_epoch(path: Path) -> int:
+    """The epoch a checkpoint holds; CheckpointError when it cannot be read."""
+    try:  # memory-mapped: reads the epoch without loading the tensors
+        return int(torch.load(path, map_location='cpu', weights_only=True, mmap=True)['epoch'])
+    except Exception:  # noqa: BLE001 - unreadable: let load() report it with a clear message
+        return int(load(path)['epoch'])
 
 
 def note_changed_flags(path: Path, saved_args: dict | None, args: argparse.Namespace, keys: tuple[str, ...]) -> None:
@@ -246,42 +250,80 @@ def lock_run_folder(output_dir: str | None) -> None:
         raise SystemExit(problem)
 
 
-def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: int, resumed: bool) -> None:
-    """Rank 0, once a training script knows where its run starts, before it writes anything.
+def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: int, resumed_from: Path | None,
+                     keep: tuple = ()) -> bool:
+    """Every rank, once a training script knows where its run starts, before it writes anything.
+    Returns whether the run continues this folder's own run (resumed from a checkpoint in it),
+    for the tensorboard writer's purge.
 
-    Resumed: log.txt lines of epochs from `start_epoch` on (trained after the checkpoint, before
-    an interruption; --save_last_freq > 1 leaves some) are dropped, as the run redoes them.
-    A fresh run in a folder holding an earlier run's checkpoints, log.txt or tensorboard files:
-    those move to previous-<time>/ beside them, so a later auto-resume cannot pick the earlier
-    run's checkpoint-<N>.pth and the two runs' lines never mix. Nothing is deleted."""
+    Continuing: what the folder holds past the resume point (log.txt lines of epochs from
+    `start_epoch` on, trained after the checkpoint before an interruption; checkpoints of later
+    epochs, after an explicit --resume of an older one) is set aside, as the run redoes it.
+    Otherwise (a fresh run, or one resumed from another folder's checkpoint) the folder's
+    earlier checkpoints, log.txt and tensorboard files are set aside, so a later auto-resume
+    cannot pick the earlier run's checkpoint-<N>.pth and the runs' lines never mix. Set aside
+    means moved to previous-<time>/ beside them; nothing is deleted, and no path in `keep` (the
+    checkpoint resumed from, the --finetune encoder) is moved."""
+    continues = bool(output_dir and resumed_from is not None
+                     and Path(resumed_from).resolve().parent == Path(output_dir).resolve())
+    if dist.is_dist():  # no rank may still be reading a file that rank 0 moves
+        torch.distributed.barrier()
     if not output_dir or not dist.is_main_process():
-        return
+        return continues
     out = Path(output_dir)
-    log = out / 'log.txt'
-    if resumed:
-        if not log.is_file():
-            return
-        lines = log.read_text(encoding='utf-8').splitlines(keepends=True)
-        kept = [line for line in lines if _epoch_of(line) is None or _epoch_of(line) < start_epoch]
-        if len(kept) < len(lines):
-            write_text_atomic(log, ''.join(kept))
-            print(f'note: dropped {len(lines) - len(kept)} line(s) of epochs >= {start_epoch} from {log}: '
-                  f'trained after the checkpoint, they are redone now')
-        return
-    earlier = [p for p in out.iterdir() if CHECKPOINT_PATTERN.match(p.name) or p.name in ('checkpoint-last.pth',
-               'checkpoint-best.pth', 'log.txt')] if out.is_dir() else []
-    events = Path(log_dir or output_dir)
-    earlier += list(events.glob('events.out.tfevents.*')) if events.is_dir() else []
-    if not earlier:
-        return
+    kept = {Path(k).resolve() for k in keep if k}
+    if continues:
+        later = [p for p in out.glob('checkpoint-*.pth')
+                 if (m := CHECKPOINT_PATTERN.match(p.name)) and int(m.group(1)) >= start_epoch]
+        last = out / 'checkpoint-last.pth'
+        try:
+            if last.is_file() and last.resolve() not in kept and saved_epoch(last) >= start_epoch:
+                later.append(last)
+        except (CheckpointError, KeyError, ValueError):  # unreadable: leave it where it is
+            pass
+        aside = [p for p in later if p.resolve() not in kept]
+        dropped = _split_log(out / 'log.txt', start_epoch)
+    else:
+        aside = [p for p in out.iterdir() if (CHECKPOINT_PATTERN.match(p.name) or p.name in (
+                 'checkpoint-last.pth', 'checkpoint-best.pth', 'log.txt')) and p.resolve() not in kept] \
+            if out.is_dir() else []
+        events = Path(log_dir or output_dir)
+        aside += list(events.glob('events.out.tfevents.*')) if events.is_dir() else []
+        dropped = ''
+    if not aside and not dropped:
+        return continues
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-    for path in earlier:
-        target = path.parent / f'previous-{stamp}'
-        target.mkdir(exist_ok=True)
-        os.replace(path, target / path.name)
-    names = ', '.join(sorted(p.name for p in earlier)[:4]) + (', ...' if len(earlier) > 4 else '')
-    print(f'note: {out} held an earlier run\'s files ({names}); this run starts afresh, so they were moved to '
-          f'previous-{stamp}/ beside them')
+    folders: dict[Path, Path] = {}
+
+    def folder_in(parent: Path) -> Path:  # a new previous-<time>[-n]/ per parent folder, never reused
+        if parent not in folders:
+            n = 0
+            while (parent / (f'previous-{stamp}' + (f'-{n}' if n else ''))).exists():
+                n += 1
+            folders[parent] = parent / (f'previous-{stamp}' + (f'-{n}' if n else ''))
+            folders[parent].mkdir()
+        return folders[parent]
+    for path in aside:
+        os.replace(path, folder_in(path.parent) / path.name)
+    if dropped:
+        (folder_in(out) / 'log.txt').write_text(dropped, encoding='utf-8')
+    what = sorted(p.name for p in aside) + ([f'log.txt lines of epochs >= {start_epoch}'] if dropped else [])
+    why = 'this run redoes them' if continues else 'this run starts afresh'
+    print(f'note: {out} held {", ".join(what[:4])}{", ..." if len(what) > 4 else ""} of an earlier run; '
+          f'{why}, so they were moved to {next(iter(folders.values())).name}/ there')
+    return continues
+
+
+def _split_log(log: Path, start_epoch: int) -> str:
+    """Keeps log.txt's lines of epochs before `start_epoch` (and lines without an epoch, e.g.
+    --eval results); returns the others."""
+    if not log.is_file():
+        return ''
+    lines = log.read_text(encoding='utf-8').splitlines(keepends=True)
+    is_later = [(epoch := _epoch_of(line)) is not None and epoch >= start_epoch for line in lines]
+    if any(is_later):
+        write_text_atomic(log, ''.join(line for line, drop in zip(lines, is_later) if not drop))
+    return ''.join(line for line, drop in zip(lines, is_later) if drop)
 
 
 def _epoch_of(line: str) -> int | None:

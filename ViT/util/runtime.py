@@ -66,6 +66,19 @@ def allow_recompiles(graphs: int, config=None) -> None:
     setattr(config, name, max(getattr(config, name), graphs))
 
 
+def resume_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted training run, as its flags allow."""
+    folder = getattr(args, 'output_dir', None)
+    if not folder or getattr(args, 'eval', False):
+        return ''
+    if getattr(args, 'resume', None):
+        return (f'; to continue, rerun without --resume {args.resume} (auto-resume takes the newest checkpoint '
+                f'in {folder})')
+    if not getattr(args, 'auto_resume', True):
+        return f'; to continue, rerun without --no_auto_resume (it resumes from the newest checkpoint in {folder})'
+    return f'; the same command resumes from the newest checkpoint in {folder}'
+
+
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
              resumable: bool = True) -> None:
     """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, and a data file
@@ -75,9 +88,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
     try:
         main(args)
     except KeyboardInterrupt:
-        again = (f'; the same command resumes from the newest checkpoint in {args.output_dir}'
-                 if resumable and getattr(args, 'output_dir', None) else '')
-        print(f'interrupted{again}', file=sys.stderr, flush=True)
+        print(f'interrupted{resume_hint(args) if resumable else ""}', file=sys.stderr, flush=True)
         sys.exit(130)
     except UnreadableImage as e:
         text = str(e)  # from a worker: its whole traceback, ending with our message
