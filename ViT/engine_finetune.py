@@ -187,10 +187,10 @@ def broadcast_buffers(module: nn.Module) -> None:
 def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, optimizer, schedule, loss_scaler,
         device: torch.device, args: argparse.Namespace, start_epoch: int, n_parameters: int,
         save_checkpoint: Callable, mixup_fn: Callable | None = None, log_writer=None) -> dict[str, float]:
-    """Train from start_epoch to args.epochs; after each epoch: checkpoint-last.pth (via
-    `save_checkpoint(args, model, optimizer, loss_scaler, epoch)`, which says whether it saved this
-    epoch), evaluation, checkpoint-best.pth when top-1 improved, one log.txt line. Returns the
-    last epoch's log record."""
+    """Train from start_epoch to args.epochs; after each epoch: evaluation, one log.txt line,
+    checkpoint-last.pth (via `save_checkpoint(args, model, optimizer, loss_scaler, epoch)`, which
+    says whether it saved this epoch), checkpoint-best.pth when top-1 improved. Returns the last
+    epoch's log record."""
     sharded = args.dist_eval and dist.get_world_size() > 1
     max_accuracy = best_accuracy_so_far(args.output_dir, start_epoch)
     record: dict[str, float] = {}
@@ -201,19 +201,9 @@ def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, opti
         train_stats = train_one_epoch(handle, criterion, train_loader, optimizer, device, epoch, loss_scaler,
                                       schedule, args, mixup_fn, log_writer)
         broadcast_buffers(handle.module)
-        saved = save_checkpoint(args, handle.module, optimizer, loss_scaler, epoch)
         test_stats = evaluate(handle.module, val_loader, device, args.amp, sharded)
         improved = test_stats['acc1'] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats['acc1'])
-        if args.output_dir and dist.is_main_process():
-            out = Path(args.output_dir)
-            best = out / 'checkpoint-best.pth'
-            if improved or not best.is_file():
-                if saved:
-                    checkpoint.keep_copy(out / 'checkpoint-last.pth', best)
-                else:  # --save_last_freq skipped this epoch: from memory (with rank 0's RNG state only)
-                    checkpoint.save_atomic(checkpoint.checkpoint_state(args, handle.module, optimizer, loss_scaler,
-                                                                       epoch, [checkpoint.rng_state()]), best)
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: {test_stats["acc1"]:.1f}%  '
               f'(max {max_accuracy:.2f}%)')
         if log_writer is not None:
@@ -225,6 +215,18 @@ def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, opti
         record = {**{f'train_{k}': v for k, v in train_stats.items()},
                   **{f'test_{k}': v for k, v in test_stats.items()},
                   'max_accuracy': max_accuracy, 'epoch': epoch, 'n_parameters': n_parameters}
+        # the log line before the checkpoint that marks the epoch done: an interruption between the
+        # two redoes the epoch (its line is set aside on resume) instead of losing its evaluation
         append_json_line(args.output_dir, record)
+        saved = save_checkpoint(args, handle.module, optimizer, loss_scaler, epoch)
+        if args.output_dir and dist.is_main_process():
+            out = Path(args.output_dir)
+            best = out / 'checkpoint-best.pth'
+            if improved or not best.is_file():
+                if saved:
+                    checkpoint.keep_copy(out / 'checkpoint-last.pth', best)
+                else:  # --save_last_freq skipped this epoch: from memory (with rank 0's RNG state only)
+                    checkpoint.save_atomic(checkpoint.checkpoint_state(args, handle.module, optimizer, loss_scaler,
+                                                                       epoch, [checkpoint.rng_state()]), best)
     print(f'Training time {format_seconds(time.time() - run_start)}')
     return record

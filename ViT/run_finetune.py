@@ -174,6 +174,12 @@ def check_common_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag, None)
         if path and not Path(path).is_file():
             raise SystemExit(f'error: --{flag} {path} does not exist')
+    encoder = getattr(args, 'finetune', None)
+    if encoder and args.output_dir and Path(encoder).resolve().parent == Path(args.output_dir).resolve():
+        # checkpoint names would collide (checkpoint-<N>.pth of both runs), and auto-resume would
+        # take the pretraining checkpoints for this run's
+        raise SystemExit(f'error: --output_dir {args.output_dir} holds the --finetune encoder {encoder}: '
+                         f'write this run into another folder')
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -375,7 +381,7 @@ def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion
               f'another --output_dir for a new run')
         dist.destroy()
         return {}
-    checkpoint.lock_run_folder(args.output_dir)
+    checkpoint.lock_run_folder(args.output_dir, args.log_dir)
     continues = checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, loaded_from,
                                             keep=(loaded_from, getattr(args, 'finetune', None)))
     log_writer = make_writer(args.log_dir, start_epoch if continues else None)

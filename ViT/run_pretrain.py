@@ -235,8 +235,6 @@ def main(args: argparse.Namespace) -> dict:
         schedule = fo.FreezeOut(model, optimizer, schedule_table)
         table = schedule_table.table(fo.param_prefixes(model, schedule_table))
         print(fo.format_table(table))
-        if args.output_dir and dist.is_main_process():
-            print(f'wrote {fo.write_table(table, args.output_dir)}')
     else:
         optimizer = build_adamw(param_groups_weight_decay(model, args.weight_decay), args.lr, device)
         schedule = PlainSchedule(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs, len(loader),
@@ -265,9 +263,11 @@ def main(args: argparse.Namespace) -> dict:
         return torch.compile(module, backend=args.compile_backend) if args.compile else module
 
     handle = ModelHandle(model, wrap)
-    checkpoint.lock_run_folder(args.output_dir)
+    checkpoint.lock_run_folder(args.output_dir, args.log_dir)
     continues = checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, resume_path,
                                             keep=(resume_path,))
+    if args.t_0 is not None and args.output_dir and dist.is_main_process():
+        print(f'wrote {fo.write_table(table, args.output_dir)}')
     log_writer = make_writer(args.log_dir, start_epoch if continues else None)
     print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
     run_start = time.time()
@@ -281,8 +281,9 @@ def main(args: argparse.Namespace) -> dict:
         if hint:
             print(hint, flush=True)
             hinted = True
-        save_checkpoint(args, model, optimizer, loss_scaler, epoch, extra={'frozen': frozen_set(model)})
+        # the log line first: an interruption between the two redoes the epoch (its line set aside)
         append_json_line(args.output_dir, {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch})
+        save_checkpoint(args, model, optimizer, loss_scaler, epoch, extra={'frozen': frozen_set(model)})
         if log_writer is not None:
             log_writer.flush()
     total = time.time() - run_start

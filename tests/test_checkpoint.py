@@ -1,5 +1,6 @@
 """util.checkpoint: which epochs write what."""
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,15 +49,17 @@ def test_start_run_folder_continuing_sets_aside_what_the_run_redoes(tmp_path, ca
     for epoch in (0, 2, 4):
         torch.save({'epoch': epoch}, tmp_path / f'checkpoint-{epoch}.pth')
     torch.save({'epoch': 5}, tmp_path / 'checkpoint-last.pth')
+    torch.save({'epoch': 4}, tmp_path / 'checkpoint-best.pth')  # the best of the abandoned epochs
     # an explicit --resume of epoch 2's checkpoint: epochs 3.. are redone
     assert checkpoint.start_run_folder(str(tmp_path), str(tmp_path), 3, tmp_path / 'checkpoint-2.pth',
                                        keep=(tmp_path / 'checkpoint-2.pth',))
     kept = log.read_text().splitlines()
     assert [json.loads(line).get('epoch') for line in kept[:-1]] == [0, 1, 2, None] and kept[-1] == 'not json'
     aside = next(tmp_path.glob('previous-*'))
-    assert sorted(p.name for p in aside.iterdir()) == ['checkpoint-4.pth', 'checkpoint-last.pth', 'log.txt']
+    assert sorted(p.name for p in aside.iterdir()) == ['checkpoint-4.pth', 'checkpoint-best.pth',
+                                                       'checkpoint-last.pth', 'log.txt']
     assert [json.loads(line)['epoch'] for line in (aside / 'log.txt').read_text().splitlines()] == [3, 4, 5]
-    assert checkpoint._newest_checkpoint(tmp_path).name == 'checkpoint-2.pth'  # not the abandoned epoch 5
+    assert checkpoint.newest_checkpoint(tmp_path).name == 'checkpoint-2.pth'  # not the abandoned epoch 5
     assert 'this run redoes them' in capsys.readouterr().out
     # resuming the newest checkpoint with nothing past it: nothing to set aside
     assert checkpoint.start_run_folder(str(tmp_path), str(tmp_path), 3, tmp_path / 'checkpoint-2.pth')
@@ -72,19 +75,20 @@ def test_start_run_folder_of_a_fresh_run_moves_the_earlier_runs_files_aside(tmp_
         (out / name).write_text(name)
     (tb / 'events.out.tfevents.1.host').write_text('events')
     torch.save({'epoch': 5}, out / 'checkpoint-last.pth')
-    assert checkpoint._newest_checkpoint(out) is not None
+    assert checkpoint.newest_checkpoint(out) is not None
     # fresh, fine-tuning the encoder checkpoint-9.pth that lies in this very folder: it stays
     assert not checkpoint.start_run_folder(str(out), str(tb), 0, None, keep=(None, out / 'checkpoint-9.pth'))
     moved = list(out.glob('previous-*'))
     assert len(moved) == 1 and sorted(p.name for p in moved[0].iterdir()) == [
-        'checkpoint-5.pth', 'checkpoint-best.pth', 'checkpoint-last.pth', 'log.txt']
+        'checkpoint-5.pth', 'checkpoint-best.pth', 'checkpoint-last.pth', 'freezeout_schedule.json', 'log.txt']
     assert [p.name for p in (next(tb.glob('previous-*'))).iterdir()] == ['events.out.tfevents.1.host']
     # what the new run writes itself, or record.sh appends to, stays
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ['checkpoint-9.pth', 'cli_logs.txt',
-                                                                  'freezeout_schedule.json']
-    assert 'this run starts afresh' in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ['checkpoint-9.pth', 'cli_logs.txt']
+    printed = capsys.readouterr().out  # one note per folder, each naming its own
+    assert f'note: {out} held checkpoint-5.pth, ' in printed and f'moved to {moved[0]}/' in printed
+    assert f'note: {tb} held events.out.tfevents.1.host of an earlier run; this run starts afresh' in printed
     (out / 'checkpoint-9.pth').unlink()
-    assert checkpoint._newest_checkpoint(out) is None  # a later auto-resume finds only the new run's
+    assert checkpoint.newest_checkpoint(out) is None  # a later auto-resume finds only the new run's
     assert not checkpoint.start_run_folder(str(out), str(tb), 0, None)  # an empty folder: nothing to do
     assert len(list(out.glob('previous-*'))) == 1 and capsys.readouterr().out == ''
     # another fresh start within the same second: a folder of its own, nothing overwritten
@@ -106,16 +110,19 @@ def test_start_run_folder_resumed_from_another_folder_is_a_fresh_start_here(tmp_
     assert (other / 'checkpoint-1.pth').is_file() and not (out / 'log.txt').exists()
 
 
-def test_interrupted_message_says_how_to_continue():
+def test_interrupted_message_says_how_to_continue(tmp_path):
     import argparse
 
     from util.runtime import resume_hint
-    args = argparse.Namespace(output_dir='out', resume='', auto_resume=True)
-    assert resume_hint(args) == '; the same command resumes from the newest checkpoint in out'
+    args = argparse.Namespace(output_dir=str(tmp_path), resume='', auto_resume=True)
+    assert resume_hint(args) == '; no checkpoint was saved yet: the same command starts again'
+    torch.save({'epoch': 3}, tmp_path / 'checkpoint-last.pth')
+    assert resume_hint(args) == f'; the same command resumes from {tmp_path / "checkpoint-last.pth"}'
     args.auto_resume = False
     assert 'rerun without --no_auto_resume' in resume_hint(args)
-    args.resume = 'a/checkpoint-3.pth'
-    assert 'rerun without --resume a/checkpoint-3.pth' in resume_hint(args)
+    args.resume = 'a/checkpoint-1.pth'  # the same command would start from there again
+    assert resume_hint(args) == f'; to continue from the newest checkpoint saved, rerun with --resume ' \
+                                f'{tmp_path / "checkpoint-last.pth"}'
     args.eval = True
     assert resume_hint(args) == ''
     assert resume_hint(argparse.Namespace(output_dir=None)) == ''
@@ -142,12 +149,17 @@ def test_resumed_writer_hides_what_the_interrupted_run_logged_after_the_checkpoi
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
-    checkpoint.lock_run_folder(str(tmp_path))  # this process now trains into tmp_path
-    try:
-        with pytest.raises(SystemExit, match=r'another run is training into .* \(pid \d+ on '):
-            checkpoint.lock_run_folder(str(tmp_path))  # a second open of the lock file conflicts
-    finally:
-        checkpoint._held_locks.pop().close()  # as the process's exit would
-    checkpoint.lock_run_folder(str(tmp_path))  # free again
-    checkpoint._held_locks.pop().close()
-    checkpoint.lock_run_folder(None)  # no folder: nothing to lock
+    import subprocess
+    import sys
+    folder = str(tmp_path.resolve())
+    checkpoint.lock_run_folder(folder, None)  # this process now trains into tmp_path
+    checkpoint.lock_run_folder(folder)  # again in this process (a run after an in-process one): fine
+    other_process = ('import sys; from util import checkpoint; checkpoint.lock_run_folder(sys.argv[1])')
+    vit = Path(__file__).resolve().parents[1] / 'ViT'
+    res = subprocess.run([sys.executable, '-c', other_process, folder], cwd=vit, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and f'another run is training into {folder} (pid ' in res.stderr, res.stderr
+    checkpoint._held_locks.pop(folder).close()  # as this process's exit would
+    res = subprocess.run([sys.executable, '-c', other_process, folder], cwd=vit, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr  # free again

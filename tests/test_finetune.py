@@ -392,6 +392,43 @@ def test_best_checkpoint_is_the_best_epoch_when_last_is_saved_rarely(tmp_path, d
     assert [json.loads(line)['max_accuracy'] for line in (out / 'log.txt').read_text().splitlines()] == [10, 30, 30]
 
 
+def test_an_interruption_after_the_log_line_redoes_the_epoch(tmp_path, demo_data, monkeypatch):
+    """fit writes an epoch's log line (with its evaluation) before the checkpoint that marks the
+    epoch done: interrupted in between, the rerun redoes the epoch and sets the line aside,
+    instead of skipping an epoch that was never evaluated in the log."""
+    import run_finetune
+    out = tmp_path / 'ft'
+    argv = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4', '--num_workers', '0',
+            '--device', 'cpu', '--data_path', str(demo_data), '--output_dir', str(out), '--epochs', '2',
+            '--warmup_epochs', '0']
+    real_save = run_finetune.save_checkpoint
+
+    def interrupted_at_epoch_1(args, model, optimizer, scaler, epoch, **kw):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_save(args, model, optimizer, scaler, epoch, **kw)
+    monkeypatch.setattr(run_finetune, 'save_checkpoint', interrupted_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune.main(run_finetune.get_args_parser().parse_args(argv))
+    assert [json.loads(l)['epoch'] for l in (out / 'log.txt').read_text().splitlines()] == [0, 1]
+    monkeypatch.setattr(run_finetune, 'save_checkpoint', real_save)
+    run_finetune.main(run_finetune.get_args_parser().parse_args(argv))  # the same process: its lock is its own
+    assert [json.loads(l)['epoch'] for l in (out / 'log.txt').read_text().splitlines()] == [0, 1]
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 1
+    aside = next(out.glob('previous-*'))
+    assert [json.loads(l)['epoch'] for l in (aside / 'log.txt').read_text().splitlines()] == [1]
+
+
+def test_fine_tuning_into_the_encoders_own_folder_is_refused(tmp_path, pretrain_ckpt):
+    import run_finetune
+    encoder = tmp_path / 'checkpoint-99.pth'
+    shutil.copy(pretrain_ckpt, encoder)
+    args = run_finetune.get_args_parser().parse_args(['--model', 'vit_tiny_patch16', '--finetune', str(encoder),
+                                                      '--output_dir', str(tmp_path) + '/'])
+    with pytest.raises(SystemExit, match='holds the --finetune encoder'):
+        run_finetune.check_args(args)
+
+
 def test_finetune_resume_is_exact(tmp_path, demo_data, pretrain_ckpt):
     """Resuming after epoch 1 of 3 ends with the uninterrupted run's weights (with --num_workers 0 the
     augmentation draws from the RNG the checkpoint restores; evaluation must not draw from it)."""

@@ -399,7 +399,7 @@ def test_a_second_launch_is_refused_and_ctrl_c_ends_with_one_line_and_the_rerun_
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stdout[-2000:] + stderr[-3000:]
     assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-3000:]
-    assert f'interrupted; the same command resumes from the newest checkpoint in {out}' in stderr
+    assert f'interrupted; the same command resumes from {out}/checkpoint-' in stderr, stderr[-2000:]
     done = [r['epoch'] for r in read_log(out)]
     res = run_ok('--data_path', data, '--output_dir', out, '--epochs', str(done[-1] + 2))
     epochs = [r['epoch'] for r in read_log(out)]

@@ -177,13 +177,13 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
     if not getattr(args, 'auto_resume', False) or not args.output_dir:
         return None
     if dist.is_dist():  # rank 0 chooses, so ranks never resume from different files
-        choice = [_newest_checkpoint(args.output_dir) if dist.is_main_process() else None]
+        choice = [newest_checkpoint(args.output_dir) if dist.is_main_process() else None]
         torch.distributed.broadcast_object_list(choice, src=0)
         return choice[0]
-    return _newest_checkpoint(args.output_dir)
+    return newest_checkpoint(args.output_dir)
 
 
-def _newest_checkpoint(output_dir: str | Path) -> Path | None:
+def newest_checkpoint(output_dir: str | Path) -> Path | None:
     candidates = []
     numbered = find_latest(output_dir)
     if numbered is not None:
@@ -212,42 +212,54 @@ def note_changed_flags(path: Path, saved_args: dict | None, args: argparse.Names
         print(f'note: resuming {path} with flags that differ from its run: {", ".join(changed)}')
 
 
-_held_locks: list = []  # open lock files, held until the process ends (the OS then releases them)
+# folder -> its open lock file, held until the process ends (the OS then releases the lock)
+_held_locks: dict[str, Any] = {}
 
 
-def lock_run_folder(output_dir: str | None) -> None:
-    """Every rank: stops (all ranks together) when another live process trains into `output_dir`,
-    e.g. the same command started twice, whose checkpoints and log.txt would interleave. Rank 0
-    holds an exclusive flock on <output_dir>/.run.lock, released when it exits, however it
-    exits; a file system without locks is not checked."""
-    if not output_dir:
-        return
+def lock_run_folder(*folders: str | None) -> None:
+    """Every rank: stops (all ranks together) when another live process trains into one of
+    `folders` (--output_dir, and --log_dir when it differs), e.g. the same command started twice,
+    whose checkpoints and logs would interleave. Rank 0 holds an exclusive flock on
+    <folder>/.run.lock, released when it exits, however it exits; a file system without locks is
+    not checked."""
     problem = None
-    if dist.is_main_process():
-        try:
-            import fcntl
-            handle = open(Path(output_dir) / '.run.lock', 'a+')
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                handle.seek(0)
-                handle.truncate()
-                handle.write(f'pid {os.getpid()} on {os.uname().nodename}\n')
-                handle.flush()
-                _held_locks.append(handle)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or 'another process'
-                handle.close()
-                problem = (f'error: another run is training into {output_dir} ({holder}); wait for it or stop it, '
-                           f'or use another --output_dir')
-        except (ImportError, OSError):  # no fcntl (Windows) or no locking on this file system
-            pass
+    unique = list(dict.fromkeys(str(Path(f).resolve()) for f in folders if f))
+    for folder in unique if dist.is_main_process() else []:
+        problem = problem or _lock(folder)
     if dist.is_dist():
         shared = [problem]
         torch.distributed.broadcast_object_list(shared, src=0)
         problem = shared[0]
     if problem:
         raise SystemExit(problem)
+
+
+def _lock(folder: str) -> str | None:
+    """Takes <folder>/.run.lock for this process; the error message when another holds it."""
+    if folder in _held_locks:  # a second run in this process (e.g. after an in-process interruption)
+        return None
+    try:
+        import fcntl
+        handle = open(Path(folder) / '.run.lock', 'a+')
+    except (ImportError, OSError):  # no fcntl (Windows), or the folder is not writable (reported later)
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or 'another process'
+        handle.close()
+        return (f'error: another run is training into {folder} ({holder}); wait for it or stop it, '
+                f'or use another --output_dir / --log_dir')
+    except OSError:  # no locking on this file system: not checked
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f'pid {os.getpid()} on {os.uname().nodename}\n')
+    handle.flush()
+    _held_locks[folder] = handle
+    return None
 
 
 def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: int, resumed_from: Path | None,
@@ -275,18 +287,18 @@ def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: i
     if continues:
         later = [p for p in out.glob('checkpoint-*.pth')
                  if (m := CHECKPOINT_PATTERN.match(p.name)) and int(m.group(1)) >= start_epoch]
-        last = out / 'checkpoint-last.pth'
-        try:
-            if last.is_file() and last.resolve() not in kept and saved_epoch(last) >= start_epoch:
-                later.append(last)
-        except (CheckpointError, KeyError, ValueError):  # unreadable: leave it where it is
-            pass
+        for named in (out / 'checkpoint-last.pth', out / 'checkpoint-best.pth'):  # of later epochs too
+            try:
+                if named.is_file() and named.resolve() not in kept and saved_epoch(named) >= start_epoch:
+                    later.append(named)
+            except (CheckpointError, KeyError, ValueError):  # unreadable: leave it where it is
+                pass
         aside = [p for p in later if p.resolve() not in kept]
         dropped = _split_log(out / 'log.txt', start_epoch)
     else:
         aside = [p for p in out.iterdir() if (CHECKPOINT_PATTERN.match(p.name) or p.name in (
-                 'checkpoint-last.pth', 'checkpoint-best.pth', 'log.txt')) and p.resolve() not in kept] \
-            if out.is_dir() else []
+                 'checkpoint-last.pth', 'checkpoint-best.pth', 'log.txt', 'freezeout_schedule.json'))
+                 and p.resolve() not in kept] if out.is_dir() else []
         events = Path(log_dir or output_dir)
         aside += list(events.glob('events.out.tfevents.*')) if events.is_dir() else []
         dropped = ''
@@ -307,10 +319,12 @@ def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: i
         os.replace(path, folder_in(path.parent) / path.name)
     if dropped:
         (folder_in(out) / 'log.txt').write_text(dropped, encoding='utf-8')
-    what = sorted(p.name for p in aside) + ([f'log.txt lines of epochs >= {start_epoch}'] if dropped else [])
     why = 'this run redoes them' if continues else 'this run starts afresh'
-    print(f'note: {out} held {", ".join(what[:4])}{", ..." if len(what) > 4 else ""} of an earlier run; '
-          f'{why}, so they were moved to {next(iter(folders.values())).name}/ there')
+    for parent, folder in folders.items():
+        what = sorted(p.name for p in aside if p.parent == parent)
+        what += [f'log.txt lines of epochs >= {start_epoch}'] if dropped and parent == out else []
+        print(f'note: {parent} held {", ".join(what[:4])}{", ..." if len(what) > 4 else ""} of an earlier run; '
+              f'{why}, so they were moved to {folder}/')
     return continues
 
 

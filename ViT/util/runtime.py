@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from util import dist
+from util.checkpoint import CheckpointError, newest_checkpoint
 from util.data import UnreadableImage
 
 
@@ -67,16 +68,21 @@ def allow_recompiles(graphs: int, config=None) -> None:
 
 
 def resume_hint(args: argparse.Namespace) -> str:
-    """How to continue an interrupted training run, as its flags allow."""
+    """How to continue an interrupted training run, judged by what its folder holds now."""
     folder = getattr(args, 'output_dir', None)
     if not folder or getattr(args, 'eval', False):
         return ''
+    try:
+        newest = newest_checkpoint(folder)
+    except (CheckpointError, KeyError, ValueError):
+        newest = None
+    if newest is None:
+        return '; no checkpoint was saved yet: the same command starts again'
     if getattr(args, 'resume', None):
-        return (f'; to continue, rerun without --resume {args.resume} (auto-resume takes the newest checkpoint '
-                f'in {folder})')
+        return f'; to continue from the newest checkpoint saved, rerun with --resume {newest}'
     if not getattr(args, 'auto_resume', True):
-        return f'; to continue, rerun without --no_auto_resume (it resumes from the newest checkpoint in {folder})'
-    return f'; the same command resumes from the newest checkpoint in {folder}'
+        return f'; to continue, rerun without --no_auto_resume (it resumes from {newest})'
+    return f'; the same command resumes from {newest}'
 
 
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
