@@ -270,9 +270,10 @@ def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: i
 
     Continuing: what the folder holds past the resume point (log.txt lines of epochs from
     `start_epoch` on, trained after the checkpoint before an interruption; checkpoints of later
-    epochs, after an explicit --resume of an older one) is set aside, as the run redoes it.
+    epochs, checkpoint-best.pth included, after an explicit --resume of an older one) is set
+    aside, as the run redoes it.
     Otherwise (a fresh run, or one resumed from another folder's checkpoint) the folder's
-    earlier checkpoints, log.txt and tensorboard files are set aside, so a later auto-resume
+    earlier checkpoints, log.txt, freezeout_schedule.json and tensorboard files are set aside, so a later auto-resume
     cannot pick the earlier run's checkpoint-<N>.pth and the runs' lines never mix. Set aside
     means moved to previous-<time>/ beside them; nothing is deleted, and no path in `keep` (the
     checkpoint resumed from, the --finetune encoder) is moved."""
@@ -294,14 +295,14 @@ def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: i
             except (CheckpointError, KeyError, ValueError):  # unreadable: leave it where it is
                 pass
         aside = [p for p in later if p.resolve() not in kept]
-        dropped = _split_log(out / 'log.txt', start_epoch)
+        kept_lines, dropped = _split_log(out / 'log.txt', start_epoch)
     else:
         aside = [p for p in out.iterdir() if (CHECKPOINT_PATTERN.match(p.name) or p.name in (
                  'checkpoint-last.pth', 'checkpoint-best.pth', 'log.txt', 'freezeout_schedule.json'))
                  and p.resolve() not in kept] if out.is_dir() else []
         events = Path(log_dir or output_dir)
         aside += list(events.glob('events.out.tfevents.*')) if events.is_dir() else []
-        dropped = ''
+        kept_lines, dropped = '', ''
     if not aside and not dropped:
         return continues
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
@@ -317,8 +318,9 @@ def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: i
         return folders[parent]
     for path in aside:
         os.replace(path, folder_in(path.parent) / path.name)
-    if dropped:
+    if dropped:  # the set-aside copy first: an interruption here loses no line
         (folder_in(out) / 'log.txt').write_text(dropped, encoding='utf-8')
+        write_text_atomic(out / 'log.txt', kept_lines)
     why = 'this run redoes them' if continues else 'this run starts afresh'
     for parent, folder in folders.items():
         what = sorted(p.name for p in aside if p.parent == parent)
@@ -328,16 +330,15 @@ def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: i
     return continues
 
 
-def _split_log(log: Path, start_epoch: int) -> str:
-    """Keeps log.txt's lines of epochs before `start_epoch` (and lines without an epoch, e.g.
-    --eval results); returns the others."""
+def _split_log(log: Path, start_epoch: int) -> tuple[str, str]:
+    """log.txt's text split in (lines of epochs before `start_epoch` and lines without an epoch,
+    e.g. --eval results; lines of epochs from `start_epoch` on)."""
     if not log.is_file():
-        return ''
+        return '', ''
     lines = log.read_text(encoding='utf-8').splitlines(keepends=True)
     is_later = [(epoch := _epoch_of(line)) is not None and epoch >= start_epoch for line in lines]
-    if any(is_later):
-        write_text_atomic(log, ''.join(line for line, drop in zip(lines, is_later) if not drop))
-    return ''.join(line for line, drop in zip(lines, is_later) if drop)
+    return (''.join(line for line, later in zip(lines, is_later) if not later),
+            ''.join(line for line, later in zip(lines, is_later) if later))
 
 
 def _epoch_of(line: str) -> int | None:
