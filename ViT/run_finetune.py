@@ -52,7 +52,7 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
                    help='mixed precision: auto = bf16 on GPUs that support it, none on CPU; fp16 uses a GradScaler')
     g.add_argument('--seed', default=0, type=int, help='random seed (each process adds its rank)')
     g.add_argument('--num_workers', default=DEFAULT_NUM_WORKERS, type=int,
-                   help='data-loading processes per training process (default: 10, or the CPU count if lower)')
+                   help='data-loading processes per training process (default: 10, or the usable CPUs if fewer)')
     g.add_argument('--pin_mem', action='store_true', default=True,
                    help='pinned host memory for faster copies to the GPU')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='turn --pin_mem off')
@@ -235,6 +235,10 @@ RESUME_FLAGS = ('model', 'input_size', 'nb_classes', 'global_pool', 'epochs', 'w
                 'mixup', 'cutmix', 'seed', 'finetune')
 
 
+def _encoder_file(path: str | None) -> str:
+    return str(Path(path).resolve()) if path else 'none (random init)'
+
+
 def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_scaler) -> tuple[int, Path | None]:
     """Load --resume (or the newest checkpoint in --output_dir). Returns (start epoch, path)."""
     path = find_resume_checkpoint(args)
@@ -244,9 +248,8 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
     if 'model' not in ckpt:
         raise checkpoint.CheckpointError(f'{path} has no "model" entry; not a checkpoint of this script')
     saved = ckpt.get('args') or {}
-    encoder = lambda p: str(Path(p).resolve()) if p else 'none (random init)'  # noqa: E731
     if (not args.resume and not args.eval and 'finetune' in saved
-            and encoder(saved['finetune']) != encoder(getattr(args, 'finetune', None))):
+            and _encoder_file(saved['finetune']) != _encoder_file(getattr(args, 'finetune', None))):
         # the checkpoint's weights would silently replace the encoder just loaded
         raise SystemExit(f'error: {args.output_dir} holds a run of --finetune {saved["finetune"] or "(none)"} '
                          f'(resumable from {path}), not of --finetune {args.finetune or "(none)"}: use another '
@@ -258,7 +261,8 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
         raise checkpoint.CheckpointError(
-            f'{path} does not fit this model ({checkpoint.state_dict_mismatch(e)}); --resume/--eval take checkpoints written by this script '
+            f'{path} does not fit this model ({checkpoint.state_dict_mismatch(e)}); --resume/--eval take '
+            f'checkpoints written by this script '
             'with the same --model/--nb_classes/read-out; a pretraining checkpoint goes to --finetune') from None
     if optimizer is not None and not args.eval:
         checkpoint.restore_training_state(

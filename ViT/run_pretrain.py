@@ -89,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     checkpoint.add_save_flags(g, 50)
     g.add_argument('--print_freq', default=50, type=int, help='console/tensorboard line every N iterations')
     g.add_argument('--num_workers', default=DEFAULT_NUM_WORKERS, type=int,
-                   help='DataLoader worker processes per training process (default: 10, or the CPU count if lower)')
+                   help='DataLoader worker processes per training process (default: 10, or the usable CPUs if fewer)')
     g.add_argument('--data_backend', default='pil', choices=list(BACKENDS),
                    help='pil: CPU workers decode and augment (upstream); gpu: workers read JPEG bytes, the GPU '
                         'decodes and augments; gpu-cache: all images decoded once and kept on the GPU')

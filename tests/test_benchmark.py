@@ -99,7 +99,8 @@ def test_cpu_run_subset_of_ks_without_data(tmp_path):
 
 
 @pytest.mark.parametrize('flags', [['--ks', '13'], ['--e2e_ks', '0', '13'], ['--decode_ahead', '-1'],
-                                   ['--cpu_decode_shares', '0', '1.5']])
+                                   ['--cpu_decode_shares', '0', '1.5'], ['--input_size', '40'],
+                                   ['--data_path', '/nonexistent/imagenet']])  # refused before any timing
 def test_bad_flags_are_a_clear_error(tmp_path, flags):
     res = run_cmd([sys.executable, 'benchmark.py', *TINY, '--out', tmp_path, *flags, '--skip_reference'],
                   timeout=120, cwd=VIT, env=subprocess_env())

@@ -107,7 +107,8 @@ def test_check_targets_arithmetic(tmp_path):
     write_json(tmp_path / 'imagenette_step' / 'benchmark.json', {'input_size': 128, 'freeze_img_per_s': [4000.0]})
     write_json(tmp_path / 'b16_224_compile' / 'benchmark.json', {
         'ks': [0, 4, 8], 'freeze_img_per_s': [1750.0, 2000.0, 3000.0], 'schedule_average_img_per_s': 2300.0,
-        'how_scale': 'cubic', 't_0': 0.8, 'partial': [12], 'warmup_s': [61.2, 40.4, 38.0]})  # cut short before its last k
+        'how_scale': 'cubic', 't_0': 0.8, 'warmup_s': [61.2, 40.4, 38.0],
+        'partial': [12]})  # cut short before its last k
     (tmp_path / 'imagenette_run').mkdir()
     (tmp_path / 'imagenette_run' / 'log.txt').write_text(
         json.dumps({'train_images_per_s': 1000.0}) + '\n' + json.dumps({'train_images_per_s': 3800.0}) + '\n')
