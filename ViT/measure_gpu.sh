@@ -22,7 +22,9 @@
 #      from an unpacked measure_gpu.tgz, e.g. when a later stage was cut short);
 #   6. unless GPU_TESTS=0: the GPU integration tests (tests/test_gpu_paths.py);
 #   7. with STUDY_MINUTES=N: study.py for at most N minutes, continuing image/study_results.json
-#      in <out>/study/ (updated after every run; run logs in <out>/study_logs.tgz).
+#      in <out>/study/ (updated after every run; run logs in <out>/study_logs.tgz); with
+#      STUDY_UNTIL=S instead, for whatever is left until S seconds after this script started
+#      (fills one device call: e.g. STUDY_UNTIL=560 under a 590 s limit).
 # The device tool returns at most 8 files: everything is packed after every stage into
 # <out>/measure_gpu.tgz, and the console goes in full to <out>/console.txt, so a run cut short
 # keeps what it measured. DATA=<folder> replaces data/; QUICK=1 shrinks everything to a CPU-sized
@@ -43,6 +45,12 @@ for d in "$data/imagenet-sample-40" "$data/imagenette-128/train"; do
   fi
 done
 study_s=0
+if [ -n "${STUDY_MINUTES:-}" ] && [ -n "${STUDY_UNTIL:-}" ]; then
+  echo "error: give STUDY_MINUTES or STUDY_UNTIL, not both"; exit 2
+fi
+if [ -n "${STUDY_UNTIL:-}" ] && ! [[ "$STUDY_UNTIL" =~ ^[0-9]+$ ]]; then
+  echo "error: STUDY_UNTIL must be whole seconds after the start, got '$STUDY_UNTIL'"; exit 2
+fi
 if [ -n "${STUDY_MINUTES:-}" ]; then
   if ! study_s=$(python3 -c 'import sys; m = float(sys.argv[1]); assert m >= 0; print(max(1, round(m * 60)) if m else 0)' "$STUDY_MINUTES" 2>/dev/null); then
     echo "error: STUDY_MINUTES must be a number of minutes, got '$STUDY_MINUTES'"; exit 2
@@ -122,6 +130,13 @@ if [ "${GPU_TESTS:-1}" != 0 ]; then
   pack
 fi
 
+if [ -n "${STUDY_UNTIL:-}" ]; then
+  study_s=$(( STUDY_UNTIL - SECONDS ))
+  if [ "$study_s" -lt 30 ]; then
+    echo; echo "== no time left for the study (STUDY_UNTIL=$STUDY_UNTIL, now +${SECONDS}s)"; study_s=0
+  fi
+  STUDY_MINUTES=$(python3 -c "print(round($study_s / 60, 2))")
+fi
 if [ "$study_s" != 0 ]; then
   stage "7. study (at most $STUDY_MINUTES minutes; results in $out/study/)"
   mkdir -p "$out/study" "$work/study_runs"

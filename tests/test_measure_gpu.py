@@ -85,6 +85,10 @@ def test_missing_data_and_bad_study_minutes_are_clear_errors(tmp_path):
     assert res.returncode == 2 and 'error:' in res.output and 'copy the shared data' in res.output
     res = measure(tmp_path / 'out2', DATA=str(stand_in_data(tmp_path / 'data')), STUDY_MINUTES='4min')
     assert res.returncode == 2 and "STUDY_MINUTES must be a number of minutes, got '4min'" in res.output
+    res = measure(tmp_path / 'out3', DATA=str(tmp_path / 'data'), STUDY_UNTIL='9m')
+    assert res.returncode == 2 and "STUDY_UNTIL must be whole seconds after the start, got '9m'" in res.output
+    res = measure(tmp_path / 'out4', DATA=str(tmp_path / 'data'), STUDY_UNTIL='500', STUDY_MINUTES='3')
+    assert res.returncode == 2 and 'give STUDY_MINUTES or STUDY_UNTIL, not both' in res.output
 
 
 def write_json(path: Path, data: dict) -> None:
