@@ -541,16 +541,24 @@ def markdown(result: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, compiled: dict | None = None) -> None:
+    """images/s vs frozen layers with the reference line; `compiled` (a --compile run's
+    benchmark.json) adds its points and schedule average."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(result['ks'], result['freeze_img_per_s'], 'o-', label='project step, k layers frozen')
+    eager = ' (eager)' if compiled else ''
+    ax.plot(result['ks'], result['freeze_img_per_s'], 'o-', label=f'project step{eager}, k layers frozen')
     if result['reference_step_img_per_s']:
         ax.axhline(result['reference_step_img_per_s'], color='gray', ls='--', label='upstream step')
     ax.axhline(result['schedule_average_img_per_s'], color='tab:green', ls=':',
-               label=f'schedule average ({result["how_scale"]}, t_0={result["t_0"]})')
+               label=f'schedule average{eager} ({result["how_scale"]}, t_0={result["t_0"]})')
+    if compiled:
+        ax.plot(compiled['ks'], compiled['freeze_img_per_s'], 's--', color='tab:red',
+                label='project step under --compile')
+        ax.axhline(compiled['schedule_average_img_per_s'], color='tab:red', ls=':',
+                   label='schedule average under --compile')
     ax.set_xlabel('frozen layers k (0 = none; 1 = patch embedding; k = blocks 0..k-2 too)')
     ax.set_ylabel('images/s')
     ax.set_title(f'{result["model"]}, batch {result["batch_size"]}, {result["device"]}')
@@ -657,6 +665,9 @@ def check_targets(folder: Path) -> str:
                 syn = rates.get(int(k))
                 lines.append(f'| {backend} | {k} | {v:,.0f} | {syn:,.0f} | {v / syn:.0%} |' if syn else
                              f'| {backend} | {k} | {v:,.0f} | | |')
+    if compiled and compiled_rates:  # eager and compiled steps in one figure, beside summary.md
+        plot(main_run, folder / 'targets_freeze.png', compiled)
+        lines += ['', '![images/s vs frozen layers, eager and compiled](targets_freeze.png)']
     if inline and 'gpu' in inline['loader_img_per_s']:
         ahead = main_run['loader_img_per_s'].get('gpu')
         lines += ['', f'gpu backend decoding on the training thread (--decode_ahead 0): loader alone '

@@ -136,6 +136,7 @@ def test_check_targets_arithmetic(tmp_path):
     assert '| gpu | 0 | 900 | 1,800 | 50% |' in md
     assert '1,500 img/s (vs 2,500 with --decode_ahead 2); end to end k=0: 700 img/s (vs 900)' in md
     assert '- loader gpu-cache failed: RuntimeError: boom' in md and 'interpolates' not in md
+    assert '](targets_freeze.png)' in md and (tmp_path / 'targets_freeze.png').stat().st_size > 0
     # missing stages are reported, not a traceback
     assert 'nothing to check' in benchmark.check_targets(tmp_path / 'empty')
 
