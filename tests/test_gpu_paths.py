@@ -76,10 +76,17 @@ def test_nvjpeg_decode_matches_the_cpu_decoder(tmp_path):
     refusals = gpu_data._refusals
     gpu = decode_batch(data, 'cuda')
     assert gpu_data._refusals == refusals, 'nvjpeg refused the batch: it was decoded on the CPU instead'
-    for d, g in zip(data, gpu):
+    for i, (d, g) in enumerate(zip(data, gpu)):
         cpu = decode_image(d, mode=ImageReadMode.RGB)
         assert g.device.type == 'cuda' and g.dtype == torch.uint8 and g.shape == cpu.shape
-        assert (g.cpu().float() - cpu.float()).abs().mean() < 2.0  # IDCT / chroma upsampling differences
+        diff = g.cpu().float() - cpu.float()  # (3, H, W)
+        # The two decoders differ in IDCT rounding and chroma upsampling: nvjpeg (CUDA 13) vs
+        # libjpeg-turbo gave a mean absolute difference of 2.99 levels on an H200 (2026-11-28).
+        # A wrong decode (swapped channels, another layout, another image) differs by tens;
+        # and upsampling or rounding does not shift a channel's mean, a colour-space mix-up does.
+        assert diff.abs().mean() < 4.0, f'image {i} {SIZES[i]}: mean |diff| {diff.abs().mean():.2f}'
+        channel_shift = diff.mean(dim=(1, 2)).abs().max()
+        assert channel_shift < 1.5, f'image {i} {SIZES[i]}: a channel mean moved by {channel_shift:.2f}'
 
 
 def test_augmentation_on_cuda_matches_cpu():
