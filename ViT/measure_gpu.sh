@@ -2,14 +2,10 @@
 # Every GPU measurement the project reports, in one run sized for one device lease. From the
 # repository root, with the shared data copied into the ignored data/ folder (carry `data`):
 #   mkdir -p data && cp -r ../shared/data/imagenet-sample-40 ../shared/data/imagenette-128 data/
-#   [STUDY_MINUTES=N] [GPU_TESTS=0] [COMPILE=0] bash ViT/measure_gpu.sh [out_dir]   (default: $OUT, else gpu_measure_out)
-# Stages (estimated, not yet measured, on an H100: 1-2 about 5 minutes, 3 up to 5, 4-5 about 1,
-# 6 about 4-7). One call of the device tool runs at most 600 s, so there: first
-# COMPILE=0 GPU_TESTS=0 (stages 1, 2, 4, 5), then the compile stage alone as
-#   cd ViT && python3 benchmark.py --device cuda --model MIM_vit_base_patch16 --batch_size 256 \
-#     --how_scale cubic --t_0 0.8 --ks 0 4 8 12 --skip_reference --compile --out $OUT/b16_224_compile
-# (then `benchmark.py --check_targets DIR` on the unpacked archive plus that folder), then the
-# GPU tests: python3 -m pytest -q -rs tests/test_gpu_paths.py.
+#   [STUDY_MINUTES=N | STUDY_UNTIL=S] [GPU_TESTS=0] [COMPILE=0] bash ViT/measure_gpu.sh [out_dir]
+#   (out_dir default: $OUT, else gpu_measure_out)
+# Measured on an H200 with 16 CPU cores (2026-11-28): stages 0-6 in 552 s (0: 24 s, 1: 133, 2: 42,
+# 3: 172, 4: 32, 5: 9, 6: 140), so they fit one 600 s device call; the study needs its own.
 #   1. upstream reference vs the project step with k = 0..L-1 frozen; each input backend alone
 #      and feeding the step, the gpu backend also with 25% and 50% of each batch decoded by the
 #      CPU workers (ViT-B/16, 224 px, batch 256, imagenet-sample-40 repeated to 100 batches an
