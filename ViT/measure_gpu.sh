@@ -3,7 +3,8 @@
 # repository root, with the shared data copied into the ignored data/ folder (carry `data`):
 #   mkdir -p data && cp -r ../shared/data/imagenet-sample-40 ../shared/data/imagenette-128 data/
 #   [STUDY_MINUTES=N | STUDY_UNTIL=S] [GPU_TESTS=0] [COMPILE=0] bash ViT/measure_gpu.sh [out_dir]
-#   (out_dir default: $OUT, else gpu_measure_out)
+#   (out_dir default: $OUT, else gpu_measure_out); ONLY_STUDY=1 with STUDY_MINUTES or STUDY_UNTIL
+#   runs the study stage alone (e.g. a GPU session that has the performance figures already).
 # Measured on an H200 with 16 CPU cores (2026-11-28): stages 0-6 in 552 s (0: 24 s, 1: 133, 2: 42,
 # 3: 172, 4: 32, 5: 9, 6: 140), so they fit one 600 s device call; the study needs its own.
 #   1. upstream reference vs the project step with k = 0..L-1 frozen; each input backend alone
@@ -41,6 +42,9 @@ for d in "$data/imagenet-sample-40" "$data/imagenette-128/train"; do
   fi
 done
 study_s=0
+if [ "${ONLY_STUDY:-0}" = 1 ] && [ -z "${STUDY_MINUTES:-}${STUDY_UNTIL:-}" ]; then
+  echo "error: ONLY_STUDY=1 needs STUDY_MINUTES=N or STUDY_UNTIL=S (how long the study may run)"; exit 2
+fi
 if [ -n "${STUDY_MINUTES:-}" ] && [ -n "${STUDY_UNTIL:-}" ]; then
   echo "error: give STUDY_MINUTES or STUDY_UNTIL, not both"; exit 2
 fi
@@ -68,6 +72,7 @@ pack() { tar czf "$out/measure_gpu.tgz" -C "$work" --exclude='*.pth' --exclude='
 # rewritten after every timed k) before stopping; pack first, as the console's tee may be gone
 trap 'pack; trap "" PIPE; echo "stopped by a signal: packed what was measured" 2>/dev/null; exit 143' TERM INT
 
+if [ "${ONLY_STUDY:-0}" != 1 ]; then  # stages 0-6; ONLY_STUDY=1 goes straight to the study
 stage "0. environment"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   echo "cpus: $(nproc); open files: $(ulimit -n); /dev/shm: $(df -h /dev/shm 2>/dev/null | awk 'NR==2 {print $2 " total, " $4 " free"}')"
@@ -125,6 +130,7 @@ if [ "${GPU_TESTS:-1}" != 0 ]; then
     | tee "$work/gpu_tests.txt"
   pack
 fi
+fi  # stages 0-6
 
 if [ -n "${STUDY_UNTIL:-}" ]; then
   study_s=$(( STUDY_UNTIL - SECONDS ))
@@ -142,7 +148,7 @@ if [ "$study_s" != 0 ]; then
   tar czf "$out/study_logs.tgz" -C "$work" --exclude='*.pth' --exclude='events.out.*' study_runs
 fi
 
-stage "done: $out/measure_gpu.tgz"
+stage "done: results in $out"
 rm -rf "$work"
 exec >&- 2>&-
 wait "$tee_pid"

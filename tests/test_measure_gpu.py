@@ -75,6 +75,20 @@ def test_quick_run_packs_every_stage(tmp_path):
         assert any(n.endswith('study_log.txt') for n in tar.getnames())
 
 
+def test_only_study_runs_the_study_stage_alone(tmp_path):
+    """ONLY_STUDY=1: no benchmark stage, the study continues the results JSON in out/study/."""
+    data = stand_in_data(tmp_path / 'data')
+    out = tmp_path / 'out'
+    res = measure(out, DATA=str(data), ONLY_STUDY='1', STUDY_MINUTES='0.001')
+    assert res.returncode == 0, res.describe()
+    console = (out / 'console.txt').read_text()
+    assert '7. study' in console and '1. step' not in console and '0. environment' not in console
+    assert sorted(p.name for p in out.iterdir()) == ['console.txt', 'study', 'study_logs.tgz']
+    assert list(json.loads((out / 'study' / 'study_results.json').read_text())['runs']) == ['regular/seed0']
+    res = measure(tmp_path / 'out2', DATA=str(data), ONLY_STUDY='1')
+    assert res.returncode == 2 and 'ONLY_STUDY=1 needs STUDY_MINUTES=N or STUDY_UNTIL=S' in res.output
+
+
 def tar_member(out: Path, name: str) -> str:
     with tarfile.open(out / 'measure_gpu.tgz') as tar:
         return tar.extractfile(name).read().decode()
