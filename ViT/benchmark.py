@@ -108,16 +108,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds for `steps` calls of step() after `warmup` untimed ones, device synchronised."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return time.perf_counter() - start
+def spread_text(spread: float | None) -> str:
+    return f', halves differ by {spread:.1%}' if spread is not None else ''
+
+
+def noise_line(result: dict) -> str | None:
+    """One sentence on the timing noise of a benchmark.json's step figures (None in files of
+    older versions, or with one timed step)."""
+    spreads = sorted(x for x in [result.get('reference_spread'), *(result.get('freeze_spread') or [])]
+                     if x is not None)
+    if not spreads:
+        return None
+    return (f'Timing noise: the two halves of each timed run differed by {spreads[len(spreads) // 2]:.1%} '
+            f'(median of {len(spreads)}) and at most {spreads[-1]:.1%}; smaller differences between figures '
+            'are noise.')
 
 
 def synthetic_images(batch: int, size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -294,16 +298,27 @@ class ProjectStep:
                                    self.scaler, _Applied(), args)
 
 
-def time_runs(run, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
-    """(seconds of run(warmup), seconds of run(steps) after it), device synchronised; the
-    warm-up's time includes any compilation."""
+def time_runs(run, warmup: int, steps: int, device: torch.device) -> tuple[float, float, float | None]:
+    """(seconds of run(warmup), seconds of run(steps) after it, spread), device synchronised;
+    the warm-up's time includes any compilation. The timed steps run as two halves, and
+    `spread` is how far their rates differ relative to their mean (None for one step): a
+    difference between two figures smaller than that is noise."""
     start = time.perf_counter()
     run(warmup)
     sync(device)
-    warm = time.perf_counter()
-    run(steps)
-    sync(device)
-    return warm - start, time.perf_counter() - warm
+    warm = time.perf_counter() - start
+    halves = [n for n in (steps // 2, steps - steps // 2) if n]
+    seconds = []
+    for n in halves:
+        begin = time.perf_counter()
+        run(n)
+        sync(device)
+        seconds.append(time.perf_counter() - begin)
+    spread = None
+    if len(halves) == 2 and all(seconds):
+        rates = [n / t for n, t in zip(halves, seconds)]
+        spread = abs(rates[0] - rates[1]) / (sum(rates) / 2)
+    return warm, sum(seconds), spread
 
 
 # ---- (c) the schedule average ----------------------------------------------------------------
@@ -424,7 +439,8 @@ def time_end_to_end(args: argparse.Namespace, loader, ks: list[int], device: tor
     rates = {}
     for k in sorted(ks):
         project.set_frozen(k)
-        _, seconds = time_runs(lambda n: project.run_loader(_Take(it, n), args.batch_size), warmup, batches, device)
+        _, seconds, _ = time_runs(lambda n: project.run_loader(_Take(it, n), args.batch_size), warmup, batches,
+                                  device)
         rates[str(k)] = batches * args.batch_size / seconds
         warmup = max(args.warmup, 1)  # the workers' prefetched batches were drained by the first k
     return rates
@@ -519,6 +535,8 @@ def markdown(result: dict) -> str:
     if result.get('warmup_s'):  # absent from files of older versions
         lines += ['', 'Warm-up per k (untimed' + ('; compilation included' if result['compile'] else '') + '): ' +
                   ', '.join(f'k={k} {w:.1f} s' for k, w in zip(result['ks'], result['warmup_s']))]
+    if noise_line(result):
+        lines += ['', noise_line(result)]
     epoch = result['projected_epoch_s']
     lines += ['', f'Projected epoch of {result["epoch_images"]:,} images on this device: ' +
               ', '.join(f'{k} {v / 60:.1f} min' for k, v in epoch.items() if v)]
@@ -665,6 +683,9 @@ def check_targets(folder: Path) -> str:
                 syn = rates.get(int(k))
                 lines.append(f'| {backend} | {k} | {v:,.0f} | {syn:,.0f} | {v / syn:.0%} |' if syn else
                              f'| {backend} | {k} | {v:,.0f} | | |')
+    for name, run in (('Eager step', main_run), ('Compiled step', compiled)):
+        if run and noise_line(run):
+            lines += ['', f'{name}. {noise_line(run)}']
     if compiled and compiled_rates:  # eager and compiled steps in one figure, beside summary.md
         plot(main_run, folder / 'targets_freeze.png', compiled)
         lines += ['', '![images/s vs frozen layers, eager and compiled](targets_freeze.png)']
@@ -680,7 +701,8 @@ def check_targets(folder: Path) -> str:
 
 
 def step_result(args: argparse.Namespace, command: list[str], device_name: str, ref: float | None, ks: list[int],
-                rates: list[float], warmup_s: list[float], num_layers: int, notes: list[str]) -> dict:
+                rates: list[float], warmup_s: list[float], num_layers: int, notes: list[str],
+                spreads: tuple[float | None, list[float | None]] = (None, [])) -> dict:
     """benchmark.json's content from the step timings (the loader entries start empty)."""
     avg = schedule_average(ks, rates, num_layers, args.t_0, args.how_scale)
     notes = list(notes)
@@ -693,6 +715,8 @@ def step_result(args: argparse.Namespace, command: list[str], device_name: str, 
         'reference_step_img_per_s': ref,
         'ks': ks, 'freeze_img_per_s': rates,
         'warmup_s': warmup_s,  # per k: the untimed warm-up steps, compilation included under --compile
+        # how far the two halves of the timed steps differed (relative): the timing noise
+        'reference_spread': spreads[0], 'freeze_spread': spreads[1],
         'how_scale': args.how_scale, 't_0': args.t_0, 'decoder_freeze': args.decoder_freeze,
         'schedule_average_img_per_s': avg['img_per_s'], 'schedule_weights': avg['weights'],
         'speedup_vs_reference': {'project_k0': k0 / ref if ref and k0 else None,
@@ -744,11 +768,13 @@ def main(argv: list[str] | None = None) -> dict:
     if any(k < 0 or k >= num_layers for k in e2e_ks):
         raise SystemExit(f'error: --e2e_ks must lie in 0..{num_layers - 1} for {args.model}')
 
-    ref = None
+    ref = ref_spread = None
     if not args.skip_reference:
         reference = ReferenceStep(args.model, args.input_size, device, args.mask_ratio)
-        ref = images / time_steps(lambda: reference.step(imgs), args.warmup, args.steps, device)
-        log(f'[reference] upstream step: {ref:.1f} img/s')
+        _, seconds, ref_spread = time_runs(lambda n: [reference.step(imgs) for _ in range(n)], args.warmup,
+                                           args.steps, device)
+        ref = images / seconds
+        log(f'[reference] upstream step: {ref:.1f} img/s{spread_text(ref_spread)}')
         reference = None  # frees its model and optimizer state
         if device.type == 'cuda':
             torch.cuda.empty_cache()
@@ -763,21 +789,22 @@ def main(argv: list[str] | None = None) -> dict:
         write_text_atomic(out / 'benchmark.md', markdown(res))
 
     command = list(sys.argv) if argv is None else ['benchmark.py', *argv]
-    rates, warmup_s = [], []
+    rates, warmup_s, spreads = [], [], []
     for k in ks:
         project.set_frozen(k)
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)  # the peak of this k, not the largest so far
-        warm, seconds = time_runs(lambda n: project.run(imgs, n), args.warmup, args.steps, device)
+        warm, seconds, spread = time_runs(lambda n: project.run(imgs, n), args.warmup, args.steps, device)
         rates.append(images / seconds)
         warmup_s.append(warm)
+        spreads.append(spread)
         mem = (f', peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB'
                if device.type == 'cuda' else '')
         log(f'[project] k={k:2d} frozen, live taps {project.model.live_taps}: {rates[-1]:.1f} img/s{mem} '
-            f'(warm-up {warm:.1f} s)')
+            f'(warm-up {warm:.1f} s){spread_text(spread)}')
         if len(rates) < len(ks):  # a run cut short (e.g. by a time limit while compiling) keeps what it measured
             partial = step_result(args, command, device_name, ref, ks[:len(rates)], rates, warmup_s, num_layers,
-                                  notes)
+                                  notes, (ref_spread, spreads))
             partial['partial'] = ks[len(rates):]  # the ks not timed yet; absent from a finished run's file
             partial['notes'].append(f'partial: k = {partial["partial"]} not measured yet')
             save(partial)
@@ -785,7 +812,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == 'cuda':
         torch.cuda.empty_cache()
 
-    result = step_result(args, command, device_name, ref, ks, rates, warmup_s, num_layers, notes)
+    result = step_result(args, command, device_name, ref, ks, rates, warmup_s, num_layers, notes,
+                         (ref_spread, spreads))
     save(result)
     bench_loaders(args, device, result, e2e_ks, lambda: save(result))
     save(result)

@@ -62,6 +62,9 @@ def test_cpu_run_writes_results_and_skips_gpu_backends(tmp_path):
     assert result['ks'] == list(range(13))  # ViT-Ti: patch embedding + 12 blocks
     assert len(result['freeze_img_per_s']) == len(result['ks'])
     assert all(positive(v) for v in result['freeze_img_per_s'])
+    # the timing noise of every figure: its two halves' rates, relative difference
+    spreads = [result['reference_spread'], *result['freeze_spread']]
+    assert len(spreads) == 14 and all(0 <= x < 2 for x in spreads)
     assert positive(result['schedule_average_img_per_s'])
     assert set(result['speedup_vs_reference']) == {'project_k0', 'schedule_average'}
     assert all(positive(v) for v in result['speedup_vs_reference'].values())
@@ -78,7 +81,7 @@ def test_cpu_run_writes_results_and_skips_gpu_backends(tmp_path):
     assert result['cpu_decode_shares'] == [0.0, 0.5]
     md = (out / 'benchmark.md').read_text()
     assert '| project, 12 layers frozen |' in md and 'upstream reference' in md and '| pil |' in md
-    assert 'step on its batches, k=12' in md and 'of synthetic' in md
+    assert 'step on its batches, k=12' in md and 'of synthetic' in md and 'Timing noise: ' in md
     png = (out / 'benchmark_freeze.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
     assert 'schedule average' in res.stdout and '[project] k=12' in res.stdout
@@ -140,7 +143,28 @@ def test_time_runs_splits_warm_up_from_timed_steps(monkeypatch):
         clock[0] += 100.0 if not run.calls else n
         run.calls += 1
     run.calls = 0
-    assert benchmark.time_runs(run, 5, 3, torch.device('cpu')) == (100.0, 3.0)
+    warm, seconds, spread = benchmark.time_runs(run, 5, 3, torch.device('cpu'))
+    assert (warm, seconds) == (100.0, 3.0)
+    assert spread == 0  # halves of 1 and 2 steps, each at one step per second
+
+
+def test_time_runs_reports_how_far_its_two_halves_differ(monkeypatch):
+    """The timed steps run as two halves; their rates' difference over their mean is the noise."""
+    clock = [0.0]
+    monkeypatch.setattr(benchmark.time, 'perf_counter', lambda: clock[0])
+    per_call = iter([0.0, 4.0, 6.0])  # warm-up, then 4 steps in 4 s (1/s), then 4 steps in 6 s (2/3 per s)
+    monkeypatch.setattr(benchmark, 'sync', lambda device: None)
+
+    def run(n):
+        clock[0] += next(per_call)
+    warm, seconds, spread = benchmark.time_runs(run, 2, 8, torch.device('cpu'))
+    assert (warm, seconds) == (0.0, 10.0)
+    assert spread == pytest.approx((1 - 2 / 3) / ((1 + 2 / 3) / 2))  # 20%
+    assert benchmark.time_runs(lambda n: None, 0, 1, torch.device('cpu'))[2] is None  # one step: no halves
+    line = benchmark.noise_line({'reference_spread': 0.05, 'freeze_spread': [0.01, None, 0.2]})
+    assert line.startswith('Timing noise: the two halves of each timed run differed by 5.0% (median of 3) '
+                           'and at most 20.0%')
+    assert benchmark.noise_line({'freeze_spread': [None]}) is None
 
 
 def test_a_failing_backend_is_noted_and_the_step_timings_kept(tmp_path, monkeypatch):
