@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -115,12 +116,11 @@ def spread_text(spread: float | None) -> str:
 def noise_line(result: dict) -> str | None:
     """One sentence on the timing noise of a benchmark.json's step figures (None in files of
     older versions, or with one timed step)."""
-    spreads = sorted(x for x in [result.get('reference_spread'), *(result.get('freeze_spread') or [])]
-                     if x is not None)
+    spreads = [x for x in [result.get('reference_spread'), *(result.get('freeze_spread') or [])] if x is not None]
     if not spreads:
         return None
-    return (f'Timing noise: the two halves of each timed run differed by {spreads[len(spreads) // 2]:.1%} '
-            f'(median of {len(spreads)}) and at most {spreads[-1]:.1%}; smaller differences between figures '
+    return (f'Timing noise: the two halves of each timed run differed by {statistics.median(spreads):.1%} '
+            f'(median of {len(spreads)}) and at most {max(spreads):.1%}; smaller differences between figures '
             'are noise.')
 
 
@@ -687,8 +687,11 @@ def check_targets(folder: Path) -> str:
         if run and noise_line(run):
             lines += ['', f'{name}. {noise_line(run)}']
     if compiled and compiled_rates:  # eager and compiled steps in one figure, beside summary.md
-        plot(main_run, folder / 'targets_freeze.png', compiled)
-        lines += ['', '![images/s vs frozen layers, eager and compiled](targets_freeze.png)']
+        try:
+            plot(main_run, folder / 'targets_freeze.png', compiled)
+            lines += ['', '![images/s vs frozen layers, eager and compiled](targets_freeze.png)']
+        except (OSError, ImportError) as e:  # e.g. a read-only folder: the table matters more than the figure
+            lines += ['', f'(no figure: {type(e).__name__}: {e})']
     if inline and 'gpu' in inline['loader_img_per_s']:
         ahead = main_run['loader_img_per_s'].get('gpu')
         lines += ['', f'gpu backend decoding on the training thread (--decode_ahead 0): loader alone '

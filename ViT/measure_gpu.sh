@@ -36,7 +36,9 @@ mkdir -p "$out"
 exec > >(tee -a "$out/console.txt") 2>&1
 tee_pid=$!
 export PYTHONUNBUFFERED=1
-for d in "$data/imagenet-sample-40" "$data/imagenette-128/train"; do
+needed=("$data/imagenette-128/train")
+[ "${ONLY_STUDY:-0}" != 1 ] && needed+=("$data/imagenet-sample-40")  # the study reads Imagenette only
+for d in "${needed[@]}"; do
   if [ ! -d "$d" ]; then
     echo "error: $d is missing; copy the shared data first (see the top of $0)"; exit 2
   fi
@@ -48,7 +50,7 @@ fi
 if [ -n "${STUDY_MINUTES:-}" ] && [ -n "${STUDY_UNTIL:-}" ]; then
   echo "error: give STUDY_MINUTES or STUDY_UNTIL, not both"; exit 2
 fi
-if [ -n "${STUDY_UNTIL:-}" ] && ! [[ "$STUDY_UNTIL" =~ ^[0-9]+$ ]]; then
+if [ -n "${STUDY_UNTIL:-}" ] && ! [[ "$STUDY_UNTIL" =~ ^(0|[1-9][0-9]*)$ ]]; then  # no leading 0: octal in $(( ))
   echo "error: STUDY_UNTIL must be whole seconds after the start, got '$STUDY_UNTIL'"; exit 2
 fi
 if [ -n "${STUDY_MINUTES:-}" ]; then
@@ -139,11 +141,18 @@ if [ -n "${STUDY_UNTIL:-}" ]; then
   fi
   STUDY_MINUTES=$(python3 -c "print(round($study_s / 60, 2))")
 fi
+if [ "${ONLY_STUDY:-0}" = 1 ] && [ "$study_s" = 0 ]; then
+  echo "error: ONLY_STUDY=1 but no time for the study (STUDY_MINUTES=${STUDY_MINUTES:-}, STUDY_UNTIL=${STUDY_UNTIL:-})"
+  rm -rf "$work"; exit 2
+fi
 if [ "$study_s" != 0 ]; then
   stage "7. study (at most $STUDY_MINUTES minutes; results in $out/study/)"
   mkdir -p "$out/study" "$work/study_runs"
   [ "${QUICK:-0}" != 1 ] && [ -f ../image/study_results.json ] && cp ../image/study_results.json "$out/study/"
-  timeout -k 10 $(( study_s + 120 )) python3 study.py $study_flags --data_path "$data/imagenette-128" \
+  # a run may outlast --max_minutes' estimate: stop it in time to pack the logs (STUDY_UNTIL is a hard end)
+  limit=$(( study_s + 120 ))
+  [ -n "${STUDY_UNTIL:-}" ] && limit=$(( STUDY_UNTIL + 15 - SECONDS ))
+  timeout -k 5 $limit python3 study.py $study_flags --data_path "$data/imagenette-128" \
     --out "$work/study_runs" --results "$out/study/study_results.json" --max_minutes "$STUDY_MINUTES"
   tar czf "$out/study_logs.tgz" -C "$work" --exclude='*.pth' --exclude='events.out.*' study_runs
 fi

@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', default=40, type=int, help='pretraining epochs')
     p.add_argument('--warmup_epochs', default=4, type=int, help='pretraining lr warmup epochs')
     p.add_argument('--batch_size', default=512, type=int,
-                   help='pretraining and feature batch (fine-tuning uses at most 128); at 128 px the step is bound '
+                   help='pretraining batch (scoring uses at most 256, fine-tuning at most 128); at 128 px the step is bound '
                         'by kernel launches, so 512 should cost about what 256 does per step (README, study section)')
     p.add_argument('--blr', default=1.5e-4, type=float, help='pretraining base lr (lr = blr * batch / 256)')
     p.add_argument('--linprobe_epochs', default=20, type=int, help='epochs of the linear classifier')
@@ -150,6 +150,8 @@ class Study:
                                 for r in self.results['runs'].values() if r.get('device') == card] + [0.0])
         self.failures: list[str] = []  # this invocation's failed runs; the JSON keeps only finished ones
         self.encoder = args.model.replace('MIM_', '')
+        # scoring keeps batch 256 (its probe's lr and steps follow the batch) whatever the pretraining batch
+        self.eval_batch = min(args.batch_size, 256)
         self.common = ['--device', args.device, '--input_size', str(args.input_size),
                        '--data_path', args.data_path, '--num_workers', str(args.num_workers)]
 
@@ -221,7 +223,7 @@ class Study:
         # one feature pass gives the 20-NN accuracy and the linear classifier on frozen features
         eval_start = time.perf_counter()
         run(['run_knn.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir', str(folder / 'knn'),
-             '--batch_size', str(a.batch_size), '--linear_epochs', str(a.linprobe_epochs), *self.common], log)
+             '--batch_size', str(self.eval_batch), '--linear_epochs', str(a.linprobe_epochs), *self.common], log)
         results = {r['mode']: r for r in json_lines(folder / 'knn' / 'log.txt')}
         record['knn_top1'] = results['knn']['acc1']
         record['linprobe_top1'] = results['linear']['acc1']
@@ -229,7 +231,7 @@ class Study:
         if a.full_linprobe:  # MAE's protocol: augmented images through the frozen encoder every epoch
             run(['run_linprobe.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir',
                  str(folder / 'linprobe'), '--epochs', str(a.linprobe_epochs), '--warmup_epochs', '1',
-                 '--batch_size', str(a.batch_size), '--no_auto_resume', '--print_freq', '1000', *self.common], log)
+                 '--batch_size', str(self.eval_batch), '--no_auto_resume', '--print_freq', '1000', *self.common], log)
             record['linprobe_top1'] = json_lines(folder / 'linprobe' / 'log.txt')[-1]['max_accuracy']
             record['linprobe_protocol'] = 'run_linprobe.py (augmented, MAE)'
         record['eval_wall_s'] = time.perf_counter() - eval_start

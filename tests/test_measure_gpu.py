@@ -3,6 +3,7 @@ on stand-in data (every stage, results packed into one archive beside the consol
 targets summary), a clear error without the data, and benchmark.check_targets' arithmetic."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -78,6 +79,7 @@ def test_quick_run_packs_every_stage(tmp_path):
 def test_only_study_runs_the_study_stage_alone(tmp_path):
     """ONLY_STUDY=1: no benchmark stage, the study continues the results JSON in out/study/."""
     data = stand_in_data(tmp_path / 'data')
+    shutil.rmtree(data / 'imagenet-sample-40')  # the study reads Imagenette only
     out = tmp_path / 'out'
     res = measure(out, DATA=str(data), ONLY_STUDY='1', STUDY_MINUTES='0.001')
     assert res.returncode == 0, res.describe()
@@ -87,6 +89,9 @@ def test_only_study_runs_the_study_stage_alone(tmp_path):
     assert list(json.loads((out / 'study' / 'study_results.json').read_text())['runs']) == ['regular/seed0']
     res = measure(tmp_path / 'out2', DATA=str(data), ONLY_STUDY='1')
     assert res.returncode == 2 and 'ONLY_STUDY=1 needs STUDY_MINUTES=N or STUDY_UNTIL=S' in res.output
+    res = measure(tmp_path / 'out3', DATA=str(data), ONLY_STUDY='1', STUDY_UNTIL='5')  # under 30 s left
+    assert res.returncode == 2 and 'no time left for the study' in res.output
+    assert 'ONLY_STUDY=1 but no time for the study' in res.output
 
 
 def tar_member(out: Path, name: str) -> str:
@@ -99,8 +104,9 @@ def test_missing_data_and_bad_study_minutes_are_clear_errors(tmp_path):
     assert res.returncode == 2 and 'error:' in res.output and 'copy the shared data' in res.output
     res = measure(tmp_path / 'out2', DATA=str(stand_in_data(tmp_path / 'data')), STUDY_MINUTES='4min')
     assert res.returncode == 2 and "STUDY_MINUTES must be a number of minutes, got '4min'" in res.output
-    res = measure(tmp_path / 'out3', DATA=str(tmp_path / 'data'), STUDY_UNTIL='9m')
-    assert res.returncode == 2 and "STUDY_UNTIL must be whole seconds after the start, got '9m'" in res.output
+    for bad in ('9m', '0560'):  # a leading 0 would be octal in bash arithmetic
+        res = measure(tmp_path / 'out3', DATA=str(tmp_path / 'data'), STUDY_UNTIL=bad)
+        assert res.returncode == 2 and f"STUDY_UNTIL must be whole seconds after the start, got '{bad}'" in res.output
     res = measure(tmp_path / 'out4', DATA=str(tmp_path / 'data'), STUDY_UNTIL='500', STUDY_MINUTES='3')
     assert res.returncode == 2 and 'give STUDY_MINUTES or STUDY_UNTIL, not both' in res.output
 
