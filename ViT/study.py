@@ -58,8 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', default=40, type=int, help='pretraining epochs')
     p.add_argument('--warmup_epochs', default=4, type=int, help='pretraining lr warmup epochs')
     p.add_argument('--batch_size', default=512, type=int,
-                   help='pretraining batch (scoring uses at most 256, fine-tuning at most 128); at 128 px the step is bound '
-                        'by kernel launches, so 512 should cost about what 256 does per step (README, study section)')
+                   help='pretraining batch (scoring uses at most 256, fine-tuning at most 128); at 128 px the '
+                        'step is bound by kernel launches, so 512 should cost about what 256 does per step '
+                        '(README, study section)')
     p.add_argument('--blr', default=1.5e-4, type=float, help='pretraining base lr (lr = blr * batch / 256)')
     p.add_argument('--linprobe_epochs', default=20, type=int, help='epochs of the linear classifier')
     p.add_argument('--full_linprobe', action='store_true',
