@@ -87,6 +87,12 @@ def test_only_study_runs_the_study_stage_alone(tmp_path):
     assert '7. study' in console and '1. step' not in console and '0. environment' not in console
     assert sorted(p.name for p in out.iterdir()) == ['console.txt', 'study', 'study_logs.tgz']
     assert list(json.loads((out / 'study' / 'study_results.json').read_text())['runs']) == ['regular/seed0']
+    # STUDY_UNTIL: the study gets the seconds left until then (here, nearly all 35 of them)
+    res = measure(tmp_path / 'out_until', DATA=str(data), ONLY_STUDY='1', STUDY_UNTIL='35')
+    assert res.returncode == 0, res.describe()
+    minutes = float(res.output.split('7. study (at most ')[1].split(' minutes')[0])
+    assert 0.5 < minutes <= 0.59  # 35 s, rounded to 0.58 minutes
+    assert 'regular/seed0' in json.loads((tmp_path / 'out_until' / 'study' / 'study_results.json').read_text())['runs']
     res = measure(tmp_path / 'out2', DATA=str(data), ONLY_STUDY='1')
     assert res.returncode == 2 and 'ONLY_STUDY=1 needs STUDY_MINUTES=N or STUDY_UNTIL=S' in res.output
     res = measure(tmp_path / 'out3', DATA=str(data), ONLY_STUDY='1', STUDY_UNTIL='5')  # under 30 s left

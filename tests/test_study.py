@@ -196,6 +196,24 @@ def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path, monkeypatch):
     assert set(json.loads((tmp_path / 'r2.json').read_text())['runs']) == {'regular/seed0', 'regular/seed1'}
 
 
+def test_only_pretraining_takes_the_large_batch(tmp_path, monkeypatch):
+    """Default --batch_size 512 is for pretraining; scoring keeps 256 (its probe's lr and steps
+    follow the batch) and fine-tuning 128."""
+    import study
+    data = make_demo_data(tmp_path)
+    batches = {}
+    fake = fake_scripts(lambda cmd: False)
+
+    def record(cmd, log):
+        cmd = [str(c) for c in cmd]
+        batches.setdefault(cmd[0], set()).add(cmd[cmd.index('--batch_size') + 1])
+        return fake(cmd, log)
+    monkeypatch.setattr(study, 'run', record)
+    study.main(['--device', 'cpu', '--data_path', str(data), '--out', str(tmp_path / 'runs'),
+                '--results', str(tmp_path / 'r.json')])
+    assert batches == {'run_pretrain.py': {'512'}, 'run_knn.py': {'256'}, 'run_finetune.py': {'128'}}
+
+
 def test_a_failing_script_raises_run_failed_with_its_last_lines(tmp_path):
     import study
     log = tmp_path / 'log.txt'
