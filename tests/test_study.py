@@ -92,6 +92,10 @@ def test_time_budget_stops_before_a_run_that_would_not_finish(tmp_path):
     args.epochs += 1
     with pytest.raises(SystemExit, match='holds .* of another setup .*epochs'):
         study.Study(args)
+    args.epochs -= 1
+    args.finetune_batch_size *= 2  # fine-tunes of another batch would not be comparable either
+    with pytest.raises(SystemExit, match='holds .* of another setup .*finetune_batch_size 8 there, 16 here'):
+        study.Study(args)
 
     # on the command line: stops cleanly (exit 0, a message), nothing run, the same command continues later
     data = make_demo_data(tmp_path)
@@ -198,7 +202,7 @@ def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path, monkeypatch):
 
 def test_only_pretraining_takes_the_large_batch(tmp_path, monkeypatch):
     """Default --batch_size 512 is for pretraining; scoring keeps 256 (its probe's lr and steps
-    follow the batch) and fine-tuning 128."""
+    follow the batch); fine-tuning takes --finetune_batch_size (256 unless given)."""
     import study
     data = make_demo_data(tmp_path)
     batches = {}
@@ -209,9 +213,12 @@ def test_only_pretraining_takes_the_large_batch(tmp_path, monkeypatch):
         batches.setdefault(cmd[0], set()).add(cmd[cmd.index('--batch_size') + 1])
         return fake(cmd, log)
     monkeypatch.setattr(study, 'run', record)
-    study.main(['--device', 'cpu', '--data_path', str(data), '--out', str(tmp_path / 'runs'),
-                '--results', str(tmp_path / 'r.json')])
-    assert batches == {'run_pretrain.py': {'512'}, 'run_knn.py': {'256'}, 'run_finetune.py': {'128'}}
+    argv = ['--device', 'cpu', '--data_path', str(data), '--out', str(tmp_path / 'runs')]
+    study.main([*argv, '--results', str(tmp_path / 'r.json')])
+    assert batches == {'run_pretrain.py': {'512'}, 'run_knn.py': {'256'}, 'run_finetune.py': {'256'}}
+    batches.clear()
+    study.main([*argv, '--results', str(tmp_path / 'r2.json'), '--finetune_batch_size', '96'])
+    assert batches == {'run_pretrain.py': {'512'}, 'run_knn.py': {'256'}, 'run_finetune.py': {'96'}}
 
 
 def test_a_failing_script_raises_run_failed_with_its_last_lines(tmp_path):
