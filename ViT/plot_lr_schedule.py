@@ -22,13 +22,13 @@ from util import flops  # noqa: E402
 from util import freezeout as fo  # noqa: E402
 from util.lr_sched import warmup_cosine_lr  # noqa: E402
 
-IMAGE_DIR = Path(__file__).resolve().parents[1] / 'image'
-
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False, description=__doc__,
                                      conflict_handler='resolve')
-    parser.add_argument('--out', default=None, help='PNG path (default: image/freezeout_lr_<how>_<t_0>.png)')
+    parser.add_argument('--out', default=None,
+                        help='PNG path (default: freezeout_lr_<how>_<t_0>.png in the current folder; the README\'s '
+                             'figures in image/ are written only when named)')
     parser.add_argument('--points', default=1000, type=int, help='optimizer steps drawn (the x resolution)')
     args = parser.parse_args(argv)
     if args.t_0 is None:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> Path:
                  f'{args.warmup_epochs}/{args.epochs} epochs')
     ax.legend(fontsize=6, ncol=2, loc='upper right')
     ax.grid(alpha=0.3)
-    out = Path(args.out) if args.out else IMAGE_DIR / f'freezeout_lr_{args.how_scale}_{args.t_0}.png'
+    out = Path(args.out) if args.out else Path(f'freezeout_lr_{args.how_scale}_{args.t_0}.png')
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out)

@@ -30,3 +30,11 @@ def test_plot_lr_schedule_writes_a_figure(tmp_path):
     assert out == tmp_path / 'lr.png' and out.stat().st_size > 5000
     with pytest.raises(SystemExit, match='unknown --model'):
         plot_lr_schedule.main(['--t_0', '0.8', '--model', 'MIM_vit_nope', '--out', str(tmp_path / 'x.png')])
+
+
+def test_plot_lr_schedule_writes_into_the_current_folder_by_default(tmp_path, monkeypatch):
+    """Not into image/, whose figures the README shows."""
+    monkeypatch.chdir(tmp_path)
+    out = plot_lr_schedule.main(['--t_0', '0.5', '--how_scale', 'linear', '--epochs', '10',
+                                 '--warmup_epochs', '1', '--points', '50'])
+    assert out.resolve() == tmp_path / 'freezeout_lr_linear_0.5.png' and out.is_file()
