@@ -175,8 +175,9 @@ def refuse_thawing(path: Path, saved: dict | None, model: torch.nn.Module) -> No
 def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     loss_scaler, schedule, steps_per_epoch: int) -> int:
     """Loads model, optimizer, scaler and RNG states; returns the epoch to continue at. The
-    frozen set is recomputed from the step before the optimizer state is loaded (its groups
-    hold no state for frozen parameters)."""
+    frozen set of the resume step is applied after the optimizer state is loaded, so that it
+    also frees the Adam moments of a layer that freezes exactly at that step (the checkpoint
+    was saved just before it froze)."""
     ckpt = checkpoint.load(path)
     if 'model' not in ckpt:
         raise checkpoint.CheckpointError(f'{path} has no "model" entry; not a pretraining checkpoint')
@@ -194,13 +195,15 @@ def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module
             f'{checkpoint.state_dict_mismatch(e)} (resume with the run\'s own flags, or start afresh with '
             f'--no_auto_resume / another --output_dir)') from None
     start_epoch = int(ckpt['epoch']) + 1
-    schedule.on_step(start_epoch * steps_per_epoch)
-    refuse_thawing(path, ckpt.get('frozen'), model)
     checkpoint.restore_training_state(
         ckpt, path, optimizer, loss_scaler,
         'plain and FreezeOut (--t_0) runs, and --decoder_freeze tap / never, group parameters differently. '
         'Resume with the run\'s own flags, or start afresh with --no_auto_resume / another --output_dir')
-    print(f'resumed from {path} (epoch {ckpt["epoch"]}); continuing at epoch {start_epoch}')
+    schedule.on_step(start_epoch * steps_per_epoch)
+    refuse_thawing(path, ckpt.get('frozen'), model)
+    frozen = (f' with {model.num_frozen} layers frozen, live taps {[SCALE_NAMES[j] for j in model.live_taps]}'
+              if isinstance(schedule, fo.FreezeOut) else '')
+    print(f'resumed from {path} (epoch {ckpt["epoch"]}); continuing at epoch {start_epoch}{frozen}')
     return start_epoch
 
 

@@ -173,6 +173,32 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(data, tmp_path, kind, extr
     assert log_c[0]['train_frozen_layers'] == log_a[2]['train_frozen_layers']
 
 
+def test_resume_at_the_last_freeze_event_frees_the_freezing_layers_optimizer_state(data, tmp_path):
+    """The checkpoint saved just before a freeze event still holds the Adam moments of the layer
+    that freezes at the resume step; the resumed run frees them as the uninterrupted run does,
+    even when no later freeze event would (here the resume is at the last one)."""
+    batch = 16
+    flags = ['--data_path', data, '--epochs', '6', '--batch_size', str(batch), '--warmup_epochs', '0',
+             '--t_0', '0.2', '--how_scale', 'cubic', '--save_freq', '1']
+    a, c = tmp_path / 'A', tmp_path / 'C'
+    run_ok(*flags, '--output_dir', a)
+    sched, steps_per_epoch = read_schedule(a), NUM_IMAGES // batch
+    last_event = max(r['freeze_step'] for r in sched['layers'] if r['freeze_step'] < sched['total_steps'])
+    resume_epoch = last_event // steps_per_epoch
+    assert last_event == resume_epoch * steps_per_epoch and 0 < resume_epoch < 6, (last_event, steps_per_epoch)
+
+    c.mkdir()
+    shutil.copy2(a / f'checkpoint-{resume_epoch - 1}.pth', c)
+    res = run_ok(*flags, '--output_dir', c)
+    # the console says what the resume step has frozen (no freeze line is printed for that step)
+    assert (f'continuing at epoch {resume_epoch} with {frozen_at(sched, last_event)} layers frozen'
+            in res.stdout), res.stdout[-3000:]
+    ck_a, ck_c = load_ckpt(a / 'checkpoint-last.pth'), load_ckpt(c / 'checkpoint-last.pth')
+    assert_same_tensors(ck_a['model'], ck_c['model'], 'model after a resume at the last freeze event')
+    assert_same_optimizer_state(ck_a['optimizer'], ck_c['optimizer'],
+                                'optimizer after a resume at the last freeze event')
+
+
 def test_result_does_not_depend_on_num_workers(data, plain_run, tmp_path):
     """Augmentations are seeded per (seed, epoch, index) and the loader does not touch the
     global RNG that draws the masks, so 0 and 2 (persistent) workers train the same weights."""
