@@ -110,7 +110,8 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, amp: str = 'no
     loss, c1, c5, n = sums.tolist()
     n = max(n, 1.0)
     stats = {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'loss': loss / n, 'num_samples': int(n)}
-    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
+    top = min(5, getattr(model, 'num_classes', 5) or 5)  # top-5 on fewer classes is top-<classes>
+    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@{top} {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
           f'({stats["num_samples"]} images)', flush=True)
     return stats
 

@@ -255,15 +255,18 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
                          f'(resumable from {path}), not of --finetune {args.finetune or "(none)"}: use another '
                          f'--output_dir for this encoder, --no_auto_resume to start it afresh here (the earlier '
                          f'run\'s files are moved aside), or --resume {path} to continue the earlier run')
-    if not args.eval:
-        checkpoint.note_changed_flags(path, saved, args, RESUME_FLAGS)
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
+        differ = ''.join(f'; it was written with --{k} {saved[k]}, this run has {getattr(args, k)}'
+                         for k in ('model', 'input_size', 'global_pool') if k in saved and saved[k] != getattr(args, k))
         raise checkpoint.CheckpointError(
-            f'{path} does not fit this model ({checkpoint.state_dict_mismatch(e)}); --resume/--eval take '
+            f'{path} does not fit this model ({checkpoint.state_dict_mismatch(e)}){differ}; --resume/--eval take '
             f'checkpoints written by this script '
-            'with the same --model/--nb_classes/read-out; a pretraining checkpoint goes to --finetune') from None
+            'with the same --model/--input_size/--nb_classes/read-out; a pretraining checkpoint goes to --finetune'
+        ) from None
+    if not args.eval:  # after the load: a checkpoint that does not fit gets its error alone
+        checkpoint.note_changed_flags(path, saved, args, RESUME_FLAGS)
     if optimizer is not None and not args.eval:
         checkpoint.restore_training_state(
             ckpt, path, optimizer, loss_scaler,

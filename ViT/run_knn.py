@@ -35,6 +35,9 @@ from util.encoder_loading import load_pretrained_encoder
 from util.log import append_json_line, format_seconds
 
 
+MIN_TEMPERATURE = 0.0125  # exp(1 / T) stays below float32's largest value (exp(88.7))
+
+
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int,
                  T: float, num_classes: int, chunk_size: int = 1024) -> torch.Tensor:
     """Class scores (n_test, num_classes) of weighted kNN.
@@ -108,7 +111,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group('kNN')
     g.add_argument('--nb_knn', default=[20], type=int, nargs='+',
                    help='number of neighbours k; several values give one result each')
-    g.add_argument('--temperature', default=0.07, type=float, help='T in the vote weight exp(cos_sim / T)')
+    g.add_argument('--temperature', default=0.07, type=float,
+                   help='T in the vote weight exp(cos_sim / T); at least 0.0125 (float32 range)')
     g.add_argument('--chunk_size', default=256, type=int,
                    help='val images compared with all train features at once (memory: chunk x train images)')
     g.add_argument('--linear_epochs', default=0, type=int,
@@ -131,8 +135,20 @@ def accuracy_record(scores: torch.Tensor, labels: torch.Tensor, device: torch.de
     return {'acc1': 100.0 * top1 / max(n, 1), 'acc5': 100.0 * top5 / max(n, 1), 'num_test': int(round(n))}
 
 
+def check_knn_args(args: argparse.Namespace) -> None:
+    """Refuses kNN flags that would fail (or mean nothing) only after the long feature pass."""
+    if min(args.nb_knn) < 1:
+        raise SystemExit(f'error: --nb_knn needs k >= 1, got {args.nb_knn}')
+    if args.chunk_size < 1:
+        raise SystemExit(f'error: --chunk_size must be >= 1, got {args.chunk_size}')
+    if not args.temperature >= MIN_TEMPERATURE:  # also catches nan
+        raise SystemExit(f'error: --temperature must be >= {MIN_TEMPERATURE} (the vote weight exp(cos_sim / T) '
+                         f'overflows float32 below it), got {args.temperature}')
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     check_common_args(args)
+    check_knn_args(args)
     device = setup(args)
     transform = eval_transform(args.input_size)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -178,7 +194,9 @@ def main(args: argparse.Namespace) -> list[dict]:
                   **accuracy_record(scores, test_labels, device, top=min(5, k)),
                   'num_train': int(train_feats.shape[0]),
                   'global_pool': args.global_pool, 'checkpoint': args.finetune, 'model': args.model}
-        print(f'{k}-NN (T={args.temperature}): top-1 {record["acc1"]:.2f}%  top-5 {record["acc5"]:.2f}%  '
+        top = min(5, k, num_classes)  # at most k classes get votes
+        print(f'{k}-NN (T={args.temperature}): top-1 {record["acc1"]:.2f}%  '
+              + (f'top-{top} {record["acc5"]:.2f}%  ' if top > 1 else '') +
               f'({record["num_test"]} val images, {record["num_train"]} train images)')
         append_json_line(args.output_dir, record)
         records.append(record)
@@ -189,7 +207,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                   'num_train': int(train_feats.shape[0]), 'global_pool': args.global_pool,
                   'checkpoint': args.finetune, 'model': args.model}
         print(f'linear classifier on frozen features ({args.linear_epochs} epochs): top-1 {record["acc1"]:.2f}%  '
-              f'top-5 {record["acc5"]:.2f}%')
+              f'top-{min(5, num_classes)} {record["acc5"]:.2f}%')
         append_json_line(args.output_dir, record)
         records.append(record)
     if dist.is_main_process() and args.output_dir:

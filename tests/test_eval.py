@@ -138,6 +138,20 @@ def test_linprobe_batch_of_one_is_a_clear_error():
 
 # ---- kNN runs -----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize('flags, message', [
+    (['--nb_knn', '20', '0'], 'needs k >= 1'),
+    (['--chunk_size', '0'], '--chunk_size must be >= 1'),
+    (['--temperature', '0'], '--temperature must be >= 0.0125'),
+    (['--temperature', 'nan'], '--temperature must be'),
+])
+def test_knn_flags_that_would_fail_after_the_feature_pass_are_refused_first(flags, message):
+    import run_knn
+    args = run_knn.get_args_parser().parse_args(['--device', 'cpu', *flags])
+    with pytest.raises(SystemExit, match=message):
+        run_knn.check_knn_args(args)
+    run_knn.check_knn_args(run_knn.get_args_parser().parse_args(['--device', 'cpu']))  # defaults pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -154,6 +168,9 @@ def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt)
     res = run_script(['-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
                       'run_knn.py', *common, '--output_dir', str(two)])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    assert '1-NN (T=0.07): top-1 ' in res.stdout and '20-NN (T=0.07): top-1 ' in res.stdout, res.stdout[-3000:]
+    assert 'top-5' not in res.stdout and 'top-4 ' in res.stdout  # 1-NN: top-1 only; 4 classes: top-4
 
     lines = {d: [json.loads(l) for l in (d / 'log.txt').read_text().splitlines()] for d in (one, two)}
     assert [l['mode'] for l in lines[one]] == ['knn', 'knn', 'linear']

@@ -333,6 +333,13 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
     assert last['mode'] == 'eval'
     assert last['test_acc1'] == best_line['test_acc1']
     assert last['test_loss'] == pytest.approx(best_line['test_loss'], rel=1e-4)
+    assert '* Acc@1 ' in res.stdout and ' Acc@4 ' in res.stdout  # 4 classes: top-5 is top-4
+
+    # --eval at another --input_size: the error names the flag the checkpoint was written with
+    res = run_script(['run_finetune.py', *common[:2], '--input_size', '32', *common[4:], '--eval', '--resume',
+                      str(out / 'checkpoint-best.pth')])
+    assert res.returncode != 0 and 'Traceback' not in res.stdout + res.stderr, res.stdout[-3000:] + res.stderr
+    assert 'it was written with --input_size 64, this run has 32' in res.stderr, res.stderr
 
     # a longer run in the same folder resumes from checkpoint-last.pth and keeps the best so far
     res = run_script(['run_finetune.py', *common, '--finetune', str(pretrain_ckpt), '--epochs', '3',
