@@ -155,6 +155,9 @@ class MaskedAutoencoderViT(nn.Module):
             BlockWithFreezeOut(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
                                layer_index=i + 1) for i in range(depth)])
         self.ID = [1, 3, depth - 3, depth - 1]
+        if depth < 7:  # the taps would repeat or go out of order, and a scale would silently vanish
+            raise ValueError(f'LocalMIM reads blocks {self.ID} for its four scales: depth {depth} is too shallow '
+                             f'(at least 7 blocks)')
         self.scale = [4.0, 2.0, 1.0, 0.5]
         self.norm = nn.ModuleList([norm_layer(embed_dim) for _ in range(len(self.ID))])
         self.initialize_weights()

@@ -163,3 +163,35 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     res = subprocess.run([sys.executable, '-c', other_process, folder], cwd=vit, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr  # free again
+
+
+def test_an_upstream_optimizer_state_resumes_into_a_plain_run():
+    """Upstream LocalMIM saves its AdamW groups as [no decay, decay] (timm's add_weight_decay,
+    no 'param_names'); a plain run here groups [decay, no decay]. The state is renumbered, so
+    every parameter gets back its own moments."""
+    import models_mim
+    from util.checkpoint import restore_training_state
+    from util.optim import build_adamw, param_groups_weight_decay
+
+    torch.manual_seed(0)
+    model = models_mim.build_model('MIM_vit_tiny_patch16', img_size=32)
+    ours = param_groups_weight_decay(model, 0.05)
+    assert [g['weight_decay'] for g in ours] == [0.05, 0.0]
+    upstream = torch.optim.AdamW([{'params': g['params'], 'weight_decay': g['weight_decay']} for g in ours[::-1]],
+                                 lr=1e-3, betas=(0.9, 0.95))
+    model(torch.randn(2, 3, 32, 32)).backward()
+    upstream.step()
+    saved = upstream.state_dict()
+
+    optimizer = build_adamw(param_groups_weight_decay(model, 0.05), 1e-3, torch.device('cpu'))
+    restore_training_state({'optimizer': saved}, 'upstream.pth', optimizer, None, 'hint')
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            assert torch.equal(optimizer.state[p]['exp_avg'], upstream.state[p]['exp_avg'])
+            assert torch.equal(optimizer.state[p]['exp_avg_sq'], upstream.state[p]['exp_avg_sq'])
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [0.05, 0.0]
+    assert all('param_names' in g for g in optimizer.param_groups)
+    # a layout that is neither ours nor upstream's still stops with the hint
+    with pytest.raises(SystemExit, match='hint'):
+        restore_training_state({'optimizer': {'state': {}, 'param_groups': saved['param_groups'][:1]}}, 'x.pth',
+                               optimizer, None, 'hint')

@@ -149,6 +149,23 @@ def state_dict_mismatch(error: RuntimeError) -> str:
     return lines[1] if len(lines) > 1 else (lines or [''])[0]
 
 
+def upstream_groups_reordered(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state saved by upstream LocalMIM (timm's add_weight_decay: groups [no decay,
+    decay], no 'param_names'), renumbered for a plain run here, whose groups are [decay, no decay]
+    with the same parameters in the same order. Any other state is returned as it is."""
+    groups, ours = saved.get('param_groups', []), optimizer.param_groups
+    if (len(groups) != 2 or len(ours) != 2 or any('param_names' in g for g in groups)
+            or groups[0].get('weight_decay') != 0 or not groups[1].get('weight_decay')
+            or not ours[0]['weight_decay'] or ours[1]['weight_decay'] != 0
+            or [len(g['params']) for g in groups] != [len(ours[1]['params']), len(ours[0]['params'])]):
+        return saved
+    # our index of each saved index: the decay group's parameters first, then the no-decay group's
+    new_index = {old: new for new, old in enumerate(groups[1]['params'] + groups[0]['params'])}
+    print('note: optimizer state saved by upstream LocalMIM (weight-decay groups in the other order): renumbered')
+    return {'state': {new_index[i]: v for i, v in saved['state'].items()},
+            'param_groups': [{**g, 'params': [new_index[i] for i in g['params']]} for g in (groups[1], groups[0])]}
+
+
 def restore_training_state(ckpt: dict[str, Any], path: str | Path, optimizer: torch.optim.Optimizer,
                            loss_scaler, groups_hint: str) -> None:
     """Optimizer, loss-scaler and this rank's RNG state from a loaded checkpoint. An optimizer
@@ -156,7 +173,7 @@ def restore_training_state(ckpt: dict[str, Any], path: str | Path, optimizer: to
     what to do); a checkpoint from another number of processes restarts the RNG streams."""
     if 'optimizer' in ckpt:
         try:
-            optimizer.load_state_dict(ckpt['optimizer'])
+            optimizer.load_state_dict(upstream_groups_reordered(ckpt['optimizer'], optimizer))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f'the optimizer state in {path} was saved for other parameter groups '
                                   f'({e}): {groups_hint}') from None
