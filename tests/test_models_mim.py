@@ -592,7 +592,7 @@ def test_bf16_autocast_step_keeps_float32_targets_and_loss():
 
 def test_a_model_too_shallow_for_four_distinct_taps_is_refused():
     with pytest.raises(ValueError, match=r'blocks \[1, 3, 3, 5\].*depth 6 is too shallow'):
-        models_mim.MaskedAutoencoderViT(img_size=32, patch_size=16, embed_dim=48, depth=6, num_heads=3, decoder_embed_dim=32,
-                             decoder_num_heads=4)
+        models_mim.MaskedAutoencoderViT(img_size=32, patch_size=16, embed_dim=48, depth=6, num_heads=3,
+                                        decoder_embed_dim=32, decoder_num_heads=4)
     assert models_mim.MaskedAutoencoderViT(img_size=32, patch_size=16, embed_dim=48, depth=7, num_heads=3,
                                            decoder_embed_dim=32, decoder_num_heads=4).ID == [1, 3, 4, 6]
