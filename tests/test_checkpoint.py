@@ -195,3 +195,17 @@ def test_an_upstream_optimizer_state_resumes_into_a_plain_run():
     with pytest.raises(SystemExit, match='hint'):
         restore_training_state({'optimizer': {'state': {}, 'param_groups': saved['param_groups'][:1]}}, 'x.pth',
                                optimizer, None, 'hint')
+
+
+def test_auto_resume_passes_over_a_damaged_checkpoint_last(tmp_path, capsys):
+    """checkpoint-last.pth is rewritten every epoch: when it cannot be read (a bad copy, a full
+    disk), auto-resume takes the newest numbered checkpoint and says so; when nothing else is
+    there it stops with the read error rather than starting over."""
+    (tmp_path / 'checkpoint-last.pth').write_bytes(b'PK\x03\x04 cut off')
+    with pytest.raises(SystemExit, match='cannot read checkpoint'):
+        checkpoint.newest_checkpoint(tmp_path)
+    torch.save({'epoch': 4}, tmp_path / 'checkpoint-4.pth')
+    assert checkpoint.newest_checkpoint(tmp_path) == tmp_path / 'checkpoint-4.pth'
+    assert f'resuming from {tmp_path / "checkpoint-4.pth"} instead' in capsys.readouterr().out
+    torch.save({'epoch': 6}, tmp_path / 'checkpoint-last.pth')  # readable again: the newest wins
+    assert checkpoint.newest_checkpoint(tmp_path) == tmp_path / 'checkpoint-last.pth'

@@ -71,6 +71,20 @@ def test_empty_folder_message(tmp_path):
     assert '<class>' in msg and 'train' in msg  # says what layout was expected
 
 
+def test_an_empty_class_folder_is_a_clear_error_for_every_backend(tmp_path):
+    """One class folder without images next to good ones: a DataLayoutError naming it (the
+    dataset classes of all three backends share the check), not torchvision's traceback."""
+    from util.gpu_data import GpuCacheLoader, JpegBytesFolder
+    write_images(tmp_path / 'cat', 2)
+    (tmp_path / 'zzz_empty').mkdir()
+    (tmp_path / 'zzz_empty' / 'notes.txt').write_text('not an image')
+    for make in (lambda: SeededImageFolder(tmp_path, PretrainTransform(32), 0), lambda: JpegBytesFolder(tmp_path),
+                 lambda: GpuCacheLoader(tmp_path, 32, 1, 0, 0, 1, 0, 'cpu')):
+        with pytest.raises(SystemExit, match=r'zzz_empty') as e:
+            make()
+        assert str(e.value).startswith('error: ') and str(tmp_path) in str(e.value)
+
+
 H, W = 375, 500  # a typical ImageNet photo
 
 

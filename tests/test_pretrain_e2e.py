@@ -401,15 +401,14 @@ def test_resume_from_upstream_format_checkpoint(data, plain_run, tmp_path):
     assert 'upstream format' in res.stdout and 'continuing at epoch 1' in res.stdout, res.describe()
 
 
-def test_a_second_launch_is_refused_and_ctrl_c_ends_with_one_line_and_the_rerun_resumes(data, tmp_path):
-    import os
-    import signal
+def start_long_run(data, out):
+    """A 300-epoch run with 2 loader workers in its own process group, returned once it has
+    written checkpoint-last.pth (or ended)."""
     import subprocess
     import sys
     import time
 
     from helpers import COMMON, subprocess_env
-    out = tmp_path / 'out'
     cmd = [sys.executable, 'run_pretrain.py', *COMMON, '--data_path', str(data), '--output_dir', str(out),
            '--epochs', '300', '--num_workers', '2']
     proc = subprocess.Popen(cmd, cwd=VIT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -417,6 +416,15 @@ def test_a_second_launch_is_refused_and_ctrl_c_ends_with_one_line_and_the_rerun_
     deadline = time.time() + 120
     while not (out / 'checkpoint-last.pth').is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
+    return proc
+
+
+def test_a_second_launch_is_refused_and_ctrl_c_ends_with_one_line_and_the_rerun_resumes(data, tmp_path):
+    import os
+    import signal
+
+    out = tmp_path / 'out'
+    proc = start_long_run(data, out)
     # the same command started again while this one runs: refused before it writes anything
     second = run_pretrain('--data_path', data, '--output_dir', out, '--epochs', '300', timeout=120)
     assert second.returncode != 0 and 'Traceback' not in second.output, second.describe()
@@ -430,3 +438,18 @@ def test_a_second_launch_is_refused_and_ctrl_c_ends_with_one_line_and_the_rerun_
     res = run_ok('--data_path', data, '--output_dir', out, '--epochs', str(done[-1] + 2))
     epochs = [r['epoch'] for r in read_log(out)]
     assert 'resumed from' in res.stdout and epochs == sorted(set(epochs)) and epochs[-1] == done[-1] + 1
+
+
+def test_sigterm_ends_with_one_line_that_says_how_to_resume(data, tmp_path):
+    """SIGTERM to the whole process group (a scheduler's preemption; the loader workers get it
+    too): one line with the resume hint, exit status 143, no traceback."""
+    import os
+    import signal
+
+    out = tmp_path / 'out'
+    proc = start_long_run(data, out)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stdout[-2000:] + stderr[-3000:]
+    assert 'Traceback' not in stderr, stderr[-3000:]
+    assert f'terminated (SIGTERM); the same command resumes from {out}/checkpoint-' in stderr, stderr[-2000:]

@@ -207,7 +207,13 @@ def newest_checkpoint(output_dir: str | Path) -> Path | None:
         candidates.append((int(CHECKPOINT_PATTERN.match(numbered.name).group(1)), numbered))
     last = Path(output_dir) / 'checkpoint-last.pth'
     if last.is_file():
-        candidates.append((saved_epoch(last), last))
+        try:
+            candidates.append((saved_epoch(last), last))
+        except CheckpointError as e:
+            if not candidates:  # nothing else to continue from: say so rather than start over
+                raise
+            # rewritten every epoch, so the likeliest file to be damaged (e.g. a bad copy)
+            print(f'note: {str(e.code).removeprefix("error: ")}; resuming from {candidates[0][1]} instead')
     return max(candidates)[1] if candidates else None
 
 

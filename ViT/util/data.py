@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -167,12 +167,30 @@ class PretrainTransform:
         return TF.pil_to_tensor(img)
 
 
-class SeededImageFolder(datasets.ImageFolder):
+class ClassFolder(datasets.ImageFolder):
+    """ImageFolder whose class list can be imposed, so val labels use train's indices even when
+    val lacks some classes; an empty class folder is a DataLayoutError. Every dataset here is one."""
+
+    def __init__(self, root: str | Path, transform=None, classes: Sequence[str] | None = None,
+                 loader: Callable[[str], Any] = load_rgb):
+        self.imposed_classes = list(classes) if classes is not None else None
+        try:
+            super().__init__(str(root), transform=transform, loader=loader, allow_empty=classes is not None)
+        except FileNotFoundError as e:  # an empty class folder
+            raise DataLayoutError(f'{root}: {e}') from None
+
+    def find_classes(self, directory):
+        if self.imposed_classes is None:
+            return super().find_classes(directory)
+        return self.imposed_classes, {c: i for i, c in enumerate(self.imposed_classes)}
+
+
+class SeededImageFolder(ClassFolder):
     """ImageFolder whose items are addressed by (epoch, index) pairs from EpochSampler;
     the pair seeds that sample's augmentation."""
 
     def __init__(self, root: str | Path, transform: PretrainTransform, seed: int):
-        super().__init__(str(root), loader=load_rgb)
+        super().__init__(root)
         self.pretrain_transform = transform
         self.seed = seed
 
@@ -252,23 +270,6 @@ def resolve_split_folder(path: str, split: str) -> Path:
             f'<data_path>/train/<class>/<image> and <data_path>/val/<class>/<image> (or '
             f'<data_path>/<split>/image_folders/<class>/<image>)')
     return folder
-
-
-class ClassFolder(datasets.ImageFolder):
-    """ImageFolder whose class list can be imposed, so val labels use train's indices even when
-    val lacks some classes."""
-
-    def __init__(self, root: str | Path, transform=None, classes: Sequence[str] | None = None):
-        self.imposed_classes = list(classes) if classes is not None else None
-        try:
-            super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=classes is not None)
-        except FileNotFoundError as e:  # an empty class folder
-            raise DataLayoutError(f'{root}: {e}') from None
-
-    def find_classes(self, directory):
-        if self.imposed_classes is None:
-            return super().find_classes(directory)
-        return self.imposed_classes, {c: i for i, c in enumerate(self.imposed_classes)}
 
 
 def build_classification_datasets(data_path: str, train_transform, val_transform

@@ -39,13 +39,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 import torch.utils.data
-import torchvision.datasets as datasets
 import torchvision.transforms.functional as TF
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 
-from util.data import (CROP_RATIO, CROP_SCALE, DataLayoutError, EpochSampler, UnreadableImage, build_pretrain_loader,
-                       normalize_uint8_range, resolve_image_folder, sample_crop_boxes, sample_flips)
+from util.data import (CROP_RATIO, CROP_SCALE, ClassFolder, DataLayoutError, EpochSampler, UnreadableImage,
+                       build_pretrain_loader, normalize_uint8_range, resolve_image_folder, sample_crop_boxes,
+                       sample_flips)
 
 BACKENDS = ('pil', 'gpu', 'gpu-cache')
 # pixels of one padded canvas (batch x height x width); larger batches are resampled in groups
@@ -185,12 +185,12 @@ def _check_enough(dataset, root, batch_size: int, world_size: int) -> None:
                               f'({batch_size} x {world_size}); lower --batch_size')
 
 
-class JpegBytesFolder(datasets.ImageFolder):
+class JpegBytesFolder(ClassFolder):
     """ImageFolder whose items are the raw file bytes (uint8 1-D tensors); keys are (epoch, index)
     pairs from EpochSampler or plain indices."""
 
     def __init__(self, root: str | Path):
-        super().__init__(str(root), loader=read_file)
+        super().__init__(root, loader=read_file)
 
     def __getitem__(self, key):
         index = key[1] if isinstance(key, tuple) else key
@@ -487,7 +487,7 @@ class GpuCacheLoader:
     def __init__(self, root: str | Path, input_size: int, batch_size: int, seed: int, num_workers: int,
                  world_size: int, rank: int, device: torch.device | str, cache_size: int | None = None,
                  mode: str = 'bicubic', log=print):
-        self.dataset = datasets.ImageFolder(str(root))
+        self.dataset = ClassFolder(root)
         _check_enough(self.dataset, root, batch_size, world_size)
         self.input_size, self.batch_size, self.seed, self.rank = input_size, batch_size, seed, rank
         self.device, self.mode = torch.device(device), mode

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -85,17 +87,33 @@ def resume_hint(args: argparse.Namespace) -> str:
     return f'; the same command resumes from {newest}'
 
 
+class Terminated(Exception):
+    """SIGTERM (a scheduler's preemption, a launcher stopping its workers, `timeout`)."""
+
+
+def _terminate_main_process(main_pid: int) -> Callable[[int, Any], None]:
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:  # a forked DataLoader worker: die as without the handler
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+    return handler
+
+
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
              resumable: bool = True) -> None:
-    """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, and a data file
-    that cannot be decoded (raised in a DataLoader worker, whose traceback would bury the file's
-    name), end with one line instead of a traceback."""
+    """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, SIGTERM, and a
+    data file that cannot be decoded (raised in a DataLoader worker, whose traceback would bury
+    the file's name), end with one line instead of a traceback; the first two say how to continue."""
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _terminate_main_process(os.getpid()))
     try:
         main(args)
-    except KeyboardInterrupt:
-        print(f'interrupted{resume_hint(args) if resumable else ""}', file=sys.stderr, flush=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, Terminated) as e:
+        what = 'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'
+        print(f'{what}{resume_hint(args) if resumable else ""}', file=sys.stderr, flush=True)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except UnreadableImage as e:
         text = str(e)  # from a worker: its whole traceback, ending with our message
         sys.exit('error: ' + text[text.rfind('cannot decode'):].splitlines()[0])
