@@ -209,3 +209,18 @@ def test_auto_resume_passes_over_a_damaged_checkpoint_last(tmp_path, capsys):
     assert f'resuming from {tmp_path / "checkpoint-4.pth"} instead' in capsys.readouterr().out
     torch.save({'epoch': 6}, tmp_path / 'checkpoint-last.pth')  # readable again: the newest wins
     assert checkpoint.newest_checkpoint(tmp_path) == tmp_path / 'checkpoint-last.pth'
+
+
+def test_unreadable_checkpoints_say_what_is_wrong(tmp_path):
+    import fractions
+    (tmp_path / 'notes.pth').write_bytes(b'epoch 3, loss 0.16\n')
+    torch.save({'model': {'w': torch.ones(1000)}}, tmp_path / 'full.pth')
+    (tmp_path / 'cut.pth').write_bytes((tmp_path / 'full.pth').read_bytes()[:300])
+    torch.save({'model': fractions.Fraction(1, 3)}, tmp_path / 'object.pth')  # not weights-only loadable
+    expected = {'notes.pth': 'not a file written by torch.save', 'cut.pth': 'damaged',
+                'object.pth': 'it pickles Python objects other than tensors and containers'}
+    for name, message in expected.items():
+        with pytest.raises(SystemExit, match=message) as e:
+            checkpoint.load(tmp_path / name)
+        assert str(e.value).startswith(f'error: cannot read checkpoint {tmp_path / name}')
+    assert checkpoint.load(tmp_path / 'full.pth')['model']['w'].shape == (1000,)

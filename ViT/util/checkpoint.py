@@ -133,8 +133,14 @@ def load(path: str | Path, map_location: str | torch.device = 'cpu') -> dict[str
                     obj['args'] = vars(obj['args'])  # callers read args as this project saves them
                 return obj
         first_line = (str(first_error).splitlines() or [''])[0]
-        detail = ('it pickles Python objects other than tensors and containers' if 'Weights only load failed'
-                  in message else f'{type(first_error).__name__}: {first_line}')
+        with open(path, 'rb') as f:
+            head = f.read(2)
+        if not (head == b'PK' or head[:1] == b'\x80'):  # torch.save writes a zip, or a pickle (legacy)
+            detail = 'not a file written by torch.save'
+        elif 'Weights only load failed' in message:
+            detail = 'it pickles Python objects other than tensors and containers'
+        else:
+            detail = f'{type(first_error).__name__}: {first_line}'
         raise CheckpointError(f'cannot read checkpoint {path} (not a checkpoint of these scripts, or damaged): '
                               f'{detail}') from None
     if not isinstance(obj, dict):
