@@ -116,6 +116,20 @@ def test_launch_with_accumulation_and_freezeout(data, tmp_path):
     events = {r['freeze_step'] for r in sched['layers'] if r['freeze_step'] < sched['total_steps']}
     assert any(s % steps_per_epoch for s in events) and any(s % steps_per_epoch == 0 for s in events)
 
+    # a requeued job: the same command, in a folder holding only checkpoint-1.pth, resumes at
+    # epoch 2 and ends with the uninterrupted run's weights and optimizer state, on every rank
+    requeued = tmp_path / 'requeued'
+    (requeued / 'out').mkdir(parents=True)
+    shutil.copy2(out / 'checkpoint-1.pth', requeued / 'out')
+    res, out2, dumps2 = run_two_processes('launch', data, requeued, [
+        '--epochs', str(epochs), '--accum_iter', str(accum), '--t_0', '0.5', '--how_scale', 'linear'])
+    assert 'continuing at epoch 2' in res.stdout, res.describe()
+    first, again = load_ckpt(out / 'checkpoint-last.pth'), load_ckpt(out2 / 'checkpoint-last.pth')
+    assert_same_tensors(first['model'], again['model'], 'model after a 2-process resume')
+    assert_same_optimizer_state(first['optimizer'], again['optimizer'], 'optimizer after a 2-process resume')
+    rank1 = torch.load(dumps2 / 'rank1.pt', map_location='cpu', weights_only=True)
+    assert_same_tensors(again['model'], rank1['model'], 'resumed: rank 0 vs rank 1')
+
 
 def test_torchrun_freeze_events_mid_epoch_no_hang(data, tmp_path):
     """torchrun; every freeze event (layers and LocalMIM taps) falls inside an epoch, so the
