@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result))
         return result
     print(f'{args.model} at {args.input_size}px, mask {args.mask_ratio}, {args.how_scale} t_0={args.t_0} '
-          f'(FLOP estimate; backward = 2x forward, frozen layers forward only)')
+          f'(FLOP estimate; backward = 2x forward, 1x for the patch embedding; frozen layers forward only)')
     print(f'{"decoders":>9} {"plain GFLOP/img":>16} {"FreezeOut avg":>14} {"saving":>7} {"speedup":>8}')
     for mode, r in result.items():
         print(f'{mode:>9} {r["plain_gflops_per_image"]:>16.2f} {r["average_gflops_per_image"]:>14.2f} '

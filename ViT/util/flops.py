@@ -3,8 +3,10 @@
 
 Counted: matrix multiplies and attention of every encoder block (on the 1 + kept tokens),
 the patch embedding (on all patches), each tap's decoder (embedding, one block on all
-1 + L tokens, the prediction head) and the HOG targets. Backward costs twice the forward
-for layers that train; a frozen layer costs only its forward; a dropped tap costs nothing.
+1 + L tokens, the prediction head) and the HOG targets; the loss is negligible. Backward costs
+twice the forward for layers that train (input and weight gradients), except the patch
+embedding, whose input (the images) needs no gradient: once its forward. A frozen layer costs
+only its forward; a dropped tap costs nothing.
 Memory traffic, optimizer steps and kernel launch gaps are not counted, so the figures are
 estimates of GPU work, not of wall time.
 """
@@ -85,7 +87,8 @@ def hog_flops(shape: ModelShape, live_scales: int) -> float:
 def step_flops(shape: ModelShape, num_frozen: int, decoder_freeze: str = 'tap') -> float:
     """FLOPs of one training step per image with the first `num_frozen` layers frozen."""
     layers = layer_forward_flops(shape)
-    total = sum(f if i < num_frozen else 3 * f for i, f in enumerate(layers))
+    # layer 0 (the patch embedding) has no input gradient to compute: forward + weight gradient
+    total = sum(f if i < num_frozen else (2 if i == 0 else 3) * f for i, f in enumerate(layers))
     # blocks after the last live tap are not run at all; with LocalMIM's taps the last block
     # is always a tap, so every block runs
     live = [j for j, b in enumerate(shape.taps) if decoder_freeze == 'never' or b + 1 >= num_frozen]
