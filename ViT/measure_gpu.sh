@@ -19,7 +19,8 @@
 #      from an unpacked measure_gpu.tgz, e.g. when a later stage was cut short);
 #   6. unless GPU_TESTS=0: the GPU integration tests (tests/test_gpu_paths.py);
 #   7. with STUDY_MINUTES=N: study.py for at most N minutes, continuing image/study_results.json
-#      in <out>/study/ (updated after every run; run logs in <out>/study_logs.tgz); with
+#      in <out>/study/ (updated after every run; run logs in <out>/study_logs.tgz; the runs'
+#      checkpoints in study_out/gpu_runs, or STUDY_RUNS, kept for a later call); with
 #      STUDY_UNTIL=S instead, for whatever is left until S seconds after this script started
 #      (fills one device call: e.g. STUDY_UNTIL=560 under a 590 s limit).
 # The device tool returns at most 8 files: everything is packed after every stage into
@@ -147,14 +148,21 @@ if [ "${ONLY_STUDY:-0}" = 1 ] && [ "$study_s" = 0 ]; then
 fi
 if [ "$study_s" != 0 ]; then
   stage "7. study (at most $STUDY_MINUTES minutes; results in $out/study/)"
-  mkdir -p "$out/study" "$work/study_runs"
+  # on a GPU the runs (checkpoints) go to the git-ignored study_out/, which a warm machine keeps
+  # between device calls: a later call can fine-tune a config pretrained in this one without
+  # pretraining it again
+  runs="$work/study_runs"
+  [ "${QUICK:-0}" != 1 ] && runs="$here/../study_out/gpu_runs"
+  runs="${STUDY_RUNS:-$runs}"
+  mkdir -p "$out/study" "$runs"
   [ "${QUICK:-0}" != 1 ] && [ -f ../image/study_results.json ] && cp ../image/study_results.json "$out/study/"
   # a run may outlast --max_minutes' estimate: stop it in time to pack the logs (STUDY_UNTIL is a hard end)
   limit=$(( study_s + 120 ))
   [ -n "${STUDY_UNTIL:-}" ] && limit=$(( STUDY_UNTIL + 15 - SECONDS ))
   timeout -k 5 $limit python3 study.py $study_flags --data_path "$data/imagenette-128" \
-    --out "$work/study_runs" --results "$out/study/study_results.json" --max_minutes "$STUDY_MINUTES"
-  tar czf "$out/study_logs.tgz" -C "$work" --exclude='*.pth' --exclude='events.out.*' study_runs
+    --out "$runs" --results "$out/study/study_results.json" --max_minutes "$STUDY_MINUTES"
+  tar czf "$out/study_logs.tgz" -C "$(dirname "$runs")" --exclude='*.pth' --exclude='events.out.*' \
+    "$(basename "$runs")"
 fi
 
 stage "done: results in $out"

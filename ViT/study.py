@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +107,10 @@ class RunFailed(Exception):
     """A script of the study exited with an error; the message ends with its log's last lines."""
 
 
+# reading a run's logs: a missing, empty or cut-off log.txt fails that run, not the study
+LOG_ERRORS = (OSError, ValueError, KeyError, IndexError, ZeroDivisionError)
+
+
 def run(cmd: list[str], log: Path) -> float:
     """Runs a script from ViT/, its output appended to `log`; returns the wall time."""
     print(f'$ {" ".join(cmd)}', flush=True)
@@ -169,7 +174,7 @@ class Study:
             raise OutOfTime(f'{what} not started: {elapsed / 60:.1f} min spent, the longest run took '
                             f'{self.longest_run / 60:.1f} min, --max_minutes {self.args.max_minutes:g}')
 
-    def fail(self, what: str, error: RunFailed) -> None:
+    def fail(self, what: str, error: RunFailed | str) -> None:
         """A run that failed is reported and left out; the study goes on with the others, and the
         next invocation of the same command tries it again."""
         self.failures.append(f'{what}: {error}')
@@ -207,7 +212,9 @@ class Study:
             return self.pretrain_and_score(key, config, flags, seed)
         except RunFailed as e:
             self.fail(f'pretraining or scoring {key}', e)
-            return None
+        except LOG_ERRORS as e:
+            self.fail(f'pretraining or scoring {key}', f'its logs could not be read ({type(e).__name__}: {e})')
+        return None
 
     def pretrain_and_score(self, key: str, config: str, flags: list[str], seed: int) -> dict:
         a = self.args
@@ -218,6 +225,7 @@ class Study:
         images = sum(e['train_images_per_s'] * e['train_epoch_time'] for e in epochs)
         record = {**{k: getattr(a, k) for k in SETUP_KEYS},
                   'config': config, 'seed': seed, 'flags': flags, 'device': device_name(self.device),
+                  'host': socket.gethostname(),
                   'pretrain_wall_s': wall, 'pretrain_train_s': train_time,
                   'pretrain_img_per_s': images / train_time,  # over the run: later FreezeOut epochs are faster
                   'final_loss': epochs[-1]['train_loss'], 'flops_saving_estimate': self.flops_saving(flags),
@@ -256,6 +264,8 @@ class Study:
             self.pretrain_again_and_finetune(key, record)
         except RunFailed as e:
             self.fail(f'fine-tuning {key}', e)
+        except LOG_ERRORS as e:
+            self.fail(f'fine-tuning {key}', f'its logs could not be read ({type(e).__name__}: {e})')
 
     def pretrain_again_and_finetune(self, key: str, record: dict) -> None:
         if not Path(record['checkpoint']).is_file():  # recorded by an earlier session, on another machine
@@ -264,8 +274,10 @@ class Study:
             # the scored record (its times, card and accuracies) stays; only the encoder is new
             ckpt, _, _ = self.run_pretraining(record['config'], record['flags'], record['seed'])
             record['checkpoint'] = str(ckpt)
-            record['finetuned_encoder'] = (f'pretrained again with the same flags and seed on '
-                                           f'{device_name(self.device)}, {datetime.date.today().isoformat()}')
+            encoder_note = (f'pretrained again with the same flags and seed on {device_name(self.device)}, '
+                            f'{datetime.date.today().isoformat()}')
+        else:
+            encoder_note = None
         self.check_time(f'fine-tuning {key}')
         a = self.args
         folder = Path(record['checkpoint']).parents[1]
@@ -277,6 +289,8 @@ class Study:
             folder / 'study_log.txt')
         record['finetune_top1'] = json_lines(folder / 'finetune' / 'log.txt')[-1]['max_accuracy']
         record['finetune_wall_s'] = wall
+        if encoder_note:  # set only now: a fine-tune that fails leaves the record as it was
+            record['finetuned_encoder'] = encoder_note
         self.longest_run = max(self.longest_run, wall)
         self.save()
 
@@ -290,6 +304,20 @@ class Study:
         return flops.freezeout_speedup(shape, t_0, how, mode)['saving']
 
 
+def regular_baseline(runs: list[dict], r: dict) -> float | None:
+    """Mean pretraining loop time of the regular runs to compare `r` with: those on the same
+    host when there are any (the launch-bound step at 128 px depends on the host CPU too), else
+    those on the same card (a study may span several leases)."""
+    regular = [x for x in runs if x['config'] == 'regular' and x['device'] == r['device']]
+    same_host = [x for x in regular if r.get('host') is not None and x.get('host') == r.get('host')]
+    pool = same_host or regular
+    return sum(x['pretrain_train_s'] for x in pool) / len(pool) if pool else None
+
+
+METRICS = (('knn_top1', '20-NN top-1 (%)'), ('linprobe_top1', 'linear top-1 (%)'),
+           ('finetune_top1', 'fine-tune top-1, best epoch (%)'))
+
+
 def render(results: dict, folder: Path) -> None:
     """study_results.md (table) and study_accuracy_vs_time.png beside the JSON. Pretrain time is
     the training loop's (the epochs' sum, what FreezeOut changes); wall adds the process start,
@@ -297,40 +325,47 @@ def render(results: dict, folder: Path) -> None:
     runs = sorted(results['runs'].values(), key=lambda r: (r['config'] != 'regular', r['config'], r['seed']))
     if not runs:
         return
-    # time saved against plain LocalMIM on the same card (leases may be H100s or H200s)
-    regular: dict[str, list[float]] = {}
-    for r in runs:
-        if r['config'] == 'regular':
-            regular.setdefault(r['device'], []).append(r['pretrain_train_s'])
-    base_of = {card: sum(v) / len(v) for card, v in regular.items()}
     lines = ['| config | seed | pretrain time (s) | wall (s) | time saved | FLOP estimate | img/s | kNN top-1 | '
-             'linear top-1 | fine-tune top-1 | device | date |', '|' + '---|' * 12]
+             'linear top-1 | fine-tune top-1 (best epoch) | device | date |', '|' + '---|' * 12]
     for r in runs:
-        base = base_of.get(r['device'])
+        base = regular_baseline(runs, r)
         saved = f'{1 - r["pretrain_train_s"] / base:.1%}' if base else 'n/a'
         ft = f'{r["finetune_top1"]:.2f}' if 'finetune_top1' in r else ''
         wall = f'{r["pretrain_wall_s"]:.0f}' if 'pretrain_wall_s' in r else ''
         lines.append(f'| {r["config"]} | {r["seed"]} | {r["pretrain_train_s"]:.1f} | {wall} | {saved} | '
                      f'{r["flops_saving_estimate"]:.1%} | {r["pretrain_img_per_s"]:.0f} | {r["knn_top1"]:.2f} | '
                      f'{r["linprobe_top1"]:.2f} | {ft} | {r["device"]} | {r["date"]} |')
+    lines += ['', 'Time saved: against the mean pretraining loop of the regular runs on the same host '
+              '(else the same card). Accuracies are on the val split, which also chose the best config.']
     (folder / 'study_results.md').write_text('\n'.join(lines) + '\n')
 
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for metric, marker in (('knn_top1', 'o'), ('linprobe_top1', 's')):
-        xs = [r['pretrain_train_s'] for r in runs]
-        ax.scatter(xs, [r[metric] for r in runs], marker=marker, label={'knn_top1': '20-NN top-1', 'linprobe_top1': 'linear top-1'}[metric])
+    metrics = [(key, label) for key, label in METRICS if any(key in r for r in runs)]
+    configs = sorted({r['config'] for r in runs}, key=lambda c: (c != 'regular', c))
+    colour = {c: plt.get_cmap('tab10')(i % 10) for i, c in enumerate(configs)}
+    first_seed = min(r['seed'] for r in runs)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.2), dpi=120, squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
         for r in runs:
-            ax.annotate(f'{r["config"]}/s{r["seed"]}', (r['pretrain_train_s'], r[metric]), fontsize=6,
-                        xytext=(3, 3), textcoords='offset points')
-    ax.set_xlabel('pretraining time (s)')
-    ax.set_ylabel('val accuracy (%)')
-    ax.set_title(f'{runs[0]["model"]}, {runs[0]["epochs"]} epochs, {runs[0]["device"]}')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+            if key not in r:
+                continue
+            filled = r['seed'] == first_seed  # later seeds: hollow markers
+            ax.scatter(r['pretrain_train_s'], r[key], s=40, color=colour[r['config']] if filled else 'none',
+                       edgecolors=colour[r['config']], linewidths=1.5)
+        ax.set_xlabel('pretraining loop time (s)')
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker='o', ls='', color=colour[c], label=c) for c in configs]
+    others = sorted({r['seed'] for r in runs} - {first_seed})
+    handles.append(plt.Line2D([], [], marker='o', ls='', color='grey', markerfacecolor='none', label=(
+        f'filled: seed {first_seed}' + (f'; hollow: seed {", ".join(map(str, others))}' if others else ''))))
+    fig.legend(handles=handles, loc='lower center', ncol=min(len(handles), 4), fontsize=7, frameon=False)
+    cards = ', '.join(sorted({r['device'] for r in runs}))
+    size = f' at {runs[0]["input_size"]} px' if 'input_size' in runs[0] else ''
+    fig.suptitle(f'{runs[0]["model"]}{size}, {runs[0]["epochs"]} epochs; {cards}', fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(folder / 'study_accuracy_vs_time.png')
     plt.close(fig)
 

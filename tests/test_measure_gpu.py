@@ -81,12 +81,16 @@ def test_only_study_runs_the_study_stage_alone(tmp_path):
     data = stand_in_data(tmp_path / 'data')
     shutil.rmtree(data / 'imagenet-sample-40')  # the study reads Imagenette only
     out = tmp_path / 'out'
-    res = measure(out, DATA=str(data), ONLY_STUDY='1', STUDY_MINUTES='0.001')
+    runs = tmp_path / 'kept_runs'  # on a GPU: study_out/gpu_runs, which a warm machine keeps between calls
+    res = measure(out, DATA=str(data), ONLY_STUDY='1', STUDY_MINUTES='0.001', STUDY_RUNS=str(runs))
     assert res.returncode == 0, res.describe()
     console = (out / 'console.txt').read_text()
     assert '7. study' in console and '1. step' not in console and '0. environment' not in console
     assert sorted(p.name for p in out.iterdir()) == ['console.txt', 'study', 'study_logs.tgz']
-    assert list(json.loads((out / 'study' / 'study_results.json').read_text())['runs']) == ['regular/seed0']
+    record = json.loads((out / 'study' / 'study_results.json').read_text())['runs']['regular/seed0']
+    assert Path(record['checkpoint']).is_file() and runs in Path(record['checkpoint']).parents  # still there
+    with tarfile.open(out / 'study_logs.tgz') as tar:
+        assert 'kept_runs/regular/seed0/study_log.txt' in tar.getnames()
     # STUDY_UNTIL: the study gets the seconds left until then (here, nearly all 35 of them)
     res = measure(tmp_path / 'out_until', DATA=str(data), ONLY_STUDY='1', STUDY_UNTIL='35')
     assert res.returncode == 0, res.describe()

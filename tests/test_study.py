@@ -37,7 +37,7 @@ def test_quick_study_end_to_end(tmp_path):
     assert runs[f'{best}/seed0']['flops_saving_estimate'] > 0.05
     assert 'finetune_top1' in runs['regular/seed0'] and 'finetune_top1' in runs[f'{best}/seed0']
     table = (results.parent / 'study_results.md').read_text()
-    assert table.count('\n') == len(runs) + 2 and '| regular | 0 |' in table
+    assert table.count('\n') == len(runs) + 4 and '| regular | 0 |' in table and '\nTime saved: against' in table
     assert (results.parent / 'study_accuracy_vs_time.png').stat().st_size > 1000
 
     # a second invocation skips what is recorded; a fine-tune whose checkpoint is gone (recorded
@@ -127,6 +127,38 @@ def test_time_saved_is_against_regular_on_the_same_card(tmp_path):
             for line in (tmp_path / 'study_results.md').read_text().splitlines()[2:]}
     assert '| 20.0% |' in rows[('cubic0.8', '0')] and '| 10.0% |' in rows[('cubic0.8', '1')]
     assert '| n/a |' in rows[('linear0.5', '0')]  # no regular run on that card
+
+    # with hosts recorded, the regular runs of the same host (the launch-bound step depends on its CPU)
+    hosts = {'regular/seed0': ('regular', 0, 100.0, 'a'), 'regular/seed1': ('regular', 1, 60.0, 'b'),
+             'cubic0.8/seed0': ('cubic0.8', 0, 80.0, 'a'), 'cubic0.8/seed1': ('cubic0.8', 1, 45.0, 'b'),
+             'linear0.5/seed0': ('linear0.5', 0, 64.0, None)}  # no host: every regular run on the card
+    study.render({'runs': {key: {**run(c, seed, 'H200', t), 'host': h} for key, (c, seed, t, h) in hosts.items()}},
+                 tmp_path)
+    rows = {tuple(c.strip() for c in line.split('|')[1:3]): line
+            for line in (tmp_path / 'study_results.md').read_text().splitlines()[2:7]}
+    assert '| 20.0% |' in rows[('cubic0.8', '0')] and '| 25.0% |' in rows[('cubic0.8', '1')]
+    assert '| 20.0% |' in rows[('linear0.5', '0')]  # against (100 + 60) / 2
+
+
+def test_a_run_whose_logs_cannot_be_read_fails_alone(tmp_path, monkeypatch):
+    """A script that exits 0 but leaves an empty log.txt (a full disk, say) fails that run; the
+    study goes on with the others, as after a script error."""
+    import study
+    data = make_demo_data(tmp_path)
+    fake = fake_scripts(lambda cmd: False)
+
+    def empty_knn_log_for_cubic(cmd, log):
+        wall = fake(cmd, log)
+        if cmd[0] == 'run_knn.py' and 'cubic0.8' in str(cmd):
+            (Path(str(cmd[cmd.index('--output_dir') + 1])) / 'log.txt').write_text('')
+        return wall
+    monkeypatch.setattr(study, 'run', empty_knn_log_for_cubic)
+    with pytest.raises(SystemExit) as failed:
+        study.main(['--quick', '--device', 'cpu', '--data_path', str(data), '--out', str(tmp_path / 'runs'),
+                    '--results', str(tmp_path / 'r.json')])
+    assert 'pretraining or scoring cubic0.8/seed0: its logs could not be read (KeyError' in str(failed.value)
+    recorded = json.loads((tmp_path / 'r.json').read_text())
+    assert recorded['best'] == 'linear0.5-noscale' and 'regular/seed1' in recorded['runs']
 
 
 def test_quick_mode_writes_beside_its_runs_not_into_image(tmp_path, monkeypatch):
