@@ -95,12 +95,14 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, amp: str = 'no
     are added over processes."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
+    top = 5
     for samples, targets in data_loader:
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast_context(device, amp):
             logits = model(samples)
         logits = logits.float()
+        top = min(5, logits.shape[1])  # top-5 on fewer classes is top-<classes>
         c1, c5 = topk_correct(logits, targets)
         sums += torch.stack([F.cross_entropy(logits, targets, reduction='sum').double(),
                              c1.double(), c5.double(), torch.tensor(float(len(targets)), device=device,
@@ -110,7 +112,6 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, amp: str = 'no
     loss, c1, c5, n = sums.tolist()
     n = max(n, 1.0)
     stats = {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'loss': loss / n, 'num_samples': int(n)}
-    top = min(5, getattr(model, 'num_classes', 5) or 5)  # top-5 on fewer classes is top-<classes>
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@{top} {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
           f'({stats["num_samples"]} images)', flush=True)
     return stats

@@ -258,8 +258,8 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
-        differ = ''.join(f'; it was written with --{k} {saved[k]}, this run has {getattr(args, k)}'
-                         for k in ('model', 'input_size', 'global_pool') if k in saved and saved[k] != getattr(args, k))
+        differ = checkpoint.changed_flags(saved, args, ('model', 'input_size', 'nb_classes', 'global_pool'))
+        differ = f'; this run has {", ".join(differ)}' if differ else ''
         raise checkpoint.CheckpointError(
             f'{path} does not fit this model ({checkpoint.state_dict_mismatch(e)}){differ}; --resume/--eval take '
             f'checkpoints written by this script '

@@ -244,7 +244,7 @@ def main(args: argparse.Namespace) -> dict:
                                  args.accum_iter)
     loss_scaler = torch.amp.GradScaler(device.type) if args.amp == 'fp16' else None
 
-    # resume: the frozen set is recomputed from the step before the optimizer state is loaded
+    # resume: the frozen set of the resume step is applied after the optimizer state is loaded
     start_epoch = args.start_epoch
     resume_path = find_resume_checkpoint(args)
     if resume_path is not None:

@@ -339,7 +339,7 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
     res = run_script(['run_finetune.py', *common[:2], '--input_size', '32', *common[4:], '--eval', '--resume',
                       str(out / 'checkpoint-best.pth')])
     assert res.returncode != 0 and 'Traceback' not in res.stdout + res.stderr, res.stdout[-3000:] + res.stderr
-    assert 'it was written with --input_size 64, this run has 32' in res.stderr, res.stderr
+    assert 'this run has --input_size 32 (checkpoint: 64)' in res.stderr, res.stderr
 
     # a longer run in the same folder resumes from checkpoint-last.pth and keeps the best so far
     res = run_script(['run_finetune.py', *common, '--finetune', str(pretrain_ckpt), '--epochs', '3',

@@ -453,3 +453,5 @@ def test_sigterm_ends_with_one_line_that_says_how_to_resume(data, tmp_path):
     assert proc.returncode == 143, stdout[-2000:] + stderr[-3000:]
     assert 'Traceback' not in stderr, stderr[-3000:]
     assert f'terminated (SIGTERM); the same command resumes from {out}/checkpoint-' in stderr, stderr[-2000:]
+    from util.runtime import Terminated
+    assert not issubclass(Terminated, Exception)  # no `except Exception` on the way can swallow it

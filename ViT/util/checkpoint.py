@@ -133,8 +133,11 @@ def load(path: str | Path, map_location: str | torch.device = 'cpu') -> dict[str
                     obj['args'] = vars(obj['args'])  # callers read args as this project saves them
                 return obj
         first_line = (str(first_error).splitlines() or [''])[0]
-        with open(path, 'rb') as f:
-            head = f.read(2)
+        try:
+            with open(path, 'rb') as f:
+                head = f.read(2)
+        except OSError as e:
+            raise CheckpointError(f'cannot read checkpoint {path}: {e.strerror or e}') from None
         if not (head == b'PK' or head[:1] == b'\x80'):  # torch.save writes a zip, or a pickle (legacy)
             detail = 'not a file written by torch.save'
         elif 'Weights only load failed' in message:
@@ -155,21 +158,41 @@ def state_dict_mismatch(error: RuntimeError) -> str:
     return lines[1] if len(lines) > 1 else (lines or [''])[0]
 
 
-def upstream_groups_reordered(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """An optimizer state saved by upstream LocalMIM (timm's add_weight_decay: groups [no decay,
-    decay], no 'param_names'), renumbered for a plain run here, whose groups are [decay, no decay]
-    with the same parameters in the same order. Any other state is returned as it is."""
+def upstream_groups_reordered(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state of a checkpoint saved by upstream LocalMIM (timm's add_weight_decay:
+    groups [no decay, decay], no 'param_names'), renumbered for a plain run here, whose groups
+    are [decay, no decay] and name their parameters. Upstream numbered its parameters in its
+    model's order, which its checkpoint's 'model' keys keep; each moment's shape is checked
+    against the parameter it lands on. Any other state is returned as it is."""
+    saved = ckpt['optimizer']
     groups, ours = saved.get('param_groups', []), optimizer.param_groups
     if (len(groups) != 2 or len(ours) != 2 or any('param_names' in g for g in groups)
+            or any('param_names' not in g for g in ours) or not isinstance(ckpt.get('model'), dict)
             or groups[0].get('weight_decay') != 0 or not groups[1].get('weight_decay')
             or not ours[0]['weight_decay'] or ours[1]['weight_decay'] != 0
             or [len(g['params']) for g in groups] != [len(ours[1]['params']), len(ours[0]['params'])]):
         return saved
-    # our index of each saved index: the decay group's parameters first, then the no-decay group's
-    new_index = {old: new for new, old in enumerate(groups[1]['params'] + groups[0]['params'])}
+    decay, no_decay = set(ours[0]['param_names']), set(ours[1]['param_names'])
+    in_model_order = [k for k in ckpt['model'] if k in decay or k in no_decay]
+    upstream_names = [k for k in in_model_order if k in no_decay] + [k for k in in_model_order if k in decay]
+    ours_names = ours[0]['param_names'] + ours[1]['param_names']
+    if sorted(upstream_names) != sorted(ours_names):
+        return saved
+    our_index = {name: i for i, name in enumerate(ours_names)}
+    new_index = {old: our_index[name] for old, name in enumerate(upstream_names)}
+    params = [p for g in ours for p in g['params']]
+    state = {new_index[i]: v for i, v in saved['state'].items()}
+    if any(torch.is_tensor(v.get('exp_avg')) and v['exp_avg'].shape != params[i].shape for i, v in state.items()):
+        return saved
     print('note: optimizer state saved by upstream LocalMIM (weight-decay groups in the other order): renumbered')
-    return {'state': {new_index[i]: v for i, v in saved['state'].items()},
-            'param_groups': [{**g, 'params': [new_index[i] for i in g['params']]} for g in (groups[1], groups[0])]}
+    implementation = ('fused', 'foreach', 'capturable', 'differentiable')  # this run's, not the saving torch's
+    new_groups = []
+    for g, mine in zip((groups[1], groups[0]), ours):
+        # load_state_dict pairs a saved group's indices with our group's parameters by position
+        group = {**g, 'params': [our_index[n] for n in mine['param_names']]}
+        group.update({k: mine[k] for k in implementation if k in mine})
+        new_groups.append(group)
+    return {'state': state, 'param_groups': new_groups}
 
 
 def restore_training_state(ckpt: dict[str, Any], path: str | Path, optimizer: torch.optim.Optimizer,
@@ -179,7 +202,7 @@ def restore_training_state(ckpt: dict[str, Any], path: str | Path, optimizer: to
     what to do); a checkpoint from another number of processes restarts the RNG streams."""
     if 'optimizer' in ckpt:
         try:
-            optimizer.load_state_dict(upstream_groups_reordered(ckpt['optimizer'], optimizer))
+            optimizer.load_state_dict(upstream_groups_reordered(ckpt, optimizer))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f'the optimizer state in {path} was saved for other parameter groups '
                                   f'({e}): {groups_hint}') from None
@@ -206,7 +229,7 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
     return newest_checkpoint(args.output_dir)
 
 
-def newest_checkpoint(output_dir: str | Path) -> Path | None:
+def newest_checkpoint(output_dir: str | Path, resuming: bool = True) -> Path | None:
     candidates = []
     numbered = find_latest(output_dir)
     if numbered is not None:
@@ -218,8 +241,8 @@ def newest_checkpoint(output_dir: str | Path) -> Path | None:
         except CheckpointError as e:
             if not candidates:  # nothing else to continue from: say so rather than start over
                 raise
-            # rewritten every epoch, so the likeliest file to be damaged (e.g. a bad copy)
-            print(f'note: {str(e.code).removeprefix("error: ")}; resuming from {candidates[0][1]} instead')
+            if resuming:  # rewritten every epoch, so the likeliest file to be damaged (e.g. a bad copy)
+                print(f'note: {str(e.code).removeprefix("error: ")}; resuming from {candidates[0][1]} instead')
     return max(candidates)[1] if candidates else None
 
 
@@ -231,12 +254,17 @@ def saved_epoch(path: Path) -> int:
         return int(load(path)['epoch'])
 
 
+def changed_flags(saved_args: dict | None, args: argparse.Namespace, keys: tuple[str, ...]) -> list[str]:
+    """'--flag value (checkpoint: saved value)' for each flag among `keys` that differs."""
+    saved_args = saved_args or {}
+    return [f'--{k} {getattr(args, k)} (checkpoint: {saved_args[k]})' for k in keys
+            if k in saved_args and hasattr(args, k) and saved_args[k] != getattr(args, k)]
+
+
 def note_changed_flags(path: Path, saved_args: dict | None, args: argparse.Namespace, keys: tuple[str, ...]) -> None:
     """Prints the flags among `keys` whose value differs from the checkpointed run's (a resumed
     run follows the new values: e.g. another --epochs stretches the lr schedule mid-run)."""
-    saved_args = saved_args or {}
-    changed = [f'--{k} {getattr(args, k)} (checkpoint: {saved_args[k]})' for k in keys
-               if k in saved_args and hasattr(args, k) and saved_args[k] != getattr(args, k)]
+    changed = changed_flags(saved_args, args, keys)
     if changed:
         print(f'note: resuming {path} with flags that differ from its run: {", ".join(changed)}')
 

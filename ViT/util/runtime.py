@@ -75,7 +75,7 @@ def resume_hint(args: argparse.Namespace) -> str:
     if not folder or getattr(args, 'eval', False):
         return ''
     try:
-        newest = newest_checkpoint(folder)
+        newest = newest_checkpoint(folder, resuming=False)
     except (CheckpointError, KeyError, ValueError):
         newest = None
     if newest is None:
@@ -87,8 +87,9 @@ def resume_hint(args: argparse.Namespace) -> str:
     return f'; the same command resumes from {newest}'
 
 
-class Terminated(Exception):
-    """SIGTERM (a scheduler's preemption, a launcher stopping its workers, `timeout`)."""
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's preemption, `timeout`). A BaseException, as KeyboardInterrupt, so
+    that no `except Exception` on the way swallows it."""
 
 
 def _terminate_main_process(main_pid: int) -> Callable[[int, Any], None]:
@@ -97,17 +98,25 @@ def _terminate_main_process(main_pid: int) -> Callable[[int, Any], None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        # the loader workers got the signal too (a process group's); torch's SIGCHLD handler
+        # would report their deaths as an error while this one unwinds. A no-op rather than
+        # SIG_DFL: Python raises on a pending signal whose handler became SIG_DFL
+        signal.signal(signal.SIGCHLD, lambda *_: None)
         raise Terminated()
     return handler
 
 
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
              resumable: bool = True) -> None:
-    """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, SIGTERM, and a
-    data file that cannot be decoded (raised in a DataLoader worker, whose traceback would bury
-    the file's name), end with one line instead of a traceback; the first two say how to continue."""
+    """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, SIGTERM (one
+    process only), and a data file that cannot be decoded (raised in a DataLoader worker, whose
+    traceback would bury the file's name), end with one line instead of a traceback; the first
+    two say how to continue."""
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, _terminate_main_process(os.getpid()))
+    if os.environ.get('WORLD_SIZE', '1').strip() in ('', '1'):
+        # one process only: a rank of several, blocked in a collective, could not run a Python
+        # handler, so under a multi-process launcher the default (immediate exit) is kept
+        signal.signal(signal.SIGTERM, _terminate_main_process(os.getpid()))
     try:
         main(args)
     except (KeyboardInterrupt, Terminated) as e:
