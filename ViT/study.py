@@ -18,6 +18,7 @@ reported and left out, the others go on, and the study exits with an error listi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -107,8 +108,14 @@ class RunFailed(Exception):
     """A script of the study exited with an error; the message ends with its log's last lines."""
 
 
-# reading a run's logs: a missing, empty or cut-off log.txt fails that run, not the study
-LOG_ERRORS = (OSError, ValueError, KeyError, IndexError, ZeroDivisionError)
+@contextlib.contextmanager
+def reading(log: Path):
+    """Reading a run's log.txt: a missing, empty or cut-off file fails that run (RunFailed),
+    not the whole study."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
+        raise RunFailed(f'its log {log} could not be read ({type(e).__name__}: {e})') from None
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -146,6 +153,7 @@ class Study:
         self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {'runs': {}}
         self.device = args.device
         for key, r in self.results['runs'].items():
+            r = {'finetune_batch_size': min(r.get('batch_size', 128), 128), **r}  # recorded before the flag
             differ = [f'{k} {r[k]} there, {getattr(args, k)} here' for k in SETUP_KEYS
                       if k in r and r[k] != getattr(args, k)]
             if differ:
@@ -199,7 +207,9 @@ class Study:
                '--save_last_freq', str(a.epochs), '--print_freq', '1000',
                '--data_backend', a.data_backend, *self.common, *flags]
         wall = run(cmd, folder / 'study_log.txt')
-        return pre / f'checkpoint-{a.epochs - 1}.pth', wall, json_lines(pre / 'log.txt')
+        with reading(pre / 'log.txt'):
+            epochs = json_lines(pre / 'log.txt')
+        return pre / f'checkpoint-{a.epochs - 1}.pth', wall, epochs
 
     def pretrain(self, config: str, flags: list[str], seed: int) -> dict | None:
         """Pretrain + kNN + linear probe for one config and seed; recorded and saved at once."""
@@ -212,8 +222,6 @@ class Study:
             return self.pretrain_and_score(key, config, flags, seed)
         except RunFailed as e:
             self.fail(f'pretraining or scoring {key}', e)
-        except LOG_ERRORS as e:
-            self.fail(f'pretraining or scoring {key}', f'its logs could not be read ({type(e).__name__}: {e})')
         return None
 
     def pretrain_and_score(self, key: str, config: str, flags: list[str], seed: int) -> dict:
@@ -221,14 +229,17 @@ class Study:
         ckpt, wall, epochs = self.run_pretraining(config, flags, seed)
         folder = ckpt.parents[1]
         log = folder / 'study_log.txt'
-        train_time = sum(e['train_epoch_time'] for e in epochs)
-        images = sum(e['train_images_per_s'] * e['train_epoch_time'] for e in epochs)
+        with reading(folder / 'pretrain' / 'log.txt'):
+            train_time = sum(e['train_epoch_time'] for e in epochs)
+            images = sum(e['train_images_per_s'] * e['train_epoch_time'] for e in epochs)
+            img_per_s = images / train_time  # over the run: later FreezeOut epochs are faster
+            final_loss = epochs[-1]['train_loss']
         record = {**{k: getattr(a, k) for k in SETUP_KEYS},
                   'config': config, 'seed': seed, 'flags': flags, 'device': device_name(self.device),
                   'host': socket.gethostname(),
                   'pretrain_wall_s': wall, 'pretrain_train_s': train_time,
-                  'pretrain_img_per_s': images / train_time,  # over the run: later FreezeOut epochs are faster
-                  'final_loss': epochs[-1]['train_loss'], 'flops_saving_estimate': self.flops_saving(flags),
+                  'pretrain_img_per_s': img_per_s,
+                  'final_loss': final_loss, 'flops_saving_estimate': self.flops_saving(flags),
                   'checkpoint': str(ckpt), 'date': datetime.date.today().isoformat()}
         for sub in ('knn', 'linprobe'):  # their log.txt files are appended to as well
             shutil.rmtree(folder / sub, ignore_errors=True)
@@ -236,15 +247,16 @@ class Study:
         eval_start = time.perf_counter()
         run(['run_knn.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir', str(folder / 'knn'),
              '--batch_size', str(self.eval_batch), '--linear_epochs', str(a.linprobe_epochs), *self.common], log)
-        results = {r['mode']: r for r in json_lines(folder / 'knn' / 'log.txt')}
-        record['knn_top1'] = results['knn']['acc1']
-        record['linprobe_top1'] = results['linear']['acc1']
+        with reading(folder / 'knn' / 'log.txt'):
+            results = {r['mode']: r for r in json_lines(folder / 'knn' / 'log.txt')}
+            record['knn_top1'], record['linprobe_top1'] = results['knn']['acc1'], results['linear']['acc1']
         record['linprobe_protocol'] = 'frozen features, no augmentation (run_knn.py --linear_epochs)'
         if a.full_linprobe:  # MAE's protocol: augmented images through the frozen encoder every epoch
             run(['run_linprobe.py', '--model', self.encoder, '--finetune', str(ckpt), '--output_dir',
                  str(folder / 'linprobe'), '--epochs', str(a.linprobe_epochs), '--warmup_epochs', '1',
                  '--batch_size', str(self.eval_batch), '--no_auto_resume', '--print_freq', '1000', *self.common], log)
-            record['linprobe_top1'] = json_lines(folder / 'linprobe' / 'log.txt')[-1]['max_accuracy']
+            with reading(folder / 'linprobe' / 'log.txt'):
+                record['linprobe_top1'] = json_lines(folder / 'linprobe' / 'log.txt')[-1]['max_accuracy']
             record['linprobe_protocol'] = 'run_linprobe.py (augmented, MAE)'
         record['eval_wall_s'] = time.perf_counter() - eval_start
         self.longest_run = max(self.longest_run, wall + record['eval_wall_s'])
@@ -264,8 +276,6 @@ class Study:
             self.pretrain_again_and_finetune(key, record)
         except RunFailed as e:
             self.fail(f'fine-tuning {key}', e)
-        except LOG_ERRORS as e:
-            self.fail(f'fine-tuning {key}', f'its logs could not be read ({type(e).__name__}: {e})')
 
     def pretrain_again_and_finetune(self, key: str, record: dict) -> None:
         if not Path(record['checkpoint']).is_file():  # recorded by an earlier session, on another machine
@@ -287,7 +297,8 @@ class Study:
              '--warmup_epochs', '1', '--batch_size', str(a.finetune_batch_size), '--blr', '1e-3',
              '--layer_decay', '0.75', '--no_auto_resume', '--print_freq', '1000', *self.common],
             folder / 'study_log.txt')
-        record['finetune_top1'] = json_lines(folder / 'finetune' / 'log.txt')[-1]['max_accuracy']
+        with reading(folder / 'finetune' / 'log.txt'):
+            record['finetune_top1'] = json_lines(folder / 'finetune' / 'log.txt')[-1]['max_accuracy']
         record['finetune_wall_s'] = wall
         if encoder_note:  # set only now: a fine-tune that fails leaves the record as it was
             record['finetuned_encoder'] = encoder_note

@@ -96,6 +96,13 @@ def test_time_budget_stops_before_a_run_that_would_not_finish(tmp_path):
     args.finetune_batch_size *= 2  # fine-tunes of another batch would not be comparable either
     with pytest.raises(SystemExit, match='holds .* of another setup .*finetune_batch_size 8 there, 16 here'):
         study.Study(args)
+    # recorded before --finetune_batch_size existed: its fine-tunes took min(batch, 128)
+    legacy = {k: v for k, v in setup.items() if k != 'finetune_batch_size'}
+    results.write_text(json.dumps({'runs': {'regular/seed0': {**legacy, 'device': 'cpu'}}}))
+    with pytest.raises(SystemExit, match='finetune_batch_size 8 there, 16 here'):
+        study.Study(args)
+    args.finetune_batch_size = 8
+    study.Study(args)
 
     # on the command line: stops cleanly (exit 0, a message), nothing run, the same command continues later
     data = make_demo_data(tmp_path)
@@ -156,7 +163,8 @@ def test_a_run_whose_logs_cannot_be_read_fails_alone(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as failed:
         study.main(['--quick', '--device', 'cpu', '--data_path', str(data), '--out', str(tmp_path / 'runs'),
                     '--results', str(tmp_path / 'r.json')])
-    assert 'pretraining or scoring cubic0.8/seed0: its logs could not be read (KeyError' in str(failed.value)
+    assert 'pretraining or scoring cubic0.8/seed0: its log ' in str(failed.value)
+    assert 'knn/log.txt could not be read (KeyError' in str(failed.value)
     recorded = json.loads((tmp_path / 'r.json').read_text())
     assert recorded['best'] == 'linear0.5-noscale' and 'regular/seed1' in recorded['runs']
 
