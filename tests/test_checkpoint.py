@@ -210,6 +210,12 @@ def test_auto_resume_passes_over_a_damaged_checkpoint_last(tmp_path, capsys):
     torch.save({'epoch': 4}, tmp_path / 'checkpoint-4.pth')
     assert checkpoint.newest_checkpoint(tmp_path) == tmp_path / 'checkpoint-4.pth'
     assert f'resuming from {tmp_path / "checkpoint-4.pth"} instead' in capsys.readouterr().out
+    import argparse
+
+    from util.runtime import resume_hint  # the interruption message names it, without the note
+    assert resume_hint(argparse.Namespace(output_dir=str(tmp_path), resume='', auto_resume=True)) == \
+        f'; the same command resumes from {tmp_path / "checkpoint-4.pth"}'
+    assert capsys.readouterr().out == ''
     torch.save({'epoch': 6}, tmp_path / 'checkpoint-last.pth')  # readable again: the newest wins
     assert checkpoint.newest_checkpoint(tmp_path) == tmp_path / 'checkpoint-last.pth'
 

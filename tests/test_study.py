@@ -233,6 +233,16 @@ def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path, monkeypatch):
     assert 'finetune_top1' in again['runs']['regular/seed0'] and 'linear0.5-noscale/seed0' in again['runs']
     assert again['best'] == 'cubic0.8'
 
+    # a fine-tune that must pretrain again (checkpoint gone) and then fails leaves no note of a new encoder
+    recorded = json.loads((tmp_path / 'r.json').read_text())
+    del recorded['runs']['regular/seed0']['finetune_top1']
+    Path(recorded['runs']['regular/seed0']['checkpoint']).unlink()
+    (tmp_path / 'r.json').write_text(json.dumps(recorded))
+    monkeypatch.setattr(study, 'run', fake_scripts(lambda cmd: cmd[0] == 'run_finetune.py'))
+    with pytest.raises(SystemExit, match='fine-tuning regular/seed0'):
+        study.main(argv)
+    assert 'finetuned_encoder' not in json.loads((tmp_path / 'r.json').read_text())['runs']['regular/seed0']
+
     # no FreezeOut config finishes: regular and its second seed are still recorded
     monkeypatch.setattr(study, 'run', fake_scripts(lambda cmd: cmd[0] == 'run_pretrain.py' and '--t_0' in cmd))
     with pytest.raises(SystemExit, match='2 run'):
