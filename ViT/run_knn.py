@@ -190,11 +190,11 @@ def main(args: argparse.Namespace) -> list[dict]:
     for k in args.nb_knn:
         scores = knn_classify(train_feats, train_labels, test_feats, k, args.temperature, num_classes,
                               args.chunk_size)
+        top = min(5, k, num_classes)  # at most k classes get votes
         record = {'mode': 'knn', 'k': k, 'temperature': args.temperature,
-                  **accuracy_record(scores, test_labels, device, top=min(5, k)),
+                  **accuracy_record(scores, test_labels, device, top=top),
                   'num_train': int(train_feats.shape[0]),
                   'global_pool': args.global_pool, 'checkpoint': args.finetune, 'model': args.model}
-        top = min(5, k, num_classes)  # at most k classes get votes
         print(f'{k}-NN (T={args.temperature}): top-1 {record["acc1"]:.2f}%  '
               + (f'top-{top} {record["acc5"]:.2f}%  ' if top > 1 else '') +
               f'({record["num_test"]} val images, {record["num_train"]} train images)')

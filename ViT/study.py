@@ -182,7 +182,7 @@ class Study:
             raise OutOfTime(f'{what} not started: {elapsed / 60:.1f} min spent, the longest run took '
                             f'{self.longest_run / 60:.1f} min, --max_minutes {self.args.max_minutes:g}')
 
-    def fail(self, what: str, error: RunFailed | str) -> None:
+    def fail(self, what: str, error: RunFailed) -> None:
         """A run that failed is reported and left out; the study goes on with the others, and the
         next invocation of the same command tries it again."""
         self.failures.append(f'{what}: {error}')
