@@ -174,3 +174,41 @@ def test_world_size_flag_without_a_launcher_is_a_note(monkeypatch, capsys):
     args.world_size = 1  # upstream's default: nothing to say
     dist.init_distributed_mode(args)
     assert capsys.readouterr().out == ''
+
+
+# run_pretrain under util.runtime.run_main, with rank 1 alone failing as its second epoch starts
+# (an OOM on one GPU, say); rank 0 then loses its peer inside the gradient all-reduce
+FAILING_RANK = '''
+import os, sys
+sys.path.insert(0, {vit!r})
+import run_pretrain
+from util.runtime import run_main
+
+_train_one_epoch = run_pretrain.train_one_epoch
+
+
+def train_one_epoch(handle, loader, optimizer, device, epoch, *rest, **kwargs):
+    if os.environ['RANK'] == '1' and epoch == 1:
+        raise RuntimeError('simulated failure on rank 1')
+    return _train_one_epoch(handle, loader, optimizer, device, epoch, *rest, **kwargs)
+
+
+run_pretrain.train_one_epoch = train_one_epoch
+
+if __name__ == '__main__':
+    run_main(run_pretrain.main, run_pretrain.get_args_parser())
+'''
+
+
+def test_the_launchers_summary_names_the_rank_that_failed_and_why(data, tmp_path):
+    """Without an error file, torchrun's closing "Root Cause" shows only a link to its docs, and
+    the failing rank's traceback is buried above the other ranks' output."""
+    wrapper = tmp_path / 'failing_rank.py'
+    wrapper.write_text(FAILING_RANK.format(vit=str(VIT)))
+    res = run_cmd([*launcher('torchrun', free_port()), str(wrapper), *COMMON, '--data_path', str(data),
+                   '--output_dir', str(tmp_path / 'out'), '--epochs', '3'], timeout=TIMEOUT, cwd=VIT)
+    assert res.returncode != 0, res.describe()
+    root_cause = res.output[res.output.rfind('Root Cause'):]
+    assert 'rank      : 1 (local_rank: 1)' in root_cause, res.describe()
+    assert 'RuntimeError: simulated failure on rank 1' in root_cause, res.describe()
+    assert 'To enable traceback' not in res.output, res.describe()

@@ -8,8 +8,10 @@ import os
 import random
 import signal
 import sys
+import time
+import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -106,12 +108,44 @@ def _terminate_main_process(main_pid: int) -> Callable[[int, Any], None]:
     return handler
 
 
+def tell_launcher(message: str) -> None:
+    """Under torchrun / torch.distributed.launch, write why this rank stops to the file the launcher
+    names in TORCHELASTIC_ERROR_FILE: its closing summary ("Root Cause") then shows `message`
+    instead of a link to the docs, below the other ranks' output that buries this rank's lines.
+    In ErrorHandler.record_exception's format, which the launcher reads back. Nothing outside a
+    launcher, and a file that cannot be written is skipped (the rank's own output still says it)."""
+    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if not path:
+        return
+    record = {'message': {'message': message.strip().splitlines()[-1] if message.strip() else message,
+                          'extraInfo': {'py_callstack': message, 'timestamp': str(int(time.time()))}}}
+    try:
+        with open(path, 'w') as f:
+            json.dump(record, f)
+    except OSError:
+        pass
+
+
+def _stop(message: str, status: int) -> NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    tell_launcher(message)
+    sys.exit(status)
+
+
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
              resumable: bool = True) -> None:
     """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, SIGTERM (one
     process only), and a data file that cannot be decoded (raised in a DataLoader worker, whose
     traceback would bury the file's name), end with one line instead of a traceback; the first
-    two say how to continue."""
+    two say how to continue. Under a launcher, whatever stops a rank (those, an `error:` exit, a
+    bad flag, a traceback) is also what the launcher's summary shows (`tell_launcher`)."""
+    print_usage_and_exit = parser.error
+
+    def flag_error(message: str) -> NoReturn:
+        tell_launcher(f'{parser.prog}: error: {message}')
+        print_usage_and_exit(message)
+
+    parser.error = flag_error
     args = parser.parse_args()
     if os.environ.get('WORLD_SIZE', '1').strip() in ('', '1'):
         # one process only: a rank of several, blocked in a collective, could not run a Python
@@ -121,8 +155,15 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
         main(args)
     except (KeyboardInterrupt, Terminated) as e:
         what = 'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'
-        print(f'{what}{resume_hint(args) if resumable else ""}', file=sys.stderr, flush=True)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        _stop(f'{what}{resume_hint(args) if resumable else ""}', 143 if isinstance(e, Terminated) else 130)
     except UnreadableImage as e:
         text = str(e)  # from a worker: its whole traceback, ending with our message
-        sys.exit('error: ' + text[text.rfind('cannot decode'):].splitlines()[0])
+        _stop('error: ' + text[text.rfind('cannot decode'):].splitlines()[0], 1)
+    except SystemExit as e:  # an `error:` line (its text is the code), or a status
+        if e.code not in (None, 0):
+            tell_launcher(e.code if isinstance(e.code, str) else
+                          f'exit status {e.code}: see this rank\'s output above')
+        raise
+    except Exception:
+        tell_launcher(traceback.format_exc())
+        raise
