@@ -49,7 +49,7 @@ from util.checkpoint import write_text_atomic
 from util.cli import HelpFormatter
 from util import freezeout as fo
 from util.data import IMAGE_EXTENSIONS, resolve_image_folder
-from util.gpu_data import BACKENDS, build_loader
+from util.gpu_data import BACKENDS, GPU_RESAMPLE_CHOICES, build_loader
 from util.lr_sched import set_group_lrs, warmup_cosine_lr
 from util.optim import build_adamw, param_groups_weight_decay
 from util.runtime import allow_recompiles, resolve_device_and_amp
@@ -88,6 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='input backends to time')
     p.add_argument('--num_workers', default=10, type=int, help='loader workers (pil, gpu; gpu-cache decoding)')
     p.add_argument('--cache_size', default=None, type=int, help='gpu-cache image side (default as run_pretrain.py)')
+    p.add_argument('--gpu_resample', default='bicubic', choices=GPU_RESAMPLE_CHOICES,
+                   help="gpu, gpu-cache: the crop's resize, as run_pretrain.py --gpu_resample")
     p.add_argument('--decode_ahead', default=2, type=int, help='gpu backend: batches prepared ahead, as run_pretrain.py')
     p.add_argument('--cpu_decode_shares', default=[0.0], type=float, nargs='+',
                    help="gpu backend: time it at each of these run_pretrain.py --cpu_decode_share values "
@@ -478,7 +480,8 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, 
             start, refusals = time.perf_counter(), gpu_data._refusals
             try:
                 loader = build_loader(kind, folder, args.input_size, args.batch_size, 0, args.num_workers,
-                                      device.type == 'cuda', 1, 0, device, args.cache_size, args.decode_ahead, share)
+                                      device.type == 'cuda', 1, 0, device, args.cache_size, args.decode_ahead, share,
+                                      args.gpu_resample)
             except SystemExit as e:
                 notes.append(f'loader {backend} skipped: {e}')
                 log(f'[loader {backend}] skipped: {e}')
@@ -731,7 +734,7 @@ def step_result(args: argparse.Namespace, command: list[str], device_name: str, 
                               'schedule_average': args.epoch_images / avg['img_per_s']},
         'flops_estimate': flops_estimate(args, ks),
         'loader_img_per_s': {}, 'loader_setup_s': {}, 'end_to_end_img_per_s': {}, 'decode_ahead': args.decode_ahead,
-        'cpu_decode_shares': args.cpu_decode_shares,
+        'cpu_decode_shares': args.cpu_decode_shares, 'gpu_resample': args.gpu_resample,
         'data_path': args.data_path, 'repeat': args.repeat, 'num_workers': args.num_workers,
         'notes': notes, 'torch': torch.__version__, 'command': command,
         'date': datetime.datetime.now().isoformat(timespec='seconds'),

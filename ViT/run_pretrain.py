@@ -19,7 +19,8 @@ from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util.cli import HelpFormatter
 from util import freezeout as fo
 from util.data import DEFAULT_NUM_WORKERS
-from util.gpu_data import BACKENDS, build_loader, check_cpu_decode_share, input_bound_hint
+from util.gpu_data import (BACKENDS, GPU_RESAMPLE_CHOICES, build_loader, check_cpu_decode_share,
+                           input_bound_hint)
 from util.log import append_json_line, format_seconds, make_writer
 from util.lr_sched import PlainSchedule
 from util.optim import build_adamw, param_groups_weight_decay
@@ -100,10 +101,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='gpu: share of each batch that the loader workers decode on the CPU (full size, '
                         'libjpeg) while nvjpeg decodes the rest, so the CPU cores add to the GPU decoder; '
                         'crops and flips are the same either way (benchmark.py --cpu_decode_shares times it)')
+    g.add_argument('--gpu_resample', default='bicubic', choices=GPU_RESAMPLE_CHOICES,
+                   help='gpu, gpu-cache: how a crop is resized. bicubic: one grid_sample for the batch, not '
+                        'antialiased, so a crop it shrinks comes out sharper and aliased compared with pil\'s '
+                        '(and so do its HOG targets); the speeds in the README were measured with it. pil: the '
+                        'pil backend\'s pixels (PIL\'s antialiased bicubic, within 1 grey level, tested) by '
+                        'batched matmuls; not yet timed on a GPU')
     g.add_argument('--cache_size', default=None, type=int,
                    help='gpu-cache: square side of the cached images (default: the images\' own size when '
-                        'they all have one, else input_size * 1.15); non-square images are cached as their '
-                        'centre square, so random crops never see their sides (unlike pil)')
+                        'they all have one, else input_size * 1.15, with a note when that is below most '
+                        'images\' shorter side); non-square images are cached as their centre square, so '
+                        'random crops never see their sides (unlike pil)')
     g.add_argument('--pin_mem', action='store_true', default=True,
                    help='pinned host memory for faster copies to the GPU')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin host memory')
@@ -217,7 +225,7 @@ def main(args: argparse.Namespace) -> dict:
     model.to(device)
     loader = build_loader(args.data_backend, args.data_path, args.input_size, args.batch_size, args.seed,
                           args.num_workers, args.pin_mem and device.type == 'cuda', world, rank, device,
-                          args.cache_size, args.decode_ahead, args.cpu_decode_share)
+                          args.cache_size, args.decode_ahead, args.cpu_decode_share, args.gpu_resample)
     print(f'data: {loader.dataset.root}: {len(loader.dataset)} images, {len(loader)} batches per process')
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:

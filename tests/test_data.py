@@ -179,3 +179,46 @@ def test_loader_too_few_images(tmp_path):
     with pytest.raises(SystemExit, match='fewer than one batch') as e:
         build_pretrain_loader(str(tmp_path), 32, 4, 0, 0, False, 1, 0)
     assert '3 images' in str(e.value) and 'batch_size' in str(e.value)
+
+
+# ---- the linear probe's crop (MAE's) ------------------------------------------------------------
+
+def test_linprobe_crop_clamps_a_box_that_does_not_fit_instead_of_falling_back():
+    """Area 1 at aspect 2 on a square: 141 x 71, clamped to 100 x 71 (torchvision's crop
+    gives up after ten tries and returns a 100 x 50 centre crop)."""
+    import torchvision.transforms as T
+    from util.data import ClampedResizedCrop
+    img = Image.new('RGB', (100, 100))
+    tops = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        top, left, h, w = ClampedResizedCrop.get_params(img, [1.0, 1.0], [2.0, 2.0])
+        assert (h, w, left) == (71, 100, 0)
+        assert 0 <= top <= 29
+        tops.add(top)
+    assert len(tops) > 1  # the clamped box is placed at random
+    assert T.RandomResizedCrop.get_params(img, [1.0, 1.0], [2.0, 2.0])[2:] == (50, 100)
+
+
+def test_linprobe_crop_keeps_more_of_the_image_than_torchvisions():
+    """MAE's single clamped draw vs torchvision's retry loop, scale (0.08, 1), on a 500 x 375
+    photo: mean area fraction about 0.52 vs 0.44; every box inside the image."""
+    import torchvision.transforms as T
+    from util.data import ClampedResizedCrop, linprobe_train_transform
+    img = Image.new('RGB', (500, 375))
+    scale, ratio = [0.08, 1.0], [3 / 4, 4 / 3]
+
+    def mean_area(get_params) -> float:
+        torch.manual_seed(0)
+        total = 0.0
+        for _ in range(3000):
+            top, left, h, w = get_params(img, scale, ratio)
+            assert 0 <= top <= 375 - h and 0 <= left <= 500 - w and h > 0 and w > 0
+            total += h * w / (500 * 375)
+        return total / 3000
+
+    assert 0.50 < mean_area(ClampedResizedCrop.get_params) < 0.54
+    assert 0.41 < mean_area(T.RandomResizedCrop.get_params) < 0.46
+    crop = linprobe_train_transform(32).transforms[0]
+    assert isinstance(crop, ClampedResizedCrop) and crop.scale == (0.08, 1.0)
+    assert crop.interpolation == T.InterpolationMode.BICUBIC

@@ -478,7 +478,8 @@ def test_finetune_two_processes_distributed_launch(tmp_path, demo_data, pretrain
 
 def test_randaugment_posterize_at_full_magnitude_does_not_crash():
     """'rand-m9-mstd0.5-inc1' can draw magnitude 10, i.e. Posterize with 0 bits, which current
-    Pillow rejects (a ValueError in a loader worker that killed a real fine-tuning run)."""
+    Pillow rejects (a ValueError in a loader worker that killed a real fine-tuning run); older
+    Pillow returned a black image."""
     from PIL import Image
     from timm.data.auto_augment import AugmentOp
     from util.data import finetune_train_transform
@@ -490,5 +491,8 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash():
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
     img = Image.new('RGB', (32, 32), (200, 120, 40))
     out = op(img)  # raised "bits must be between or equal to 1 and 8" before the fix
-    assert out.size == img.size and out.getpixel((0, 0)) == (128, 0, 0)  # 1 bit kept
+    # every bit masked off, as the Pillow upstream trained with did
+    assert out.mode == img.mode and out.size == img.size and out.getextrema() == ((0, 0),) * 3
+    op.magnitude = 5  # 4 - int(5 / 10 * 4) = 2 bits kept
+    assert op(img).getpixel((0, 0)) == (192, 64, 0)
     transform(img)  # the whole pipeline runs

@@ -15,8 +15,8 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from helpers import run_pretrain
-from util.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, normalize_uint8_range, sample_crop_boxes,
-                       sample_flips)
+from util.data import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, EpochSampler, normalize_uint8_range,
+                       sample_crop_boxes, sample_flips)
 from util.gpu_data import (GpuCacheLoader, GpuJpegLoader, augment_images, batch_generator, batch_seed,
                            build_loader, crop_grids, default_cache_size, make_canvas, plan_canvas_groups,
                            prepared_ahead, resized_crop_batch, resized_crop_list)
@@ -227,7 +227,7 @@ def test_augment_shapes_ranges_and_normalisation():
 
 def test_augment_matches_pil_pipeline_roughly():
     """Same box and flip through PIL's resized_crop (upstream) and the batched resample: close
-    (they differ in antialiasing and edge handling only)."""
+    (they differ in antialiasing, edge handling and the cubic kernel: A = -0.75 vs PIL's -0.5)."""
     arr = smooth_image(60, 80, seed=9)[0].round().clamp(0, 255).to(torch.uint8)
     pil = TF.to_pil_image(arr)
     box = torch.tensor([[6, 10, 48, 56]])
@@ -236,6 +236,53 @@ def test_augment_matches_pil_pipeline_roughly():
     ours = resized_crop_batch(arr[None], box, torch.tensor([True]), 40, 'bicubic')[0].clamp(0, 255) / 255
     assert (ours - ref).abs().mean() < 0.01
     assert (ours - ref).abs().max() < 0.1
+
+
+def pil_crops(images, boxes, flips, size: int) -> torch.Tensor:
+    """The pil backend's resized crop (PIL crop, bicubic resize, flip) of each image: uint8 (B, 3, S, S)."""
+    out = []
+    for im, (top, left, h, w), flip in zip(images, boxes.tolist(), flips.tolist()):
+        crop = TF.resized_crop(TF.to_pil_image(im), top, left, h, w, [size, size], InterpolationMode.BICUBIC)
+        out.append(TF.pil_to_tensor(TF.hflip(crop) if flip else crop))
+    return torch.stack(out)
+
+
+def test_pil_resample_gives_the_pil_backends_pixels():
+    """--gpu_resample pil: crops shrunk (antialiased) and enlarged, taller and wider than square,
+    flipped or not, from images of several sizes padded into shared canvases: within one grey
+    level of PIL's resized crop (8-bit rounding); grid_sample's bicubic is not."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(90, 70), (64, 96), (120, 120), (50, 80), (100, 60), (70, 110)]
+    # noise, the worst case for a resampler, plus a smooth part so both regimes are covered
+    images = [(torch.rand(3, h, w, generator=g) * 255 * 0.5 + smooth_image(h, w, seed=h)[0] * 0.5).round().to(torch.uint8)
+              for h, w in sizes]
+    size = 40
+    boxes = torch.tensor([[3, 5, 80, 50], [0, 10, 30, 70], [7, 2, 100, 113], [10, 20, 20, 24], [0, 0, 100, 60],
+                          [20, 30, 36, 36]])  # (top, left, h, w): shrink / enlarge, tall / wide
+    flips = torch.tensor([False, True, False, True, True, False])
+    expected = pil_crops(images, boxes, flips, size).float()
+    ours = resized_crop_list(images, boxes, flips, size, 'pil', max_canvas_pixels=2 * 120 * 120)
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max() <= 1
+    assert (ours - expected).abs().mean() < 0.05
+    grid = resized_crop_list(images, boxes, flips, size, 'bicubic').clamp(0, 255).round()
+    assert (grid - expected).abs().mean() > 1  # the shrunk noise crops alias
+    one = resized_crop_batch(images[2][None], boxes[2:3], flips[2:3], size, 'pil')  # one image, no canvas
+    assert torch.equal(one, ours[2:3])
+
+
+def test_pil_resample_in_the_gpu_cache_pipeline(tmp_path):
+    """augment_images on a cached (B, 3, S, S) batch with mode 'pil' equals PIL's crops of the same
+    drawn boxes and flips; the loader takes the mode from build_loader's `resample`."""
+    from util.gpu_data import build_loader
+    cached = smooth_image(48, 48, seed=3, batch=4).round().to(torch.uint8)
+    out = augment_images(cached, gen(7), 32, mode='pil')
+    replay = gen(7)
+    boxes = sample_crop_boxes([48] * 4, [48] * 4, replay, CROP_SCALE, CROP_RATIO)
+    flips = sample_flips(4, replay)
+    assert (out - normalize_uint8_range(pil_crops(cached, boxes, flips, 32).float())).abs().max() < 1.01 / 255 / 0.2
+    with pytest.raises(SystemExit, match='unknown --gpu_resample'):
+        build_loader('gpu-cache', str(tmp_path), 32, 2, 0, 0, False, 1, 0, 'cpu', resample='lanczos')
 
 
 # ---- loaders on CPU -----------------------------------------------------------------------------
@@ -326,7 +373,7 @@ def test_build_loader_passes_the_cpu_decode_share_on(tmp_path, monkeypatch):
     assert next(iter(loader))[0].shape == (4, 3, 16, 16) and len(loader.dataset) == len(list(root.rglob('*.jpg')))
 
 
-def test_run_pretrain_passes_the_cpu_decode_share_to_the_loader(tmp_path, monkeypatch):
+def test_run_pretrain_passes_the_cpu_decode_share_and_resample_to_the_loader(tmp_path, monkeypatch):
     import run_pretrain
     seen = []
 
@@ -340,28 +387,36 @@ def test_run_pretrain_passes_the_cpu_decode_share_to_the_loader(tmp_path, monkey
     write_folder(tmp_path / 'data' / 'train', [(40, 30)] * 2)
     args = run_pretrain.get_args_parser().parse_args(
         ['--model', 'MIM_vit_tiny_patch16', '--input_size', '32', '--device', 'cpu', '--data_backend', 'gpu',
-         '--cpu_decode_share', '0.25', '--data_path', str(tmp_path / 'data'), '--output_dir', str(tmp_path / 'out')])
+         '--cpu_decode_share', '0.25', '--gpu_resample', 'pil', '--data_path', str(tmp_path / 'data'),
+         '--output_dir', str(tmp_path / 'out')])
     with pytest.raises(Built):
         run_pretrain.main(args)
-    assert seen[0][0] == 'gpu' and seen[0][-1] == 0.25
+    assert seen[0][0] == 'gpu' and seen[0][-2:] == (0.25, 'pil')
 
 
-def test_decoding_names_the_file_it_cannot_decode_and_reads_16_bit_pngs(tmp_path):
+def test_decoding_names_the_file_it_cannot_decode_and_reads_what_pil_reads(tmp_path):
     """A corrupt file fails with its path, in the workers' CPU share and in the main process'
-    decode alike; 16-bit PNGs (torchvision decodes them as uint16) become uint8 (top 8 bits)."""
+    decode alike. Formats torchvision's decoder cannot read (BMP, TIFF) and 16-bit PNGs (which it
+    reads as uint16) give the pil backend's pixels: PIL's RGB conversion, which clips 16 bits."""
     import util.gpu_data as gd
+    from util.data import load_rgb
     root = write_folder(tmp_path / 'train', [(40, 30)] * 3, classes=('a',))
     deep = (np.arange(48 * 40, dtype=np.uint16).reshape(40, 48) * 31)
     Image.fromarray(deep).save(root / 'a' / 'deep.png')
+    Image.open(root / 'a' / '1.jpg').save(root / 'a' / 'photo.bmp')
+    Image.open(root / 'a' / '2.jpg').save(root / 'a' / 'photo.tif')
     bad = root / 'a' / 'bad.jpg'
     bad.write_bytes((root / 'a' / '0.jpg').read_bytes()[:200])  # a JPEG cut short
     folder = gd.JpegBytesFolder(root)
     items = {Path(p).name: folder[i] for i, (p, _) in enumerate(folder.samples)}
+    odd = ['deep.png', 'photo.bmp', 'photo.tif']
+    as_pil = [TF.pil_to_tensor(load_rgb(str(root / 'a' / name))) for name in odd]
     for share in (1.0, 0.0):  # decoded by the worker's collate, or by decode_batch
-        packed, lengths, pixels, shapes, _, names = gd.collate_bytes([items['deep.png'], items['0.jpg']], share)
+        packed, lengths, pixels, shapes, _, names = gd.collate_bytes([items[n] for n in odd] + [items['0.jpg']], share)
         images = (gd.split_pixels(pixels, shapes) + gd.decode_batch(gd.split_bytes(packed, lengths), 'cpu', names))
-        assert images[0].dtype == torch.uint8 and images[0].shape == (3, 40, 48)
-        assert torch.equal(images[0][1], torch.from_numpy((deep >> 8).astype(np.uint8)))
+        for name, image, expected in zip(odd, images, as_pil):
+            assert image.dtype == torch.uint8 and torch.equal(image, expected), name
+        assert images[0].shape == (3, 40, 48) and images[0].float().mean() > 250  # clipped, as PIL does
         with pytest.raises(RuntimeError, match=f'cannot decode {bad}'):
             packed, lengths, _, _, _, names = gd.collate_bytes([items['0.jpg'], items['bad.jpg']], share)
             gd.decode_batch(gd.split_bytes(packed, lengths), 'cpu', names)
@@ -539,6 +594,29 @@ def test_default_cache_size(tmp_path):
     mixed = write_folder(tmp_path / 'mixed', [(40, 30), (30, 30)], classes=('a',))
     assert default_cache_size(sorted(map(str, same.rglob('*.jpg'))), 32) == 30
     assert default_cache_size(sorted(map(str, mixed.rglob('*.jpg'))), 32) == round(32 * 1.15)
+
+
+def test_gpu_cache_says_when_it_keeps_the_images_below_their_size(tmp_path):
+    from util.gpu_data import cache_resolution_note
+    large = write_folder(tmp_path / 'large', [(60, 40), (50, 44), (70, 30)], classes=('a',))
+    paths = sorted(map(str, large.rglob('*.jpg')))
+    note = cache_resolution_note(paths, 32)  # shorter sides 40, 44, 30: median 40
+    assert note.startswith('note: gpu-cache keeps the images at 32 px') and '--cache_size 40 keeps them' in note
+    assert cache_resolution_note(paths, 40) is None
+
+
+def test_gpu_cache_names_the_file_it_cannot_decode(tmp_path):
+    from util.data import UnreadableImage
+    from util.gpu_data import decode_to_cache
+    root = write_folder(tmp_path / 'train', [(40, 30)] * 3, classes=('a',))
+    bad = root / 'a' / 'bad.jpg'
+    bad.write_bytes((root / 'a' / '0.jpg').read_bytes()[:200])  # a JPEG cut short
+    with pytest.raises(UnreadableImage, match=f'cannot decode {bad}'):
+        decode_to_cache(sorted(map(str, root.rglob('*.jpg'))), 24, log=quiet)
+    bad.write_text('not an image')  # the header cannot be read either: sizing the cache names it
+    with pytest.raises(UnreadableImage, match=f'cannot decode {bad}'):
+        GpuCacheLoader(root, 24, batch_size=1, seed=0, num_workers=0, world_size=1, rank=0, device='cpu',
+                       log=quiet)
 
 
 def quiet(*args, **kwargs):

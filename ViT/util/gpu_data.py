@@ -19,8 +19,11 @@ affine grid maps the output square onto that sample's crop box (a flip negates t
 Crop boxes have torchvision's RandomResizedCrop.get_params distribution (`sample_crop_boxes`:
 the 10 tries of every sample drawn at once, the first valid one kept, else the centre crop).
 Differences from the PIL pipeline: no antialiasing when a crop is shrunk (grid_sample samples,
-PIL filters over the whole footprint), bicubic taps at a crop's edge read the pixels just
-outside it (PIL clamps at the crop), and libjpeg/nvjpeg decodes differ by a grey level or so.
+PIL filters over the whole footprint), grid_sample's cubic kernel has A = -0.75 (PIL's -0.5,
+slightly softer), bicubic taps at a crop's edge read the pixels just outside it (PIL clamps at
+the crop), and libjpeg/nvjpeg decodes differ by a grey level or so. With --gpu_resample pil
+(mode 'pil') only the last remains: the crop is resized as PIL does it, by batched matmuls with
+per-sample weight matrices (`pil_resample_weights`).
 
 Randomness: one CPU generator per batch, seeded from (seed, epoch, batch index, rank), so an
 interrupted run resumes with the same inputs; a batch draws its crop boxes first, then its flips.
@@ -44,7 +47,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 
 from util.data import (CROP_RATIO, CROP_SCALE, ClassFolder, DataLayoutError, EpochSampler, UnreadableImage,
-                       build_pretrain_loader, normalize_uint8_range, resolve_image_folder, sample_crop_boxes,
+                       build_pretrain_loader, load_rgb, normalize_uint8_range, resolve_image_folder, sample_crop_boxes,
                        sample_flips)
 
 BACKENDS = ('pil', 'gpu', 'gpu-cache')
@@ -81,13 +84,71 @@ def crop_grids(boxes: torch.Tensor, flips: torch.Tensor, canvas_h: int, canvas_w
                         gy[:, :, None].expand(n, out_size, out_size)], dim=-1)
 
 
+GPU_RESAMPLE_CHOICES = ('bicubic', 'pil')  # --gpu_resample; resized_crop_batch also takes 'bilinear'
+
+
+def _pil_cubic(x: torch.Tensor) -> torch.Tensor:
+    """PIL's bicubic kernel (a = -0.5; grid_sample's has -0.75)."""
+    x = x.abs()
+    near = (1.5 * x - 2.5) * x * x + 1
+    far = ((x - 5) * x + 8) * x * -0.5 + 2
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def pil_resample_weights(start: torch.Tensor, length: torch.Tensor, canvas_len: int, out_size: int) -> torch.Tensor:
+    """(B, S, canvas_len) float32: row j holds the weights of canvas pixels 0 .. canvas_len - 1 in
+    output pixel j of PIL's bicubic resize of the span [start_i, start_i + length_i): the kernel
+    is widened by the scale when shrinking (antialiasing), taps stay inside the span (PIL crops,
+    then resizes), and each row sums to 1. start, length: (B,) integers."""
+    start, length = start.float(), length.float()
+    scale = length / out_size  # (B,) input pixels per output pixel
+    widen = scale.clamp(min=1.0)
+    centre = start[:, None] + (torch.arange(out_size, device=start.device) + 0.5) * scale[:, None]  # (B, S)
+    pixel = torch.arange(canvas_len, device=start.device) + 0.5  # (X,) pixel centres
+    weights = _pil_cubic((pixel[None, None, :] - centre[:, :, None]) / widen[:, None, None])  # (B, S, X)
+    inside = (pixel[None, :] > start[:, None]) & (pixel[None, :] < (start + length)[:, None])  # (B, X)
+    weights = weights * inside[:, None, :]
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def _pil_resized_crop(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int,
+                      height_first: torch.Tensor) -> torch.Tensor:
+    """The pil backend's resized crop as batched matmuls, (B, C, H, W) -> (B, C, S, S). PIL
+    resamples in two passes, each rounded to 8 bits: the width first, except (Pillow 13) when
+    the crop's height shrinks and more than its width (`height_first`, (B,) bool on the host)."""
+    top, left, h, w = boxes.unbind(1)
+    across = pil_resample_weights(left, w, x.shape[-1], out_size)  # (B, S, W)
+    across = torch.where(flips.bool()[:, None, None], across.flip(1), across).transpose(1, 2)[:, None]  # (B,1,W,S)
+    down = pil_resample_weights(top, h, x.shape[-2], out_size)[:, None]  # (B, 1, S, H)
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.round_().clamp_(0, 255)
+
+    if not height_first.any():
+        return rounded(torch.matmul(down, rounded(torch.matmul(x, across))))
+    out = torch.empty((x.shape[0], x.shape[1], out_size, out_size), dtype=x.dtype, device=x.device)
+    for first, group in ((True, height_first.nonzero()[:, 0]), (False, (~height_first).nonzero()[:, 0])):
+        if len(group):
+            i = to_device(group, x.device)
+            a, d, xi = across.index_select(0, i), down.index_select(0, i), x.index_select(0, i)
+            out.index_copy_(0, i, rounded(torch.matmul(rounded(torch.matmul(d, xi)), a)) if first
+                            else rounded(torch.matmul(d, rounded(torch.matmul(xi, a)))))
+    return out
+
+
 def resized_crop_batch(canvas: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int,
                        mode: str = 'bicubic') -> torch.Tensor:
-    """Crop box i of canvas[i], resize it to out_size x out_size, flip where asked: one
-    grid_sample for the batch. Float32 output in the canvas' value range (not clamped).
-    Bicubic/bilinear taps outside the canvas repeat its border pixels."""
+    """Crop box i of canvas[i], resize it to out_size x out_size, flip where asked, for the
+    whole batch at once. Float32 output in the canvas' value range.
+    'bicubic' / 'bilinear': one grid_sample, not antialiased, not clamped; taps outside the
+    canvas repeat its border pixels. 'pil': the pil backend's pixels (PIL's antialiased
+    bicubic on the crop, 8-bit rounding), see _pil_resized_crop."""
     x = canvas if canvas.is_floating_point() else canvas.float()
-    grid = crop_grids(to_device(boxes, x.device), to_device(flips, x.device), x.shape[-2], x.shape[-1], out_size)
+    if mode == 'pil':
+        height_first = (boxes[:, 2] > boxes[:, 3]).cpu() & (boxes[:, 2] > out_size).cpu()
+        return _pil_resized_crop(x, to_device(boxes, x.device), to_device(flips, x.device), out_size, height_first)
+    boxes, flips = to_device(boxes, x.device), to_device(flips, x.device)
+    grid = crop_grids(boxes, flips, x.shape[-2], x.shape[-1], out_size)
     return F.grid_sample(x, grid, mode=mode, padding_mode='border', align_corners=False)
 
 
@@ -201,13 +262,17 @@ class JpegBytesFolder(ClassFolder):
 
 
 def decode_rgb(data: torch.Tensor, name: str = 'an image') -> torch.Tensor:
-    """File bytes -> RGB uint8 (3, h, w) on the CPU, any format torchvision reads (16-bit PNGs
-    scaled to 8 bits). A file that cannot be decoded is an error that names it."""
+    """File bytes -> RGB uint8 (3, h, w) on the CPU. What torchvision's decoder cannot read
+    (BMP, TIFF, ...) or reads as 16 bits goes through the pil backend's loader, so that every
+    backend sees the same pixels (PIL clips 16-bit values rather than scaling them). A file that
+    cannot be decoded at all is an error that names it."""
     try:
         image = decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        raise UnreadableImage(f'cannot decode {name}: {(str(e).splitlines() or [""])[0]}') from e
-    return image if image.dtype == torch.uint8 else (image.to(torch.int32) >> 8).to(torch.uint8)  # uint16
+        if image.dtype == torch.uint8:
+            return image
+    except RuntimeError:
+        pass
+    return TF.pil_to_tensor(load_rgb(name, data.numpy().tobytes()))
 
 
 def collate_bytes(batch, cpu_decode_share: float = 0.0):
@@ -431,17 +496,39 @@ class GpuJpegLoader:
 
 
 # ---- backend: gpu-cache (decoded once, kept on the device) -------------------------------------
+def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file's header, or an error that names the file."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UnreadableImage(f'cannot decode {path}: {e}') from None
+
+
 def default_cache_size(paths: Sequence[str], input_size: int) -> int:
     """The images' own shorter side when they all have one size, else input_size * 1.15 rounded."""
-    from PIL import Image
     sizes = set()
     for p in paths:
-        with Image.open(p) as im:  # reads the header only
-            sizes.add(im.size)
+        sizes.add(_image_size(p))
         if len(sizes) > 1:
             return int(round(input_size * 1.15))
     (w, h), = sizes
     return min(w, h)
+
+
+def cache_resolution_note(paths: Sequence[str], cache_size: int, most: int = 500) -> str | None:
+    """A note when most images are larger than the cache: a random crop then spans fewer source
+    pixels than the pil backend's crop of the original image, so inputs and HOG targets are
+    blurrier. Judged from the headers of up to `most` images, evenly spaced over the list."""
+    shorter = sorted(min(_image_size(p)) for p in paths[::max(len(paths) // most, 1)][:most])
+    median = shorter[len(shorter) // 2]
+    if median <= cache_size:
+        return None
+    return (f'note: gpu-cache keeps the images at {cache_size} px, below their typical shorter side (median '
+            f'{median} px over {len(shorter)} images): random crops see fewer pixels than with --data_backend pil '
+            f'(blurrier inputs and HOG targets); --cache_size {median} keeps them '
+            f'({len(paths) * 3 * median ** 2 / 2**30:.1f} GiB)')
 
 
 class _SquareDecode(torch.utils.data.Dataset):
@@ -454,10 +541,7 @@ class _SquareDecode(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
-        with Image.open(self.paths[i]) as im:
-            im = im.convert('RGB')
-        im = TF.resize(im, self.size, interpolation=InterpolationMode.BICUBIC)
+        im = TF.resize(load_rgb(self.paths[i]), self.size, interpolation=InterpolationMode.BICUBIC)
         im = TF.center_crop(im, [self.size, self.size])
         return TF.pil_to_tensor(im)
 
@@ -503,6 +587,9 @@ class GpuCacheLoader:
                     f'lower --cache_size or use --data_backend gpu')
         log(f'gpu-cache: {len(paths)} images at {self.cache_size}x{self.cache_size} = {nbytes / 2**30:.2f} GiB '
             f'on {self.device}', flush=True)
+        note = cache_resolution_note(paths, self.cache_size)
+        if note:
+            log(note, flush=True)
         self.images = decode_to_cache(paths, self.cache_size, num_workers, log).to(self.device)
         self.targets = torch.tensor(self.dataset.targets, dtype=torch.int64, device=self.device)
         self.sampler = EpochSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True,
@@ -569,11 +656,15 @@ def require_cuda(backend: str, device: torch.device | str | None) -> torch.devic
 
 def build_loader(backend: str, data_path: str, input_size: int, batch_size: int, seed: int, num_workers: int,
                  pin_mem: bool, world_size: int, rank: int, device: torch.device | str | None = None,
-                 cache_size: int | None = None, decode_ahead: int = 2, cpu_decode_share: float = 0.0):
+                 cache_size: int | None = None, decode_ahead: int = 2, cpu_decode_share: float = 0.0,
+                 resample: str = 'bicubic'):
     """The pretraining loader of --data_backend: 'pil' (util.data.build_pretrain_loader: CPU
     workers), 'gpu' or 'gpu-cache'. All three yield normalised float32 batches on `device`.
     decode_ahead: batches the gpu backend prepares in advance on its background thread;
-    cpu_decode_share: the share of each of its batches that its workers decode on the CPU."""
+    cpu_decode_share: the share of each of its batches that its workers decode on the CPU;
+    resample: the GPU backends' resized crop, 'bicubic' (grid_sample) or 'pil' (resized_crop_batch)."""
+    if resample not in GPU_RESAMPLE_CHOICES:
+        raise SystemExit(f'error: unknown --gpu_resample {resample}; choose one of: {", ".join(GPU_RESAMPLE_CHOICES)}')
     check_cpu_decode_share(backend, cpu_decode_share)
     if backend == 'pil':
         return build_pretrain_loader(data_path, input_size, batch_size, seed, num_workers, pin_mem,
@@ -583,6 +674,7 @@ def build_loader(backend: str, data_path: str, input_size: int, batch_size: int,
     dev = require_cuda(backend, device)
     root = resolve_image_folder(data_path, 'train')
     if backend == 'gpu':
-        return GpuJpegLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev,
+        return GpuJpegLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev, mode=resample,
                              decode_ahead=decode_ahead, cpu_decode_share=cpu_decode_share, pin_memory=pin_mem)
-    return GpuCacheLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev, cache_size)
+    return GpuCacheLoader(root, input_size, batch_size, seed, num_workers, world_size, rank, dev, cache_size,
+                          mode=resample)
