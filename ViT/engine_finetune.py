@@ -108,7 +108,7 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, amp: str = 'no
                              c1.double(), c5.double(), torch.tensor(float(len(targets)), device=device,
                                                                      dtype=torch.float64)])
     if sharded and dist.is_dist():
-        sums = dist.all_reduce_mean(sums) * dist.get_world_size()
+        sums = dist.all_reduce_sum(sums)
     loss, c1, c5, n = sums.tolist()
     n = max(n, 1.0)
     stats = {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'loss': loss / n, 'num_samples': int(n)}

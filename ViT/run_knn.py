@@ -129,10 +129,8 @@ def accuracy_record(scores: torch.Tensor, labels: torch.Tensor, device: torch.de
     """Top-1 / top-5 (percent; top-`top` for kNN with k < 5) over every process's share of the val set."""
     top1, top5 = knn_correct(scores, labels, top)
     counts = torch.tensor([top1, top5, labels.shape[0]], dtype=torch.float64, device=device)
-    if dist.is_dist():
-        counts = dist.all_reduce_mean(counts) * dist.get_world_size()
-    top1, top5, n = counts.tolist()
-    return {'acc1': 100.0 * top1 / max(n, 1), 'acc5': 100.0 * top5 / max(n, 1), 'num_test': int(round(n))}
+    top1, top5, n = dist.all_reduce_sum(counts).tolist()
+    return {'acc1': 100.0 * top1 / max(n, 1), 'acc5': 100.0 * top5 / max(n, 1), 'num_test': int(n)}
 
 
 def check_knn_args(args: argparse.Namespace) -> None:
@@ -161,6 +159,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     print(f'data: train {train_set.root} ({len(train_set)} images), val {val_set.root} ({len(val_set)} images), '
           f'{len(train_set.classes)} classes')
 
+    # one initialisation on every rank (setup seeds each rank differently): without --finetune
+    # the random encoder must be the same one for every shard of the features
+    torch.manual_seed(args.seed)
     model = models_vit.build_model(args.model, img_size=args.input_size, num_classes=0, global_pool=args.global_pool)
     if args.finetune:
         load_pretrained_encoder(model, args.finetune, 0.0, args.model)

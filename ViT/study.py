@@ -233,13 +233,18 @@ class Study:
             train_time = sum(e['train_epoch_time'] for e in epochs)
             images = sum(e['train_images_per_s'] * e['train_epoch_time'] for e in epochs)
             img_per_s = images / train_time  # over the run: later FreezeOut epochs are faster
+            # train_loss sums the live taps only, so it falls when FreezeOut drops one: compare runs by
+            # the per-scale terms (a dropped tap has none)
             final_loss = epochs[-1]['train_loss']
+            final_scales = {k[len('train_loss_scale'):]: v for k, v in epochs[-1].items()
+                            if k.startswith('train_loss_scale')}
         record = {**{k: getattr(a, k) for k in SETUP_KEYS},
                   'config': config, 'seed': seed, 'flags': flags, 'device': device_name(self.device),
                   'host': socket.gethostname(),
                   'pretrain_wall_s': wall, 'pretrain_train_s': train_time,
                   'pretrain_img_per_s': img_per_s,
-                  'final_loss': final_loss, 'flops_saving_estimate': self.flops_saving(flags),
+                  'final_loss': final_loss, 'final_loss_by_scale': final_scales,
+                  'flops_saving_estimate': self.flops_saving(flags),
                   'checkpoint': str(ckpt), 'date': datetime.date.today().isoformat()}
         for sub in ('knn', 'linprobe'):  # their log.txt files are appended to as well
             shutil.rmtree(folder / sub, ignore_errors=True)

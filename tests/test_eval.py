@@ -158,10 +158,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt):
+@pytest.mark.parametrize('pretrained', [True, False])
+def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt, pretrained):
+    """Same features and accuracies from one process and from two; without --finetune (the
+    random-encoder baseline) both ranks must build the same random encoder."""
     common = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '3', '--num_workers', '0',
-              '--device', 'cpu', '--finetune', str(pretrain_ckpt), '--data_path', str(demo_data),
+              '--device', 'cpu', '--data_path', str(demo_data),
               '--nb_knn', '1', '20', '--dump_features', '--linear_epochs', '3']
+    common += ['--finetune', str(pretrain_ckpt)] if pretrained else []
     one, two = tmp_path / 'knn1', tmp_path / 'knn2'
     res = run_script(['run_knn.py', *common, '--output_dir', str(one)])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -220,3 +224,20 @@ def test_linear_classifier_on_fixed_features_separates_a_toy_set():
     untrained = fit_linear_on_features(feats[::2], labels[::2], feats[1::2], num_classes=3, epochs=0)
     ce = torch.nn.functional.cross_entropy
     assert ce(scores, labels[1::2]) < 0.2 * ce(untrained, labels[1::2])
+
+
+def test_evaluation_counts_are_summed_exactly_over_ranks(monkeypatch):
+    """7 ranks, 61 val images: a mean over ranks times 7 gave 60.99999999999999, logged as 60."""
+    import engine_finetune
+    from util import dist
+
+    def seven_ranks_sum(x):  # this rank's sums, plus six ranks that had none
+        return x.clone()
+    monkeypatch.setattr(dist, 'is_dist', lambda: True)
+    monkeypatch.setattr(dist, 'get_world_size', lambda: 7)
+    monkeypatch.setattr(dist.dist, 'all_reduce', seven_ranks_sum)
+    sums = torch.tensor([0.0, 30.0, 50.0, 61.0], dtype=torch.float64)
+    assert dist.all_reduce_sum(sums).tolist() == [0.0, 30.0, 50.0, 61.0]
+    loader = [(torch.eye(4)[torch.arange(61) % 4], torch.arange(61) % 4)]
+    stats = engine_finetune.evaluate(torch.nn.Identity(), loader, torch.device('cpu'), sharded=True)
+    assert stats['num_samples'] == 61 and stats['acc1'] == 100.0

@@ -34,6 +34,11 @@ def test_quick_study_end_to_end(tmp_path):
     for record in runs.values():  # images / loop time over the run, not a mean of epoch rates
         assert record['pretrain_img_per_s'] * record['pretrain_train_s'] == pytest.approx(2 * per_epoch, rel=1e-6)
     assert runs['regular/seed0']['flops_saving_estimate'] == 0
+    # train_loss sums the live taps; the per-scale terms are what compares across configs
+    assert set(runs['regular/seed0']['final_loss_by_scale']) == {'4', '2', '1', '0.5'}
+    assert set(runs[f'{best}-never/seed0']['final_loss_by_scale']) == {'4', '2', '1', '0.5'}
+    regular = runs['regular/seed0']
+    assert regular['final_loss'] == pytest.approx(sum(regular['final_loss_by_scale'].values()))
     assert runs[f'{best}/seed0']['flops_saving_estimate'] > 0.05
     assert 'finetune_top1' in runs['regular/seed0'] and 'finetune_top1' in runs[f'{best}/seed0']
     table = (results.parent / 'study_results.md').read_text()

@@ -110,10 +110,16 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (returns the input on a single process)."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (returns the input on a single process); exact for counts,
+    where a mean times the world size is not (61 / 7 * 7 = 60.99999999999999)."""
     if not is_dist():
         return x
     x = x.clone()
     dist.all_reduce(x)
-    return x / get_world_size()
+    return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (returns the input on a single process)."""
+    return all_reduce_sum(x) / get_world_size() if is_dist() else x
