@@ -468,6 +468,8 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, 
                                 result['end_to_end_img_per_s'], result['notes'])
     if not args.data_path:
         return
+    if args.gpu_resample != 'bicubic' and set(args.backends) - {'pil'}:
+        notes.append(f'gpu / gpu-cache resize crops with --gpu_resample {args.gpu_resample}')
     with tempfile.TemporaryDirectory() as tmp:
         folder = repeated_folder(args.data_path, args.repeat, Path(tmp))
         variants = [(b, share) for b in args.backends for share in (sorted(set(args.cpu_decode_shares)) if b == 'gpu' else [0.0])]

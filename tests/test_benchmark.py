@@ -48,8 +48,10 @@ def test_cpu_run_writes_results_and_skips_gpu_backends(tmp_path):
     write_images(data / 'train' / 'b', 5, seed=1)
     out = tmp_path / 'out'
     res = run_benchmark(*TINY, '--out', out, '--data_path', data, '--repeat', '2', '--num_workers', '0',
-                        '--backends', 'pil', 'gpu', 'gpu-cache', '--cpu_decode_shares', '0', '0.5')
+                        '--backends', 'pil', 'gpu', 'gpu-cache', '--cpu_decode_shares', '0', '0.5',
+                        '--gpu_resample', 'pil')
     result = json.loads((out / 'benchmark.json').read_text())
+    assert result['gpu_resample'] == 'pil' and 'gpu / gpu-cache resize crops with --gpu_resample pil' in result['notes']
     for key in ('device', 'model', 'batch_size', 'input_size', 'reference_step_img_per_s', 'freeze_img_per_s',
                 'ks', 'schedule_average_img_per_s', 'speedup_vs_reference', 'flops_estimate', 'loader_img_per_s',
                 'command', 'date'):
