@@ -746,6 +746,9 @@ def step_result(args: argparse.Namespace, command: list[str], device_name: str, 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     if args.check_targets:
+        if not Path(args.check_targets).is_dir():
+            raise SystemExit(f'error: --check_targets {args.check_targets} is not a folder (measure_gpu.sh\'s '
+                             f'results, e.g. an unpacked measure_gpu.tgz)')
         print(check_targets(Path(args.check_targets)), end='')
         return {}
     device = resolve_device_and_amp(args)

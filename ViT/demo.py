@@ -46,6 +46,10 @@ def main() -> None:
         raise SystemExit('error: --epochs must be at least 2 (1 warmup epoch; FreezeOut cubic t_0 = 0.8 freezes '
                          'its first layer at 51% of the run)')
     out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f'error: cannot create --out {out}: {e.strerror or e}') from None
     data = make_demo_dataset(out / 'data', num_classes=8, images_per_class=32, size=96)
     common = ['--model', 'MIM_vit_tiny_patch16', '--input_size', '64', '--batch_size', '16',
               '--epochs', str(args.epochs), '--warmup_epochs', '1', '--blr', '1.5e-3', '--data_path', str(data),

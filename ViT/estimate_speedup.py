@@ -12,9 +12,10 @@ import dataclasses
 import json
 
 import models_mim
-from run_pretrain import get_args_parser
+from run_pretrain import check_args, get_args_parser
 from util import flops
 from util import freezeout as fo
+from util.runtime import check_number_flags
 
 
 def estimate(model: str, input_size: int, mask_ratio: float, hog_nbins: int, t_0: float, how_scale: str,
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.t_0 is None:
         raise SystemExit('error: give --t_0 (and --how_scale) to estimate a FreezeOut run')
-    fo.validate(args.t_0, args.how_scale, args.decoder_freeze, args.warmup_epochs, args.epochs)  # as run_pretrain
+    check_number_flags(args)
+    check_args(args)  # run_pretrain's checks, so a config it would refuse is not estimated
     result = {mode: estimate(args.model, args.input_size, args.mask_ratio, args.hog_nbins, args.t_0,
                              args.how_scale, mode) for mode in fo.DECODER_FREEZE_MODES}
     if args.json:

@@ -126,13 +126,16 @@ class BlockWithFreezeOut(Block):
 
 def token_grid(img_size: int, patch_size: int) -> int:
     """Side of the token grid; ValueError for a size LocalMIM cannot use."""
+    if img_size < 2 * patch_size:
+        raise ValueError(f'input size {img_size} is below two patches ({2 * patch_size}): LocalMIM\'s 0.5 scale '
+                         f'needs an even token grid of at least 2x2')
     if img_size % patch_size:
         raise ValueError(f'input size {img_size} is not a multiple of the patch size {patch_size}')
     grid = img_size // patch_size
     if grid % 2:
+        sizes = ' or '.join(f'--input_size {g * patch_size}' for g in (grid + 1, grid - 1) if g >= 2)
         raise ValueError(f'input size {img_size} with patch {patch_size} gives an odd token grid '
-                         f'({grid}x{grid}); LocalMIM\'s 0.5 scale needs an even grid, e.g. '
-                         f'--input_size {(grid + 1) * patch_size} or {(grid - 1) * patch_size}')
+                         f'({grid}x{grid}); LocalMIM\'s 0.5 scale needs an even grid, e.g. {sizes}')
     return grid
 
 

@@ -92,8 +92,8 @@ def check_model(name: str, img_size: int = 224) -> None:
             hint = f' (pretraining name; the classifier is --model {name[4:]})'
         raise SystemExit(f'error: unknown --model {name}{hint}; choose one of: {", ".join(sorted(MODELS))}')
     patch = 14 if name.endswith('patch14') else 16
-    if img_size % patch:
-        raise SystemExit(f'error: --input_size {img_size} is not a multiple of the patch size {patch}')
+    if img_size < patch or img_size % patch:
+        raise SystemExit(f'error: --input_size {img_size} is not a positive multiple of the patch size {patch}')
 
 
 def build_model(name: str, **kwargs) -> VisionTransformer:

@@ -17,10 +17,11 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from run_pretrain import get_args_parser  # noqa: E402
+from run_pretrain import check_args, get_args_parser  # noqa: E402
 from util import flops  # noqa: E402
 from util import freezeout as fo  # noqa: E402
 from util.lr_sched import warmup_cosine_lr  # noqa: E402
+from util.runtime import check_number_flags  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -33,6 +34,18 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.t_0 is None:
         raise SystemExit('error: give --t_0 (and --how_scale) to draw a FreezeOut schedule')
+    check_number_flags(args)
+    check_args(args)  # run_pretrain's checks: draw only what it would run
+    if args.points < 1:
+        raise SystemExit(f'error: --points must be at least 1, got {args.points}')
+    out = Path(args.out) if args.out else Path(f'freezeout_lr_{args.how_scale}_{args.t_0}.png')
+    if out.is_dir():
+        raise SystemExit(f'error: --out {out} is a folder; give a file name, e.g. {out / "freezeout_lr.png"}')
+    out = out if out.suffix else out.with_suffix('.png')  # matplotlib would add .png itself, unsaid
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f'error: cannot create the folder of --out {out}: {e.strerror or e}') from None
     lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter / 256
     if args.model not in flops.SHAPES:
         raise SystemExit(f'error: unknown --model {args.model}; choose one of: {", ".join(sorted(flops.SHAPES))}')
@@ -59,8 +72,6 @@ def main(argv: list[str] | None = None) -> Path:
                  f'{args.warmup_epochs}/{args.epochs} epochs')
     ax.legend(fontsize=6, ncol=2, loc='upper right')
     ax.grid(alpha=0.3)
-    out = Path(args.out) if args.out else Path(f'freezeout_lr_{args.how_scale}_{args.t_0}.png')
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

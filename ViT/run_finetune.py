@@ -23,7 +23,7 @@ from engine_finetune import evaluate, fit
 from engine_pretrain import ModelHandle
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util.cli import HelpFormatter
-from util.runtime import run_main, setup
+from util.runtime import check_min_lr, run_main, setup
 from util import checkpoint, dist
 from util.data import (DEFAULT_NUM_WORKERS, DataLayoutError, build_classification_datasets, build_eval_loader,
                        build_train_loader, eval_transform, finetune_train_transform)
@@ -137,7 +137,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment); "none" to disable')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
-    g.add_argument('--remode', type=str, default='pixel', help='random erasing fill: const, rand or pixel')
+    g.add_argument('--remode', type=str, default='pixel', choices=['const', 'rand', 'pixel'],
+                   help='random erasing fill')
     g.add_argument('--recount', type=int, default=1, help='random erasing regions per image')
     g.add_argument('--resplit', action='store_true', default=False,
                    help='do not erase the first augmentation split; kept for upstream commands, no effect here '
@@ -146,7 +147,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group('mixup / cutmix (timm Mixup; on when --mixup or --cutmix > 0)')
     g.add_argument('--mixup', type=float, default=0, help='mixup alpha; mixup on when > 0')
     g.add_argument('--cutmix', type=float, default=0, help='cutmix alpha; cutmix on when > 0')
-    g.add_argument('--cutmix_minmax', type=float, nargs='+', default=None,
+    g.add_argument('--cutmix_minmax', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
                    help='cutmix min/max box ratio; overrides --cutmix alpha and turns cutmix on')
     g.add_argument('--mixup_prob', type=float, default=1.0, help='probability of mixing a batch at all')
     g.add_argument('--mixup_switch_prob', type=float, default=0.5,
@@ -160,8 +161,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_common_args(args: argparse.Namespace) -> None:
-    if args.batch_size < 1 or getattr(args, 'accum_iter', 1) < 1 or getattr(args, 'epochs', 1) < 1:
-        raise SystemExit('error: --batch_size, --accum_iter and --epochs must be at least 1')
+    counts = ['--' + flag for flag in ('batch_size', 'accum_iter', 'epochs') if hasattr(args, flag)]
+    if any(getattr(args, flag[2:]) < 1 for flag in counts):
+        names = ' and '.join([', '.join(counts[:-1]), counts[-1]] if len(counts) > 1 else counts)
+        raise SystemExit(f'error: {names} must be at least 1')
     if getattr(args, 'warmup_epochs', 0) > getattr(args, 'epochs', 1):
         raise SystemExit(f'error: --warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}')
     if args.nb_classes is not None and args.nb_classes < 1:
@@ -173,7 +176,7 @@ def check_common_args(args: argparse.Namespace) -> None:
     for flag in ('finetune', 'resume'):
         path = getattr(args, flag, None)
         if path and not Path(path).is_file():
-            raise SystemExit(f'error: --{flag} {path} does not exist')
+            raise SystemExit(f'error: {checkpoint.missing_file_message(f"--{flag} {path}", path)}')
     encoder = getattr(args, 'finetune', None)
     if encoder and args.output_dir and Path(encoder).resolve().parent == Path(args.output_dir).resolve():
         # checkpoint names would collide (checkpoint-<N>.pth of both runs), and auto-resume would
@@ -192,6 +195,29 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f'error: --layer_decay must be in (0, 1], got {args.layer_decay}')
     if not 0.0 <= args.smoothing < 1.0:
         raise SystemExit(f'error: --smoothing must be in [0, 1), got {args.smoothing}')
+    for flag, low, high in (('drop_path', 0.0, 0.999), ('reprob', 0.0, 1.0), ('mixup_prob', 0.0, 1.0),
+                            ('mixup_switch_prob', 0.0, 1.0)):
+        if not low <= getattr(args, flag) <= high:
+            raise SystemExit(f'error: --{flag} must be in [{low:g}, {1 if high < 1 else high:g}'
+                             f'{")" if high < 1 else "]"}, got {getattr(args, flag)}')
+    if args.mixup < 0 or args.cutmix < 0:
+        raise SystemExit(f'error: --mixup and --cutmix are Beta alphas, 0 (off) or more; '
+                         f'got {args.mixup}, {args.cutmix}')
+    if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
+        raise SystemExit(f'error: --cutmix_minmax MIN MAX needs 0 < MIN < MAX <= 1, got {args.cutmix_minmax}')
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        raise SystemExit(f'error: --clip_grad must be above 0 (leave it unset for no clipping), got {args.clip_grad}')
+    if args.recount < 1:
+        raise SystemExit(f'error: --recount must be at least 1, got {args.recount}')
+    if args.aa not in ('', 'none', 'None'):
+        from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+        policy = (rand_augment_transform if args.aa.startswith('rand') else  # as timm's create_transform picks
+                  augment_and_mix_transform if args.aa.startswith('augmix') else auto_augment_transform)
+        try:
+            policy(args.aa, {})
+        except (AssertionError, ValueError, KeyError) as e:
+            raise SystemExit(f'error: --aa {args.aa} is not a timm augmentation policy '
+                             f'(e.g. rand-m9-mstd0.5-inc1, original, none): {e}') from None
     if mixup_active(args) and args.batch_size % 2:
         raise SystemExit(f'error: mixup/cutmix mixes pairs of samples and needs an even --batch_size, '
                          f'got {args.batch_size}')
@@ -300,6 +326,8 @@ def optimizer_and_resume(args: argparse.Namespace, model: torch.nn.Module, devic
         learning_rate(args)
         optimizer = make_optimizer()
         loss_scaler = grad_scaler(args, device)
+        # before the resume, so that a second start of the same command stops here, not after loading
+        checkpoint.lock_run_folder(args.output_dir, args.log_dir)
     start_epoch, loaded_from = resume(args, model, optimizer, loss_scaler)
     return optimizer, loss_scaler, start_epoch, loaded_from
 
@@ -309,6 +337,7 @@ def learning_rate(args: argparse.Namespace) -> int:
     eff_batch = args.batch_size * args.accum_iter * dist.get_world_size()
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
+    check_min_lr(args)
     print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accum_iter: {args.accum_iter}  '
           f'effective batch: {eff_batch}  amp: {args.amp}')
     return eff_batch
@@ -388,7 +417,6 @@ def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion
               f'another --output_dir for a new run')
         dist.destroy()
         return {}
-    checkpoint.lock_run_folder(args.output_dir, args.log_dir)
     continues = checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, loaded_from,
                                             keep=(loaded_from, getattr(args, 'finetune', None)))
     log_writer = make_writer(args.log_dir, start_epoch if continues else None)

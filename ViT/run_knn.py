@@ -151,6 +151,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     transform = eval_transform(args.input_size)
     world, rank = dist.get_world_size(), dist.get_rank()
     train_set, val_set = build_classification_datasets(args.data_path, transform, transform)
+    if args.nb_classes is not None and args.nb_classes < len(train_set.classes):
+        raise SystemExit(f'error: --nb_classes {args.nb_classes} is smaller than the {len(train_set.classes)} '
+                         f'classes of {train_set.root}')
     num_classes = max(args.nb_classes or 0, len(train_set.classes))
     pin = args.pin_mem and device.type == 'cuda'
     # every process extracts its own share of both splits
@@ -188,7 +191,10 @@ def main(args: argparse.Namespace) -> list[dict]:
             print(f'features saved to {path}')
 
     records = []
-    for k in args.nb_knn:
+    for asked in args.nb_knn:
+        k = min(asked, train_feats.shape[0])
+        if k < asked:
+            print(f'note: {asked}-NN asked for, but there are only {k} train images: {k}-NN instead')
         scores = knn_classify(train_feats, train_labels, test_feats, k, args.temperature, num_classes,
                               args.chunk_size)
         top = min(5, k, num_classes)  # at most k classes get votes

@@ -71,6 +71,8 @@ def build_probe(args: argparse.Namespace) -> models_vit.VisionTransformer:
 
 def check_args(args: argparse.Namespace) -> None:
     check_common_args(args)
+    if not 0.0 <= args.momentum < 1.0:
+        raise SystemExit(f'error: --momentum must be in [0, 1), got {args.momentum}')
     if args.batch_size < 2 and not args.eval:
         raise SystemExit('error: the probe\'s BatchNorm1d needs at least 2 images per process and step: '
                          '--batch_size must be at least 2')

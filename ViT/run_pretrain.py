@@ -24,7 +24,7 @@ from util.gpu_data import (BACKENDS, GPU_RESAMPLE_CHOICES, build_loader, check_c
 from util.log import append_json_line, format_seconds, make_writer
 from util.lr_sched import PlainSchedule
 from util.optim import build_adamw, param_groups_weight_decay
-from util.runtime import allow_recompiles, run_main, setup
+from util.runtime import allow_recompiles, check_min_lr, run_main, setup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -125,6 +125,12 @@ def check_args(args: argparse.Namespace) -> None:
     models_mim.check_model(args.model, args.input_size)
     if not 0.0 < args.mask_ratio < 1.0:  # the loss is over masked patches: 0 would divide by 0
         raise SystemExit(f'error: --mask_ratio must be in (0, 1), got {args.mask_ratio}')
+    tokens = (args.input_size // (14 if args.model.endswith('patch14') else 16)) ** 2
+    if int(tokens * (1 - args.mask_ratio)) < 1:  # random_masking keeps int(L * (1 - ratio)) tokens
+        raise SystemExit(f'error: --mask_ratio {args.mask_ratio} leaves none of the {tokens} tokens visible at '
+                         f'--input_size {args.input_size}; a ratio below {1 - 1 / tokens:.4g} keeps one')
+    if args.hog_nbins < 1:
+        raise SystemExit(f'error: --hog_nbins must be at least 1, got {args.hog_nbins}')
     checkpoint.check_save_flags(args)
     if args.print_freq < 1:
         raise SystemExit('error: --print_freq must be at least 1')
@@ -218,6 +224,8 @@ def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
     device = setup(args)
+    if not args.output_dir:
+        print('note: no --output_dir: no checkpoint, log.txt or schedule is written, so this run cannot be resumed')
     world, rank = dist.get_world_size(), dist.get_rank()
 
     model = models_mim.build_model(args.model, img_size=args.input_size, hog_nbins=args.hog_nbins,
@@ -234,6 +242,7 @@ def main(args: argparse.Namespace) -> dict:
     eff_batch = args.batch_size * args.accum_iter * world
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
+    check_min_lr(args)
     print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accum_iter: {args.accum_iter}  '
           f'effective batch: {eff_batch}  amp: {args.amp}  device: {device}')
 
@@ -246,12 +255,17 @@ def main(args: argparse.Namespace) -> dict:
         schedule = fo.FreezeOut(model, optimizer, schedule_table)
         table = schedule_table.table(fo.param_prefixes(model, schedule_table))
         print(fo.format_table(table))
+        if all(row['freeze_step'] >= table['total_steps'] for row in table['layers']):
+            print(f'note: no layer freezes within these {table["total_steps"]} steps, so this FreezeOut run saves '
+                  f'no time (a lower --t_0, or more steps)')
     else:
         optimizer = build_adamw(param_groups_weight_decay(model, args.weight_decay), args.lr, device)
         schedule = PlainSchedule(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs, len(loader),
                                  args.accum_iter)
     loss_scaler = torch.amp.GradScaler(device.type) if args.amp == 'fp16' else None
 
+    # before the resume, so that a second start of the same command stops here, not after loading
+    checkpoint.lock_run_folder(args.output_dir, args.log_dir)
     # resume: the frozen set of the resume step is applied after the optimizer state is loaded
     start_epoch = args.start_epoch
     resume_path = find_resume_checkpoint(args)
@@ -274,7 +288,6 @@ def main(args: argparse.Namespace) -> dict:
         return torch.compile(module, backend=args.compile_backend) if args.compile else module
 
     handle = ModelHandle(model, wrap)
-    checkpoint.lock_run_folder(args.output_dir, args.log_dir)
     continues = checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, resume_path,
                                             keep=(resume_path,))
     if args.t_0 is not None and args.output_dir and dist.is_main_process():

@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                'study_out/quick/ with --quick)')
     p.add_argument('--results', default=None,
                    help='results JSON, extended by every invocation; the table and plot go beside it '
-                        '(default: image/study_results.json; study_out/quick/study_results.json with --quick)')
+                        '(default: image/study_results.json; with --quick, study_results.json in --out)')
     p.add_argument('--model', default='MIM_vit_small_patch16', help='pretraining model (run_pretrain.py --model)')
     p.add_argument('--input_size', default=128, type=int, help='image side of every run')
     p.add_argument('--epochs', default=40, type=int, help='pretraining epochs')
@@ -144,13 +144,27 @@ SETUP_KEYS = ('model', 'input_size', 'epochs', 'warmup_epochs', 'batch_size', 'b
               'linprobe_epochs', 'full_linprobe', 'finetune_epochs', 'finetune_batch_size')
 
 
+def load_results(path: Path) -> dict:
+    """The results JSON that this study extends ({'runs': {}} when there is none yet)."""
+    if not path.is_file():
+        return {'runs': {}}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'error: cannot read the results file {path}: {e}') from None
+    if not isinstance(results, dict) or not isinstance(results.get('runs'), dict):
+        raise SystemExit(f'error: {path} is not a study results file (a JSON object with "runs"); '
+                         f'give another --results')
+    return results
+
+
 class Study:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.start = time.perf_counter()
         self.out = Path(args.out)
         self.results_path = Path(args.results)
-        self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {'runs': {}}
+        self.results = load_results(self.results_path)
         self.device = args.device
         for key, r in self.results['runs'].items():
             r = {'finetune_batch_size': min(r.get('batch_size', 128), 128), **r}  # recorded before the flag
@@ -393,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     # absolute: the runs' scripts are started from ViT/, whatever the caller's directory
     quick = ROOT / 'study_out' / 'quick'
     args.out = str(Path(args.out or (quick if args.quick else ROOT / 'study_out')).resolve())
-    args.results = str(Path(args.results or (quick / 'study_results.json' if args.quick else
+    args.results = str(Path(args.results or (Path(args.out) / 'study_results.json' if args.quick else
                                               ROOT / 'image' / 'study_results.json')).resolve())
     args.data_path = str(Path(args.data_path).resolve())
     import torch
@@ -402,6 +416,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not (Path(args.data_path) / 'train').is_dir() or not (Path(args.data_path) / 'val').is_dir():
         raise SystemExit(f'error: --data_path {args.data_path} needs train/ and val/ class folders '
                          '(e.g. ../shared/data/imagenette-128)')
+    from util.data import ClassFolder, DataLayoutError, resolve_image_folder
+    try:  # a data error would otherwise fail every run of the study in turn
+        for split in ('train', 'val'):
+            ClassFolder(resolve_image_folder(args.data_path, split))
+    except DataLayoutError as e:
+        raise SystemExit(f'error: {e}') from None
     study = Study(args)
     try:
         run_study(study, args)

@@ -1,6 +1,7 @@
 """Every script's --help: each flag says what it does, and its default appears once, never as
 "(default: True)" after an off switch."""
 import importlib
+import re
 
 import pytest
 
@@ -31,3 +32,95 @@ def test_help_formatter_appends_the_default_only_where_the_help_is_silent():
     assert '--epochs EPOCHS epochs (default: 400)' in text
     assert '(default: cuda when available)' in text and '(default: None)' not in text
     assert 'do not pin memory' in text and '(default: True)' not in text
+
+
+# ---- flag values refused before any work (a traceback from torch, numpy or timm before) ----------
+
+def _parse(script: str, flags: list[str]):
+    return importlib.import_module(script).get_args_parser().parse_args(flags)
+
+
+TINY_PRETRAIN = ['--model', 'MIM_vit_tiny_patch16', '--input_size', '32']
+TINY_CLASSIFIER = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4']
+
+
+@pytest.mark.parametrize('script, flags, message', [
+    ('run_pretrain', [*TINY_PRETRAIN, '--mask_ratio', '0.9'], 'leaves none of the 4 tokens visible'),
+    ('run_pretrain', [*TINY_PRETRAIN, '--hog_nbins', '0'], '--hog_nbins must be at least 1'),
+    ('run_pretrain', ['--model', 'MIM_vit_tiny_patch16', '--input_size', '0'], 'below two patches'),
+    ('run_pretrain', ['--model', 'MIM_vit_tiny_patch16', '--input_size', '48'], '--input_size 64 or --input_size 32'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--input_size', '0'], 'not a positive multiple of the patch size'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--drop_path', '1.5'], '--drop_path must be in [0, 1)'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--reprob', '2'], '--reprob must be in [0, 1]'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--mixup', '-1'], 'Beta alphas'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--cutmix_minmax', '0.9', '0.3'], '0 < MIN < MAX <= 1'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--clip_grad', '-1'], '--clip_grad must be above 0'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--aa', 'bogus'], 'not a timm augmentation policy'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--recount', '0'], '--recount must be at least 1'),
+    ('run_linprobe', [*TINY_CLASSIFIER, '--momentum', '2'], '--momentum must be in [0, 1)'),
+])
+def test_bad_values_are_refused_by_the_scripts_checks(script, flags, message):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        module.check_args(_parse(script, flags))
+
+
+def test_the_scripts_checks_pass_their_defaults_and_the_paper_recipes():
+    import run_finetune
+    import run_linprobe
+    import run_pretrain
+    run_pretrain.check_args(_parse('run_pretrain', ['--mask_ratio', '0.75']))
+    run_finetune.check_args(_parse('run_finetune', ['--mixup', '0.8', '--cutmix', '1.0', '--drop_path', '0.2',
+                                                    '--cutmix_minmax', '0.2', '0.8', '--aa', 'original']))
+    run_linprobe.check_args(_parse('run_linprobe', []))
+
+
+def test_fixed_choices_and_value_counts_are_argparse_errors(capsys):
+    for flags in (['--remode', 'bogus'], ['--cutmix_minmax', '0.5']):
+        with pytest.raises(SystemExit):
+            _parse('run_finetune', flags)
+        assert 'error: argument' in capsys.readouterr().err
+
+
+def test_a_folder_given_as_a_checkpoint_says_so(tmp_path):
+    import run_finetune
+    from util import checkpoint
+    with pytest.raises(SystemExit, match=f'--resume {tmp_path} is a folder, not a checkpoint file'):
+        run_finetune.check_args(_parse('run_finetune', [*TINY_CLASSIFIER, '--resume', str(tmp_path)]))
+    with pytest.raises(checkpoint.CheckpointError, match='is a folder'):
+        checkpoint.load(tmp_path)
+
+
+def test_helper_scripts_refuse_what_run_pretrain_refuses(tmp_path, capsys):
+    import estimate_speedup
+    import plot_lr_schedule
+    for main in (estimate_speedup.main, plot_lr_schedule.main):
+        with pytest.raises(SystemExit, match='--epochs must be at least 1'):
+            main(['--t_0', '0.8', '--epochs', '0'])
+        with pytest.raises(SystemExit, match='below two patches'):
+            main(['--t_0', '0.8', '--input_size', '0'])
+    with pytest.raises(SystemExit, match='is a folder; give a file name'):
+        plot_lr_schedule.main(['--t_0', '0.8', '--out', str(tmp_path)])
+    written = plot_lr_schedule.main(['--t_0', '0.8', '--epochs', '10', '--warmup_epochs', '1', '--points', '50',
+                                     '--out', str(tmp_path / 'schedule')])
+    assert written == tmp_path / 'schedule.png' and written.is_file()
+    assert f'wrote {written}' in capsys.readouterr().out
+
+
+def test_benchmark_and_study_refuse_missing_or_bad_inputs(tmp_path):
+    import benchmark
+    import study
+    with pytest.raises(SystemExit, match='is not a folder'):
+        benchmark.main(['--check_targets', str(tmp_path / 'nowhere')])
+    bad = tmp_path / 'results.json'
+    for text, message in (('{bad json', 'cannot read the results file'), ('[]', 'is not a study results file')):
+        bad.write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            study.load_results(bad)
+    data = tmp_path / 'data'
+    for split in ('train', 'val'):
+        (data / split / 'a').mkdir(parents=True)
+        (data / split / 'a' / 'notes.txt').write_text('no images here')
+    with pytest.raises(SystemExit, match='error: '):  # before any run, not once per run
+        study.main(['--quick', '--device', 'cpu', '--data_path', str(data), '--out', str(tmp_path / 'runs')])
+    assert not (tmp_path / 'runs').exists()

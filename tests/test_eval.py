@@ -164,7 +164,7 @@ def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt,
     random-encoder baseline) both ranks must build the same random encoder."""
     common = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '3', '--num_workers', '0',
               '--device', 'cpu', '--data_path', str(demo_data),
-              '--nb_knn', '1', '20', '--dump_features', '--linear_epochs', '3']
+              '--nb_knn', '1', '20', '40', '--dump_features', '--linear_epochs', '3']
     common += ['--finetune', str(pretrain_ckpt)] if pretrained else []
     one, two = tmp_path / 'knn1', tmp_path / 'knn2'
     res = run_script(['run_knn.py', *common, '--output_dir', str(one)])
@@ -177,8 +177,9 @@ def test_knn_script_single_and_two_processes(tmp_path, demo_data, pretrain_ckpt,
     assert 'top-5' not in res.stdout and 'top-4 ' in res.stdout  # 1-NN: top-1 only; 4 classes: top-4
 
     lines = {d: [json.loads(l) for l in (d / 'log.txt').read_text().splitlines()] for d in (one, two)}
-    assert [l['mode'] for l in lines[one]] == ['knn', 'knn', 'linear']
-    assert [l['k'] for l in lines[one][:2]] == [1, 20]
+    assert [l['mode'] for l in lines[one]] == ['knn', 'knn', 'knn', 'linear']
+    assert [l['k'] for l in lines[one][:3]] == [1, 20, 32]  # k above the 32 train images: all of them
+    assert 'note: 40-NN asked for, but there are only 32 train images: 32-NN instead' in res.stdout
     assert lines[one][0]['acc5'] == lines[one][0]['acc1']  # 1-NN: top-5 capped at k
     for a, b in zip(lines[one], lines[two]):
         assert a['num_train'] == b['num_train'] == 32 and a['num_test'] == b['num_test'] == 8
@@ -241,3 +242,14 @@ def test_evaluation_counts_are_summed_exactly_over_ranks(monkeypatch):
     loader = [(torch.eye(4)[torch.arange(61) % 4], torch.arange(61) % 4)]
     stats = engine_finetune.evaluate(torch.nn.Identity(), loader, torch.device('cpu'), sharded=True)
     assert stats['num_samples'] == 61 and stats['acc1'] == 100.0
+
+
+def test_knn_nb_classes_below_the_class_folders_is_an_error(tmp_path, demo_data, monkeypatch):
+    import run_knn
+    for var in ('RANK', 'WORLD_SIZE'):
+        monkeypatch.delenv(var, raising=False)
+    args = run_knn.get_args_parser().parse_args(
+        ['--model', 'vit_tiny_patch16', '--input_size', '32', '--device', 'cpu', '--num_workers', '0',
+         '--data_path', str(demo_data), '--nb_classes', '2', '--output_dir', str(tmp_path)])
+    with pytest.raises(SystemExit, match='--nb_classes 2 is smaller than the 4 classes'):
+        run_knn.main(args)

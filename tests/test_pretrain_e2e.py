@@ -455,3 +455,11 @@ def test_sigterm_ends_with_one_line_that_says_how_to_resume(data, tmp_path):
     assert f'terminated (SIGTERM); the same command resumes from {out}/checkpoint-' in stderr, stderr[-2000:]
     from util.runtime import Terminated
     assert not issubclass(Terminated, Exception)  # no `except Exception` on the way can swallow it
+
+
+def test_runs_that_save_nothing_or_freeze_nothing_say_so(data):
+    """--t_0 1 freezes no layer within the run, and an empty --output_dir writes nothing: both
+    run, with a note (no checkpoint to resume from; no time saved)."""
+    res = run_ok('--data_path', data, '--output_dir', '', '--epochs', '2', '--t_0', '1.0', '--how_scale', 'linear')
+    assert 'note: no --output_dir: no checkpoint, log.txt or schedule is written' in res.stdout
+    assert 'note: no layer freezes within these' in res.stdout

@@ -69,3 +69,53 @@ def test_nothing_is_written_on_success_or_outside_a_launcher(tmp_path, monkeypat
     with pytest.raises(SystemExit):
         runtime.run_main(stop_with_error_line, parser())
     assert not error_file.exists()
+
+
+# ---- flags checked before any work ---------------------------------------------------------------
+
+def namespace(**overrides) -> argparse.Namespace:
+    base = dict(lr=None, blr=1e-3, min_lr=1e-6, weight_decay=0.05, warmup_epochs=1, seed=0, num_workers=0,
+                start_epoch=0, epochs=2)
+    return argparse.Namespace(**{**base, **overrides})
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(lr=-1.0), '--lr must be a finite number >= 0'),
+    (dict(blr=float('nan')), '--blr must be a finite number >= 0'),
+    (dict(min_lr=-1.0), '--min_lr must be'),
+    (dict(weight_decay=-0.05), '--weight_decay must be'),
+    (dict(warmup_epochs=-1), '--warmup_epochs must be'),
+    (dict(seed=-1), '--seed must be in'),
+    (dict(num_workers=-1), '--num_workers must be 0 or more'),
+    (dict(start_epoch=-1), '--start_epoch must be in'),
+    (dict(start_epoch=2), '--start_epoch must be in'),
+])
+def test_number_flags_torch_would_refuse_are_clear_errors(overrides, message):
+    runtime.check_number_flags(namespace())  # the defaults pass
+    with pytest.raises(SystemExit, match=message):
+        runtime.check_number_flags(namespace(**overrides))
+
+
+def test_min_lr_above_the_peak_and_an_unknown_device_are_clear_errors():
+    runtime.check_min_lr(argparse.Namespace(min_lr=1e-6, lr=1e-4, t_0=None))
+    runtime.check_min_lr(argparse.Namespace(min_lr=1e-3, lr=1e-4, t_0=0.8))  # FreezeOut anneals to 0
+    with pytest.raises(SystemExit, match='the cosine would rise'):
+        runtime.check_min_lr(argparse.Namespace(min_lr=1e-3, lr=1e-4, t_0=None))
+    with pytest.raises(SystemExit, match='unknown --device bogus'):
+        runtime.resolve_device_and_amp(argparse.Namespace(device='bogus', amp='auto'))
+
+
+def test_an_output_folder_that_refuses_files_is_a_clear_error_before_any_work(tmp_path, monkeypatch):
+    """An existing folder that cannot be written (read-only mount, immutable): said at set-up,
+    not after the training (the log.txt or checkpoint write)."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, 'Operation not permitted')
+    monkeypatch.setattr(tempfile, 'TemporaryFile', refuse)
+    args = namespace(output_dir=str(tmp_path), log_dir=None, device='cpu', amp='auto', world_size=1, local_rank=-1,
+                     dist_url='env://', dist_backend=None)
+    for var in ('RANK', 'WORLD_SIZE'):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match=f'cannot write into --output_dir {tmp_path}: Operation not permitted'):
+        runtime.setup(args)

@@ -16,7 +16,7 @@ def test_estimate_speedup_both_decoder_modes():
 @pytest.mark.parametrize('flags, message', [
     ([], 'give --t_0'),
     (['--t_0', '0.5', '--how_scale', 'cubic', '--epochs', '10', '--warmup_epochs', '2'], 'inside the warmup'),
-    (['--t_0', '0.8', '--model', 'MIM_vit_nope'], 'no FLOP model'),
+    (['--t_0', '0.8', '--model', 'MIM_vit_nope'], 'unknown --model MIM_vit_nope'),
     (['--t_0', '0.8', '--input_size', '40'], 'not a multiple of the patch size'),
 ])
 def test_estimate_speedup_refuses_what_run_pretrain_refuses(flags, message):

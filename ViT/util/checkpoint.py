@@ -108,13 +108,21 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def missing_file_message(what: str, path: str | Path) -> str:
+    """`what` does not exist, or is a folder where a checkpoint file was meant."""
+    path = Path(path)
+    if path.is_dir():
+        return f'{what} is a folder, not a checkpoint file (e.g. {path / "checkpoint-last.pth"})'
+    return f'{what} does not exist'
+
+
 def load(path: str | Path, map_location: str | torch.device = 'cpu') -> dict[str, Any]:
     """torch.load with weights_only and a clear message for missing or unreadable files.
     Falls back to a full unpickle only for upstream checkpoints that pickled a Namespace
     (LocalMIM's released files), with a note; their 'args' come back as a dict, as ours."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f'checkpoint {path} does not exist')
+        raise CheckpointError(missing_file_message(f'checkpoint {path}', path))
     if path.stat().st_size == 0:
         raise CheckpointError(f'checkpoint {path} is empty (0 bytes): an interrupted copy?')
     try:
@@ -242,7 +250,8 @@ def newest_checkpoint(output_dir: str | Path, resuming: bool = True) -> Path | N
             if not candidates:  # nothing else to continue from: say so rather than start over
                 raise
             if resuming:  # rewritten every epoch, so the likeliest file to be damaged (e.g. a bad copy)
-                print(f'note: {str(e.code).removeprefix("error: ")}; resuming from {candidates[0][1]} instead')
+                problem = str(e.code).removeprefix('error: ').rstrip('.')
+                print(f'note: {problem}; resuming from {candidates[0][1]} instead')
     return max(candidates)[1] if candidates else None
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +23,35 @@ from util.checkpoint import CheckpointError, newest_checkpoint
 from util.data import UnreadableImage
 
 
+def check_number_flags(args: argparse.Namespace) -> None:
+    """Flags shared by the entry scripts that torch or numpy would otherwise refuse with a traceback
+    (or that would train nonsense): a clear SystemExit before any work. Flags a script lacks are
+    skipped."""
+    def value(flag: str):
+        return getattr(args, flag, None)
+
+    for flag in ('lr', 'blr', 'min_lr', 'weight_decay', 'warmup_epochs'):
+        v = value(flag)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise SystemExit(f'error: --{flag} must be a finite number >= 0, got {v}')
+    seed = value('seed')
+    if seed is not None and not 0 <= seed <= 2 ** 32 - 1 - 4096:  # numpy's range, less a rank offset
+        raise SystemExit(f'error: --seed must be in [0, {2 ** 32 - 1 - 4096}], got {seed}')
+    if (value('num_workers') or 0) < 0:
+        raise SystemExit(f'error: --num_workers must be 0 or more, got {args.num_workers}')
+    start, epochs = value('start_epoch'), value('epochs')
+    if start is not None and (start < 0 or (epochs is not None and 0 < epochs <= start)):  # epochs < 1: its own error
+        raise SystemExit(f'error: --start_epoch must be in [0, --epochs {epochs}), got {start}')
+
+
+def check_min_lr(args: argparse.Namespace) -> None:
+    """Once args.lr is set: a cosine from lr down to a larger --min_lr would rise (FreezeOut's
+    layers anneal to 0 and do not use it)."""
+    if getattr(args, 't_0', None) is None and args.min_lr > args.lr:
+        raise SystemExit(f'error: --min_lr {args.min_lr:g} is above the peak lr {args.lr:.3g}: the cosine '
+                         f'would rise; lower --min_lr or raise --lr / --blr')
+
+
 def resolve_device_and_amp(args: argparse.Namespace) -> torch.device:
     """--device None -> cuda when available, else cpu; --amp auto -> bf16 on GPUs that support
     it, none on CPU. Idempotent: called before the process group (which reads --device) and
@@ -29,7 +60,10 @@ def resolve_device_and_amp(args: argparse.Namespace) -> torch.device:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if str(args.device).startswith('cuda') and not torch.cuda.is_available():
         raise SystemExit('error: --device cuda but no CUDA GPU is visible; use --device cpu')
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f'error: unknown --device {args.device}; use cuda, cuda:<index> or cpu') from None
     if args.amp == 'auto':
         args.amp = 'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'none'
     if device.type == 'cpu' and args.amp == 'fp16':
@@ -39,6 +73,7 @@ def resolve_device_and_amp(args: argparse.Namespace) -> torch.device:
 
 def setup(args: argparse.Namespace) -> torch.device:
     """Process group, device, AMP mode, per-rank seeds, output folder. Returns this process's device."""
+    check_number_flags(args)
     resolve_device_and_amp(args)
     dist.init_distributed_mode(args)
     device = resolve_device_and_amp(args)
@@ -47,11 +82,16 @@ def setup(args: argparse.Namespace) -> torch.device:
     if dist.is_main_process():
         for flag in ('output_dir', 'log_dir'):
             folder = getattr(args, flag, None)
+            if not folder:
+                continue
             try:
-                if folder:
-                    Path(folder).mkdir(parents=True, exist_ok=True)
+                Path(folder).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise SystemExit(f'error: cannot create --{flag} {folder}: {e.strerror or e}') from None
+            try:  # an existing folder may still refuse files: say so now, not after the training
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                raise SystemExit(f'error: cannot write into --{flag} {folder}: {e.strerror or e}') from None
     print('args: ' + json.dumps(vars(args), default=str))
     seed = args.seed + dist.get_rank()
     torch.manual_seed(seed)
