@@ -52,7 +52,7 @@ from util.data import IMAGE_EXTENSIONS, resolve_image_folder
 from util.gpu_data import BACKENDS, GPU_RESAMPLE_CHOICES, build_loader
 from util.lr_sched import set_group_lrs, warmup_cosine_lr
 from util.optim import build_adamw, param_groups_weight_decay
-from util.runtime import allow_recompiles, resolve_device_and_amp
+from util.runtime import allow_recompiles, check_number_flags, resolve_device_and_amp
 
 LR, WEIGHT_DECAY = 1.5e-4, 0.05
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -752,6 +752,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(check_targets(Path(args.check_targets)), end='')
         return {}
     device = resolve_device_and_amp(args)
+    check_number_flags(args)
     if min(args.steps, args.batch_size) < 1 or min(args.warmup, args.decode_ahead) < 0 or args.repeat < 1:
         raise SystemExit('error: --steps and --batch_size must be at least 1, --warmup and --decode_ahead at least 0, '
                          '--repeat at least 1')

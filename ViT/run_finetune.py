@@ -323,13 +323,20 @@ def optimizer_and_resume(args: argparse.Namespace, model: torch.nn.Module, devic
     is built and only the weights are resumed. Shared by fine-tuning and linear probing."""
     optimizer = loss_scaler = None
     if not args.eval:
-        learning_rate(args)
         optimizer = make_optimizer()
         loss_scaler = grad_scaler(args, device)
-        # before the resume, so that a second start of the same command stops here, not after loading
-        checkpoint.lock_run_folder(args.output_dir, args.log_dir)
     start_epoch, loaded_from = resume(args, model, optimizer, loss_scaler)
     return optimizer, loss_scaler, start_epoch, loaded_from
+
+
+def start_run(args: argparse.Namespace) -> torch.device:
+    """setup(), then for a training run (not --eval) its lr and the run folder's lock, before
+    the data, the model and the resume: a second start of the same command stops at once."""
+    device = setup(args)
+    if not args.eval:
+        learning_rate(args)
+        checkpoint.lock_run_folder(args.output_dir, args.log_dir)
+    return device
 
 
 def learning_rate(args: argparse.Namespace) -> int:
@@ -377,7 +384,7 @@ def build_mixup(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
-    device = setup(args)
+    device = start_run(args)
     train_tf = finetune_train_transform(args.input_size, args.color_jitter, args.aa, args.reprob, args.remode,
                                         args.recount)
     train_loader, val_loader = build_data(args, train_tf, eval_transform(args.input_size), device)

@@ -21,9 +21,10 @@ import torch.nn as nn
 
 import models_vit
 from run_finetune import (add_batch_args, add_model_args, add_readout_args, add_run_args, add_training_run_args,
-                          build_data, check_common_args, evaluate_only, optimizer_and_resume, train_and_finish)
+                          build_data, check_common_args, evaluate_only, optimizer_and_resume, start_run,
+                          train_and_finish)
 from util.cli import HelpFormatter
-from util.runtime import run_main, setup
+from util.runtime import run_main
 from util.data import eval_transform, linprobe_train_transform
 from util.encoder_loading import load_pretrained_encoder
 from util.optim import param_groups_weight_decay
@@ -80,7 +81,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
-    device = setup(args)
+    device = start_run(args)
     train_loader, val_loader = build_data(args, linprobe_train_transform(args.input_size),
                                           eval_transform(args.input_size), device)
     model = build_probe(args).to(device)

@@ -105,7 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='gpu, gpu-cache: how a crop is resized. bicubic: one grid_sample for the batch, not '
                         'antialiased, so a crop it shrinks comes out sharper and aliased compared with pil\'s '
                         '(and so do its HOG targets); the speeds in the README were measured with it. pil: the '
-                        'pil backend\'s pixels (PIL\'s antialiased bicubic, within 1 grey level, tested) by '
+                        'pil backend\'s pixels (PIL\'s antialiased bicubic, within 1 grey level on random crops, '
+                        'tested) by '
                         'batched matmuls; not yet timed on a GPU')
     g.add_argument('--cache_size', default=None, type=int,
                    help='gpu-cache: square side of the cached images (default: the images\' own size when '
@@ -137,6 +138,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.decode_ahead < 0:
         raise SystemExit(f'error: --decode_ahead must be 0 or more, got {args.decode_ahead}')
     check_cpu_decode_share(args.data_backend, args.cpu_decode_share)
+    if args.gpu_resample != 'bicubic' and args.data_backend == 'pil':
+        raise SystemExit(f'error: --gpu_resample applies to the gpu backends only (the pil backend is PIL); '
+                         f'got --data_backend pil --gpu_resample {args.gpu_resample}')
     if args.warmup_epochs > args.epochs:
         raise SystemExit(f'error: --warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}')
     if args.t_0 is not None:
@@ -227,6 +231,12 @@ def main(args: argparse.Namespace) -> dict:
     if not args.output_dir:
         print('note: no --output_dir: no checkpoint, log.txt or schedule is written, so this run cannot be resumed')
     world, rank = dist.get_world_size(), dist.get_rank()
+    eff_batch = args.batch_size * args.accum_iter * world
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    check_min_lr(args)
+    # before the data and the resume, so that a second start of the same command stops at once
+    checkpoint.lock_run_folder(args.output_dir, args.log_dir)
 
     model = models_mim.build_model(args.model, img_size=args.input_size, hog_nbins=args.hog_nbins,
                                    hog_bias=args.hog_bias)
@@ -239,10 +249,6 @@ def main(args: argparse.Namespace) -> dict:
     if steps_per_epoch == 0:
         raise SystemExit(f'error: {len(loader)} batches per epoch is fewer than --accum_iter {args.accum_iter}')
 
-    eff_batch = args.batch_size * args.accum_iter * world
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    check_min_lr(args)
     print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accum_iter: {args.accum_iter}  '
           f'effective batch: {eff_batch}  amp: {args.amp}  device: {device}')
 
@@ -264,8 +270,6 @@ def main(args: argparse.Namespace) -> dict:
                                  args.accum_iter)
     loss_scaler = torch.amp.GradScaler(device.type) if args.amp == 'fp16' else None
 
-    # before the resume, so that a second start of the same command stops here, not after loading
-    checkpoint.lock_run_folder(args.output_dir, args.log_dir)
     # resume: the frozen set of the resume step is applied after the optimizer state is loaded
     start_epoch = args.start_epoch
     resume_path = find_resume_checkpoint(args)

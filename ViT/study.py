@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.results = str(Path(args.results or (Path(args.out) / 'study_results.json' if args.quick else
                                               ROOT / 'image' / 'study_results.json')).resolve())
     args.data_path = str(Path(args.data_path).resolve())
+    from util.runtime import check_number_flags
+    check_number_flags(args)  # what run_pretrain would refuse, once, not once per run
     import torch
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.data_backend = args.data_backend or ('gpu-cache' if args.device.startswith('cuda') else 'pil')

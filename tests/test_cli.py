@@ -47,6 +47,7 @@ TINY_CLASSIFIER = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch
 @pytest.mark.parametrize('script, flags, message', [
     ('run_pretrain', [*TINY_PRETRAIN, '--mask_ratio', '0.9'], 'leaves none of the 4 tokens visible'),
     ('run_pretrain', [*TINY_PRETRAIN, '--hog_nbins', '0'], '--hog_nbins must be at least 1'),
+    ('run_pretrain', [*TINY_PRETRAIN, '--gpu_resample', 'pil'], 'applies to the gpu backends only'),
     ('run_pretrain', ['--model', 'MIM_vit_tiny_patch16', '--input_size', '0'], 'below two patches'),
     ('run_pretrain', ['--model', 'MIM_vit_tiny_patch16', '--input_size', '48'], '--input_size 64 or --input_size 32'),
     ('run_finetune', [*TINY_CLASSIFIER, '--input_size', '0'], 'not a positive multiple of the patch size'),

@@ -271,6 +271,27 @@ def test_pil_resample_gives_the_pil_backends_pixels():
     assert torch.equal(one, ours[2:3])
 
 
+def test_pil_resample_follows_pillows_pass_order_on_random_crops():
+    """PIL rounds between its two passes, so their order shows on noise (several grey levels).
+    RandomResizedCrop boxes of every shape (as the pretraining draws them) and odd sizes, 1 px
+    crops included, on noise images: all within one grey level of PIL."""
+    from util.gpu_data import pil_height_first
+    g = torch.Generator().manual_seed(1)
+    sizes = [(56, 44), (90, 60), (60, 90), (75, 75), (120, 70)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes * 8]
+    for size in (32, 48):
+        boxes = sample_crop_boxes([im.shape[1] for im in images], [im.shape[2] for im in images], g,
+                                  CROP_SCALE, CROP_RATIO)
+        boxes[:5] = torch.tensor([[0, 0, 56, 44], [0, 0, 90, 60], [0, 0, 60, 90], [74, 74, 1, 1], [0, 0, 120, 1]])
+        flips = sample_flips(len(images), g)
+        expected = pil_crops(images, boxes, flips, size).float()
+        ours = resized_crop_list(images, boxes, flips, size, 'pil')
+        worst = (ours - expected).abs().amax(dim=(1, 2, 3))
+        assert worst.max() <= 1, [(boxes[i].tolist(), worst[i].item()) for i in range(len(images)) if worst[i] > 1]
+        if size == 32:
+            assert pil_height_first(boxes, size)[:3].tolist() == [False, True, False]  # 56 - 32 <= 2 (44 - 32)
+
+
 def test_pil_resample_in_the_gpu_cache_pipeline(tmp_path):
     """augment_images on a cached (B, 3, S, S) batch with mode 'pil' equals PIL's crops of the same
     drawn boxes and flips; the loader takes the mode from build_loader's `resample`."""

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.data
@@ -111,11 +112,35 @@ def pil_resample_weights(start: torch.Tensor, length: torch.Tensor, canvas_len: 
     return weights / weights.sum(-1, keepdim=True)
 
 
+def pil_height_first(boxes: torch.Tensor, out_size: int) -> torch.Tensor:
+    """(B,) bool on the host: the crops that the installed Pillow resizes height first. PIL
+    resizes in two passes, each rounded to 8 bits, so the order shows in the pixels. Pillow
+    13.0 goes height first when h > S and h - S > 2 (w - S) (found by comparing its output with
+    both orders over random sizes); earlier releases always go width first."""
+    h, w = boxes[:, 2].cpu(), boxes[:, 3].cpu()
+    if not _pillow_goes_height_first():
+        return torch.zeros_like(h, dtype=torch.bool)
+    return (h > out_size) & (h + out_size > 2 * w)
+
+
+@functools.lru_cache(maxsize=1)
+def _pillow_goes_height_first() -> bool:
+    """Probes the installed Pillow once: a noise image whose two pass orders differ by several
+    grey levels, resized as a crop 80 high and 40 wide to 32 x 32."""
+    from PIL import Image
+    noise = torch.randint(0, 256, (3, 80, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    pil = Image.fromarray(noise.permute(1, 2, 0).numpy()).resize((32, 32), Image.Resampling.BICUBIC)
+    expected = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float()
+    box = torch.tensor([[0, 0, 80, 40]])
+    height_first = _pil_resized_crop(noise[None].float(), box, torch.tensor([False]), 32, torch.tensor([True]))[0]
+    return bool((height_first - expected).abs().max() <= 1)
+
+
 def _pil_resized_crop(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int,
                       height_first: torch.Tensor) -> torch.Tensor:
-    """The pil backend's resized crop as batched matmuls, (B, C, H, W) -> (B, C, S, S). PIL
-    resamples in two passes, each rounded to 8 bits: the width first, except (Pillow 13) when
-    the crop's height shrinks and more than its width (`height_first`, (B,) bool on the host)."""
+    """The pil backend's resized crop as batched matmuls, (B, C, H, W) -> (B, C, S, S): PIL's
+    two passes, each rounded to 8 bits, width first except where `height_first` ((B,) bool on
+    the host, pil_height_first)."""
     top, left, h, w = boxes.unbind(1)
     across = pil_resample_weights(left, w, x.shape[-1], out_size)  # (B, S, W)
     across = torch.where(flips.bool()[:, None, None], across.flip(1), across).transpose(1, 2)[:, None]  # (B,1,W,S)
@@ -142,11 +167,11 @@ def resized_crop_batch(canvas: torch.Tensor, boxes: torch.Tensor, flips: torch.T
     whole batch at once. Float32 output in the canvas' value range.
     'bicubic' / 'bilinear': one grid_sample, not antialiased, not clamped; taps outside the
     canvas repeat its border pixels. 'pil': the pil backend's pixels (PIL's antialiased
-    bicubic on the crop, 8-bit rounding), see _pil_resized_crop."""
+    bicubic on the crop, 8-bit rounding, the installed Pillow's pass order), see _pil_resized_crop."""
     x = canvas if canvas.is_floating_point() else canvas.float()
     if mode == 'pil':
-        height_first = (boxes[:, 2] > boxes[:, 3]).cpu() & (boxes[:, 2] > out_size).cpu()
-        return _pil_resized_crop(x, to_device(boxes, x.device), to_device(flips, x.device), out_size, height_first)
+        return _pil_resized_crop(x, to_device(boxes, x.device), to_device(flips, x.device), out_size,
+                                 pil_height_first(boxes, out_size))
     boxes, flips = to_device(boxes, x.device), to_device(flips, x.device)
     grid = crop_grids(boxes, flips, x.shape[-2], x.shape[-1], out_size)
     return F.grid_sample(x, grid, mode=mode, padding_mode='border', align_corners=False)
@@ -502,7 +527,7 @@ def _image_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UnreadableImage(f'cannot decode {path}: {e}') from None
 
 

@@ -45,11 +45,12 @@ def check_number_flags(args: argparse.Namespace) -> None:
 
 
 def check_min_lr(args: argparse.Namespace) -> None:
-    """Once args.lr is set: a cosine from lr down to a larger --min_lr would rise (FreezeOut's
-    layers anneal to 0 and do not use it)."""
+    """Once args.lr is set: a note when the cosine from lr "down" to --min_lr would rise (a tiny
+    batch can take the lr below the default min_lr; upstream runs it as it is). FreezeOut's
+    layers anneal to 0 and do not use --min_lr."""
     if getattr(args, 't_0', None) is None and args.min_lr > args.lr:
-        raise SystemExit(f'error: --min_lr {args.min_lr:g} is above the peak lr {args.lr:.3g}: the cosine '
-                         f'would rise; lower --min_lr or raise --lr / --blr')
+        print(f'note: --min_lr {args.min_lr:g} is above the peak lr {args.lr:.3g}, so the cosine after the '
+              f'warmup rises to it; lower --min_lr (or raise --lr / --blr) for a decay')
 
 
 def resolve_device_and_amp(args: argparse.Namespace) -> torch.device:
@@ -148,17 +149,24 @@ def _terminate_main_process(main_pid: int) -> Callable[[int, Any], None]:
     return handler
 
 
-def tell_launcher(message: str) -> None:
+# what a collective raises when another rank died first (gloo; NCCL's watchdog)
+_PEER_FAILED = ('Connection closed by peer', 'Connection reset by peer', 'remote process exited')
+
+
+def tell_launcher(message: str, after_a_peer: bool = False) -> None:
     """Under torchrun / torch.distributed.launch, write why this rank stops to the file the launcher
     names in TORCHELASTIC_ERROR_FILE: its closing summary ("Root Cause") then shows `message`
     instead of a link to the docs, below the other ranks' output that buries this rank's lines.
     In ErrorHandler.record_exception's format, which the launcher reads back. Nothing outside a
-    launcher, and a file that cannot be written is skipped (the rank's own output still says it)."""
+    launcher, and a file that cannot be written is skipped (the rank's own output still says it).
+    The launcher names the earliest failure (whole seconds) the root cause; `after_a_peer` (this
+    rank failed because another died) dates this one a second later, so a tie goes to the cause."""
     path = os.environ.get('TORCHELASTIC_ERROR_FILE')
     if not path:
         return
     record = {'message': {'message': message.strip().splitlines()[-1] if message.strip() else message,
-                          'extraInfo': {'py_callstack': message, 'timestamp': str(int(time.time()))}}}
+                          'extraInfo': {'py_callstack': message,
+                                        'timestamp': str(int(time.time()) + int(after_a_peer))}}}
     try:
         with open(path, 'w') as f:
             json.dump(record, f)
@@ -204,6 +212,6 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
             tell_launcher(e.code if isinstance(e.code, str) else
                           f'exit status {e.code}: see this rank\'s output above')
         raise
-    except Exception:
-        tell_launcher(traceback.format_exc())
+    except Exception as e:
+        tell_launcher(traceback.format_exc(), after_a_peer=any(text in str(e) for text in _PEER_FAILED))
         raise
