@@ -116,7 +116,8 @@ def pil_height_first(boxes: torch.Tensor, out_size: int) -> torch.Tensor:
     """(B,) bool on the host: the crops that the installed Pillow resizes height first. PIL
     resizes in two passes, each rounded to 8 bits, so the order shows in the pixels. Pillow
     13.0 goes height first when h > S and h - S > 2 (w - S) (found by comparing its output with
-    both orders over random sizes); earlier releases always go width first."""
+    both orders over random sizes); the earlier Resample.c sources always go width first, and
+    the installed one is probed (_pillow_goes_height_first)."""
     h, w = boxes[:, 2].cpu(), boxes[:, 3].cpu()
     if not _pillow_goes_height_first():
         return torch.zeros_like(h, dtype=torch.bool)
