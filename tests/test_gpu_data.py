@@ -254,7 +254,7 @@ def test_pil_resample_gives_the_pil_backends_pixels():
     g = torch.Generator().manual_seed(0)
     sizes = [(90, 70), (64, 96), (120, 120), (50, 80), (100, 60), (70, 110)]
     # noise, the worst case for a resampler, plus a smooth part so both regimes are covered
-    images = [(torch.rand(3, h, w, generator=g) * 255 * 0.5 + smooth_image(h, w, seed=h)[0] * 0.5).round().to(torch.uint8)
+    images = [(torch.rand(3, h, w, generator=g) * 127.5 + smooth_image(h, w, seed=h)[0] * 0.5).round().to(torch.uint8)
               for h, w in sizes]
     size = 40
     boxes = torch.tensor([[3, 5, 80, 50], [0, 10, 30, 70], [7, 2, 100, 113], [10, 20, 20, 24], [0, 0, 100, 60],
