@@ -23,7 +23,7 @@ from engine_finetune import evaluate, fit
 from engine_pretrain import ModelHandle
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util.cli import HelpFormatter
-from util.runtime import check_min_lr, run_main, setup
+from util.runtime import run_main, set_lr, setup
 from util import checkpoint, dist
 from util.data import (DEFAULT_NUM_WORKERS, DataLayoutError, build_classification_datasets, build_eval_loader,
                        build_train_loader, eval_transform, finetune_train_transform)
@@ -341,10 +341,7 @@ def start_run(args: argparse.Namespace) -> torch.device:
 
 def learning_rate(args: argparse.Namespace) -> int:
     """Sets args.lr from --blr when not given; returns the effective batch."""
-    eff_batch = args.batch_size * args.accum_iter * dist.get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    check_min_lr(args)
+    eff_batch = set_lr(args)
     print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accum_iter: {args.accum_iter}  '
           f'effective batch: {eff_batch}  amp: {args.amp}')
     return eff_batch

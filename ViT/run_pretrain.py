@@ -24,7 +24,7 @@ from util.gpu_data import (BACKENDS, GPU_RESAMPLE_CHOICES, build_loader, check_c
 from util.log import append_json_line, format_seconds, make_writer
 from util.lr_sched import PlainSchedule
 from util.optim import build_adamw, param_groups_weight_decay
-from util.runtime import allow_recompiles, check_min_lr, run_main, setup
+from util.runtime import allow_recompiles, run_main, set_lr, setup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -231,10 +231,7 @@ def main(args: argparse.Namespace) -> dict:
     if not args.output_dir:
         print('note: no --output_dir: no checkpoint, log.txt or schedule is written, so this run cannot be resumed')
     world, rank = dist.get_world_size(), dist.get_rank()
-    eff_batch = args.batch_size * args.accum_iter * world
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-    check_min_lr(args)
+    eff_batch = set_lr(args)
     # before the data and the resume, so that a second start of the same command stops at once
     checkpoint.lock_run_folder(args.output_dir, args.log_dir)
 

@@ -20,3 +20,11 @@ def test_demo_with_too_few_epochs_is_a_clear_error(tmp_path):
     res = run_cmd([sys.executable, VIT / 'demo.py', '--epochs', '1', '--out', tmp_path / 'demo'], timeout=120)
     assert res.returncode != 0 and 'error: --epochs must be at least 2' in res.stderr, res.describe()
     assert 'Traceback' not in res.output and not (tmp_path / 'demo' / 'plain').exists()
+
+
+def test_demo_out_that_cannot_be_created_is_a_clear_error(tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    res = run_cmd([sys.executable, VIT / 'demo.py', '--out', tmp_path / 'a_file' / 'demo'], timeout=120)
+    assert res.returncode != 0 and f'error: cannot create --out {tmp_path / "a_file" / "demo"}' in res.stderr, \
+        res.describe()
+    assert 'Traceback' not in res.output

@@ -429,6 +429,8 @@ def test_a_second_launch_is_refused_and_ctrl_c_ends_with_one_line_and_the_rerun_
     second = run_pretrain('--data_path', data, '--output_dir', out, '--epochs', '300', timeout=120)
     assert second.returncode != 0 and 'Traceback' not in second.output, second.describe()
     assert f'error: another run is training into {out} (pid {proc.pid} on ' in second.stderr, second.describe()
+    # the lock comes before the data and the resume: nothing loaded, nothing claimed
+    assert 'data: ' not in second.stdout and 'resumed from' not in second.stdout, second.describe()
     os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole foreground group
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stdout[-2000:] + stderr[-3000:]

@@ -53,6 +53,16 @@ def check_min_lr(args: argparse.Namespace) -> None:
               f'warmup rises to it; lower --min_lr (or raise --lr / --blr) for a decay')
 
 
+def set_lr(args: argparse.Namespace) -> int:
+    """args.lr = blr x effective batch / 256 unless --lr was given (upstream's rule), with
+    check_min_lr's note; returns the effective batch (batch x accum_iter x processes)."""
+    eff_batch = args.batch_size * args.accum_iter * dist.get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    check_min_lr(args)
+    return eff_batch
+
+
 def resolve_device_and_amp(args: argparse.Namespace) -> torch.device:
     """--device None -> cuda when available, else cpu; --amp auto -> bf16 on GPUs that support
     it, none on CPU. Idempotent: called before the process group (which reads --device) and
