@@ -25,6 +25,7 @@ Writes <out>/benchmark.json, <out>/benchmark.md and <out>/benchmark_freeze.png.
 """
 from __future__ import annotations
 
+import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 import contextlib
 import dataclasses
@@ -836,4 +837,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
-    main()
+    util.startup.run_tool(main)

@@ -7,6 +7,7 @@ Prints both wall times, the FreezeOut schedule, and where the logs and checkpoin
 """
 from __future__ import annotations
 
+import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 import json
 import os
@@ -73,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    util.startup.run_tool(main)

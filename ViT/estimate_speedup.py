@@ -7,6 +7,7 @@ step and the average over the FreezeOut schedule, for both decoder modes.
 """
 from __future__ import annotations
 
+import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 import dataclasses
 import json
@@ -52,4 +53,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == '__main__':
-    main()
+    util.startup.run_tool(main)

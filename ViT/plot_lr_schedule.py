@@ -9,6 +9,7 @@ plain LocalMIM schedule dashed for comparison.
 """
 from __future__ import annotations
 
+import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 from pathlib import Path
 
@@ -80,4 +81,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == '__main__':
-    main()
+    util.startup.run_tool(main)

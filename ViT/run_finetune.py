@@ -12,6 +12,7 @@ run_knn.py.
 """
 from __future__ import annotations
 
+import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 from pathlib import Path
 from typing import Callable

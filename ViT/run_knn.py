@@ -17,6 +17,7 @@ every process, each process classifies its own val share, and the counts are sum
 """
 from __future__ import annotations
 
+import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 import time
 from pathlib import Path

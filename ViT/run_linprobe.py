@@ -14,6 +14,7 @@ ordinary batch sizes.
 """
 from __future__ import annotations
 
+import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 
 import torch

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 import time
 from pathlib import Path

@@ -17,6 +17,7 @@ reported and left out, the others go on, and the study exits with an error listi
 """
 from __future__ import annotations
 
+import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 import contextlib
 import dataclasses
@@ -430,6 +431,10 @@ def main(argv: list[str] | None = None) -> dict:
     except OutOfTime as e:
         print(f'study stopped early: {e}. Recorded runs are in {args.results}; the same command continues.',
               flush=True)
+    except KeyboardInterrupt:
+        print(f'interrupted: the runs recorded so far are in {args.results}; the same command continues with the '
+              'others (the run cut short starts again from scratch)', file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     study.save()
     table = Path(args.results).parent / 'study_results.md'
     if table.is_file():
@@ -469,4 +474,4 @@ def run_study(study: Study, args: argparse.Namespace) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    util.startup.run_tool(main)

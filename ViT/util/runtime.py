@@ -204,6 +204,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
         print_usage_and_exit(message)
 
     parser.error = flag_error
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # util.startup's handler is for the imports only
     args = parser.parse_args()
     if os.environ.get('WORLD_SIZE', '1').strip() in ('', '1'):
         # one process only: a rank of several, blocked in a collective, could not run a Python
