@@ -2,8 +2,9 @@
 
     python estimate_speedup.py --model MIM_vit_base_patch16 --how_scale cubic --t_0 0.8
 
-Takes run_pretrain.py's flags (others are ignored); prints the GPU work per image of a plain
-step and the average over the FreezeOut schedule, for both decoder modes.
+Prints the GPU work per image of a plain step and the average over the FreezeOut schedule, for
+both decoder modes. --help lists the flags that matter here; run_pretrain.py's others are
+accepted and ignored, so a pretraining command can be pasted as it is.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import models_mim
 from run_pretrain import check_args, get_args_parser
 from util import flops
+from util.cli import HelpFormatter, help_only_for
 from util import freezeout as fo
 from util.runtime import check_number_flags
 
@@ -31,8 +33,9 @@ def estimate(model: str, input_size: int, mask_ratio: float, hog_nbins: int, t_0
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False, description=__doc__,
-                                     conflict_handler='resolve')
+                                     conflict_handler='resolve', formatter_class=HelpFormatter)
     parser.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
+    help_only_for(parser, {'model', 'input_size', 'mask_ratio', 'hog_nbins', 't_0', 'how_scale', 'json'})
     args = parser.parse_args(argv)
     if args.t_0 is None:
         raise SystemExit('error: give --t_0 (and --how_scale) to estimate a FreezeOut run')

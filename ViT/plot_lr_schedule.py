@@ -1,11 +1,12 @@
-"""Draw FreezeOut's per-layer learning-rate schedule for given pretraining flags.
+r"""Draw FreezeOut's per-layer learning-rate schedule for given pretraining flags.
 
     python plot_lr_schedule.py --epochs 100 --warmup_epochs 10 --blr 2e-4 --batch_size 2048 \
         --how_scale cubic --t_0 0.8 --out ../image/freezeout_lr_cubic_0.8.png
 
-Takes run_pretrain.py's flags (lr = blr * batch_size / 256 unless --lr; give the effective
-batch as --batch_size). One curve per layer (warmup included) against % of training, with the
-plain LocalMIM schedule dashed for comparison.
+One curve per layer (warmup included) against % of training, with the plain LocalMIM schedule
+dashed for comparison; lr = blr * batch_size * accum_iter / 256 unless --lr (no processes here:
+give batch size x processes as --batch_size). --help lists the flags that matter here; run_pretrain.py's others are accepted
+and ignored, so a pretraining command can be pasted as it is.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from run_pretrain import check_args, get_args_parser  # noqa: E402
 from util import flops  # noqa: E402
+from util.cli import HelpFormatter, help_only_for  # noqa: E402
 from util import freezeout as fo  # noqa: E402
 from util.lr_sched import warmup_cosine_lr  # noqa: E402
 from util.runtime import check_number_flags  # noqa: E402
@@ -27,11 +29,13 @@ from util.runtime import check_number_flags  # noqa: E402
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False, description=__doc__,
-                                     conflict_handler='resolve')
+                                     conflict_handler='resolve', formatter_class=HelpFormatter)
     parser.add_argument('--out', default=None,
                         help='PNG path (default: freezeout_lr_<how>_<t_0>.png in the current folder; the README\'s '
                              'figures in image/ are written only when named)')
     parser.add_argument('--points', default=1000, type=int, help='optimizer steps drawn (the x resolution)')
+    help_only_for(parser, {'epochs', 'warmup_epochs', 'batch_size', 'accum_iter', 'lr', 'blr', 'min_lr', 'model', 't_0',
+                        'how_scale', 'scale_lr', 'out', 'points'})
     args = parser.parse_args(argv)
     if args.t_0 is None:
         raise SystemExit('error: give --t_0 (and --how_scale) to draw a FreezeOut schedule')

@@ -39,19 +39,29 @@ HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
 
 # ---- flags ------------------------------------------------------------------------------------
 
-def add_run_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
-    """Data, output and process flags common to fine-tuning, linear probing and kNN."""
+def add_run_args(parser: argparse.ArgumentParser, output_dir: str, trains: bool = True) -> None:
+    """Data, output and process flags common to fine-tuning, linear probing and kNN (trains=False:
+    the help says what they mean for a feature pass without a trained head)."""
     g = parser.add_argument_group('data, output, run')
     g.add_argument('--data_path', default='./dataset/ImageNet/', type=str,
                    help='dataset root with labelled splits: <path>/train/<class>/... and <path>/val/<class>/..., '
                         'or <path>/train/image_folders/<class>/... and <path>/val/image_folders/<class>/...')
     g.add_argument('--nb_classes', default=None, type=int,
-                   help='number of outputs of the head; unset: the number of class folders in the train split')
-    g.add_argument('--output_dir', default=output_dir, help='folder for log.txt and checkpoints; empty for none')
+                   help=('number of outputs of the head' if trains else 'classes the votes and the linear classifier '
+                         'range over') + '; unset: the number of class folders in the train split')
+    g.add_argument('--output_dir', default=output_dir,
+                   help='folder for log.txt and checkpoints; empty for none' if trains else
+                   'folder for log.txt (one JSON line per result) and, with --dump_features, knn_features.pth; '
+                   'empty for none')
     g.add_argument('--device', default=None, help='cuda or cpu; unset: cuda when available')
     g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
-                   help='mixed precision: auto = bf16 on GPUs that support it, none on CPU; fp16 uses a GradScaler')
-    g.add_argument('--seed', default=0, type=int, help='random seed (each process adds its rank)')
+                   help='mixed precision: auto = bf16 on GPUs that support it, none on CPU; fp16 uses a GradScaler'
+                   if trains else 'precision of the encoder\'s forward pass: auto = bf16 on GPUs that support it, '
+                   'none on CPU (the linear classifier is fitted in float32)')
+    g.add_argument('--seed', default=0, type=int,
+                   help='random seed (each process adds its rank)' if trains else
+                   'seed of the randomly initialised encoder evaluated without --finetune (the same on every '
+                   'process; the linear classifier is always seeded with 0)')
     g.add_argument('--num_workers', default=DEFAULT_NUM_WORKERS, type=int,
                    help='data-loading processes per training process (default: 10, or the usable CPUs if fewer)')
     g.add_argument('--pin_mem', action='store_true', default=True,
@@ -259,7 +269,8 @@ def ddp_wrapper(args: argparse.Namespace, device: torch.device):
 # flags whose change between a checkpoint and its resumption changes the run (fine-tuning and probing)
 RESUME_FLAGS = ('model', 'input_size', 'nb_classes', 'global_pool', 'epochs', 'warmup_epochs', 'batch_size',
                 'accum_iter', 'world_size', 'lr', 'min_lr', 'weight_decay', 'layer_decay', 'drop_path', 'smoothing',
-                'mixup', 'cutmix', 'seed', 'finetune')
+                'mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'aa',
+                'color_jitter', 'reprob', 'clip_grad', 'seed', 'finetune')
 
 
 def _encoder_file(path: str | None) -> str:

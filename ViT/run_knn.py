@@ -122,7 +122,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--dump_features', action='store_true',
                    help='also save the features and labels of both splits (dataset order) to '
                         '<output_dir>/knn_features.pth')
-    add_run_args(parser, output_dir='./output_knn')
+    add_run_args(parser, output_dir='./output_knn', trains=False)
     return parser
 
 

@@ -253,3 +253,18 @@ def test_knn_nb_classes_below_the_class_folders_is_an_error(tmp_path, demo_data,
          '--data_path', str(demo_data), '--nb_classes', '2', '--output_dir', str(tmp_path)])
     with pytest.raises(SystemExit, match='--nb_classes 2 is smaller than the 4 classes'):
         run_knn.main(args)
+
+
+def test_knn_help_speaks_of_a_feature_pass_not_of_training():
+    """run_knn shares the data/run flags with fine-tuning; its help says what they mean for kNN."""
+    import run_finetune
+    import run_knn
+
+    def helps(parser):
+        return {a.dest: a.help for a in parser._actions}
+
+    knn, finetune = helps(run_knn.get_args_parser()), helps(run_finetune.get_args_parser())
+    assert 'checkpoints' in finetune['output_dir'] and 'checkpoints' not in knn['output_dir']
+    assert 'knn_features.pth' in knn['output_dir']
+    assert 'GradScaler' in finetune['amp'] and 'GradScaler' not in knn['amp']
+    assert 'adds its rank' in finetune['seed'] and 'same on every process' in knn['seed']

@@ -38,3 +38,28 @@ def test_plot_lr_schedule_writes_into_the_current_folder_by_default(tmp_path, mo
     out = plot_lr_schedule.main(['--t_0', '0.5', '--how_scale', 'linear', '--epochs', '10',
                                  '--warmup_epochs', '1', '--points', '50'])
     assert out.resolve() == tmp_path / 'freezeout_lr_linear_0.5.png' and out.is_file()
+
+
+@pytest.mark.parametrize('tool, listed, left_out', [
+    (estimate_speedup, ['--t_0', '--how_scale', '--model', '--input_size', '--mask_ratio', '--json'],
+     ['--epochs', '--blr', '--data_backend', '--output_dir', '--scale_lr']),
+    (plot_lr_schedule, ['--t_0', '--how_scale', '--epochs', '--warmup_epochs', '--blr', '--scale_lr', '--out'],
+     ['--input_size', '--data_backend', '--output_dir', '--mask_ratio', '--decoder_freeze']),
+])
+def test_help_lists_only_the_flags_the_tool_reads_and_a_whole_pretraining_command_still_parses(
+        tool, listed, left_out, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        tool.main(['--help'])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for flag in listed:
+        assert f'{flag} ' in text or f'{flag}]' in text, flag
+    for flag in left_out:
+        assert f'{flag} ' not in text and f'{flag}]' not in text, flag
+    # the research notes' style of command, pasted whole
+    tool.main(['--model', 'MIM_vit_small_patch16', '--t_0', '0.8', '--how_scale', 'cubic', '--epochs', '100',
+               '--warmup_epochs', '10', '--data_path', 'nowhere', '--output_dir', str(tmp_path / 'o'),
+               '--num_workers', '3', '--data_backend', 'pil', '--points', '20', '--out', str(tmp_path / 'lr.png')]
+              if tool is plot_lr_schedule else
+              ['--model', 'MIM_vit_small_patch16', '--t_0', '0.8', '--epochs', '100', '--warmup_epochs', '10',
+               '--data_path', 'nowhere', '--output_dir', str(tmp_path / 'o'), '--num_workers', '3'])
