@@ -7,7 +7,7 @@
 # Output goes to the command's --output_dir (or ./record_logs/<timestamp>):
 #   cli_logs.txt                    everything the command printed (appended)
 #   provenance.txt                  one block per run (appended)
-#   provenance_<timestamp>.diff     uncommitted changes at launch (git diff HEAD)
+#   provenance_<timestamp>.diff     uncommitted changes at launch (git diff HEAD), if any
 #
 # The exit status is the command's.
 # No `set -e`: failing probes (git, torch, nvidia-smi) must not stop the run,
@@ -118,9 +118,22 @@ fi
             echo "commit:    none (no commits yet)"
             git -C "$git_dir" diff >"$diff_file" 2>/dev/null
         fi
-        echo "diff:      $diff_file ($(wc -l <"$diff_file") lines)"
-        echo "git status --short:"
-        git -C "$git_dir" status --short 2>/dev/null | sed 's/^/    /'
+        if [[ -s "$diff_file" ]]; then
+            echo "diff:      $diff_file ($(wc -l <"$diff_file") lines)"
+        else
+            rm -f -- "$diff_file"
+            echo "diff:      none (tracked files as committed)"
+        fi
+        echo "git status --short (the run's own output folder left out):"
+        # an untracked out_dir (or an entry inside it) holds this run's, or an earlier one's, outputs
+        rel_out=$(realpath -m --relative-to="$git_dir" -- "$out_dir" 2>/dev/null)/
+        git -C "$git_dir" status --short 2>/dev/null | while IFS= read -r line; do
+            path=${line:3}
+            if [[ "$line" == '?? '* && "$path" == "$rel_out"* ]]; then
+                continue
+            fi
+            echo "    $line"
+        done
     fi
     echo "python:    $py_version"
     echo "torch:     $torch_info"

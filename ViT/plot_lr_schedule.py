@@ -4,9 +4,10 @@ r"""Draw FreezeOut's per-layer learning-rate schedule for given pretraining flag
         --how_scale cubic --t_0 0.8 --out ../image/freezeout_lr_cubic_0.8.png
 
 One curve per layer (warmup included) against % of training, with the plain LocalMIM schedule
-dashed for comparison; lr = blr * batch_size * accum_iter / 256 unless --lr (no processes here:
-give batch size x processes as --batch_size). --help lists the flags that matter here; run_pretrain.py's others are accepted
-and ignored, so a pretraining command can be pasted as it is.
+dashed for comparison; lr = blr * batch_size * accum_iter * world_size / 256 unless --lr, as in
+the run (--world_size: the number of processes the run will have). --help lists the flags that
+matter here; run_pretrain.py's others are accepted and ignored, so a pretraining command can be
+pasted as it is.
 """
 from __future__ import annotations
 
@@ -34,13 +35,15 @@ def main(argv: list[str] | None = None) -> Path:
                         help='PNG path (default: freezeout_lr_<how>_<t_0>.png in the current folder; the README\'s '
                              'figures in image/ are written only when named)')
     parser.add_argument('--points', default=1000, type=int, help='optimizer steps drawn (the x resolution)')
-    help_only_for(parser, {'epochs', 'warmup_epochs', 'batch_size', 'accum_iter', 'lr', 'blr', 'min_lr', 'model', 't_0',
-                        'how_scale', 'scale_lr', 'out', 'points'})
+    help_only_for(parser, {'epochs', 'warmup_epochs', 'batch_size', 'accum_iter', 'world_size', 'lr', 'blr', 'min_lr',
+                           'model', 't_0', 'how_scale', 'scale_lr', 'out', 'points'})
     args = parser.parse_args(argv)
     if args.t_0 is None:
         raise SystemExit('error: give --t_0 (and --how_scale) to draw a FreezeOut schedule')
     check_number_flags(args)
     check_args(args)  # run_pretrain's checks: draw only what it would run
+    if args.world_size < 1:
+        raise SystemExit(f'error: --world_size must be at least 1, got {args.world_size}')
     if args.points < 1:
         raise SystemExit(f'error: --points must be at least 1, got {args.points}')
     out = Path(args.out) if args.out else Path(f'freezeout_lr_{args.how_scale}_{args.t_0}.png')
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f'error: cannot create the folder of --out {out}: {e.strerror or e}') from None
-    lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter / 256
+    eff_batch = args.batch_size * args.accum_iter * args.world_size  # no launcher here: the flag says the count
+    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     if args.model not in flops.SHAPES:
         raise SystemExit(f'error: unknown --model {args.model}; choose one of: {", ".join(sorted(flops.SHAPES))}')
     depth = flops.SHAPES[args.model].depth
@@ -73,14 +77,14 @@ def main(argv: list[str] | None = None) -> Path:
     ax.set_xlabel('% of training')
     ax.set_ylabel('learning rate')
     scaled = 'lr / t_i' if args.scale_lr else 'lr'
-    ax.set_title(f'FreezeOut {args.how_scale}, t_0={args.t_0}, peak {scaled}, warmup '
-                 f'{args.warmup_epochs}/{args.epochs} epochs')
+    ax.set_title(f'FreezeOut {args.how_scale}, t_0={args.t_0}, peak {scaled}, lr={lr:.3g} (effective batch '
+                 f'{eff_batch}), warmup {args.warmup_epochs}/{args.epochs} epochs', fontsize=9)
     ax.legend(fontsize=6, ncol=2, loc='upper right')
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
-    print(f'wrote {out}')
+    print(f'wrote {out} (lr {lr:.3g}{"" if args.lr is not None else f" = blr x effective batch {eff_batch} / 256"})')
     return out
 
 

@@ -268,8 +268,8 @@ def ddp_wrapper(args: argparse.Namespace, device: torch.device):
 
 # flags whose change between a checkpoint and its resumption changes the run (fine-tuning and probing)
 RESUME_FLAGS = ('model', 'input_size', 'nb_classes', 'global_pool', 'epochs', 'warmup_epochs', 'batch_size',
-                'accum_iter', 'world_size', 'lr', 'min_lr', 'weight_decay', 'layer_decay', 'drop_path', 'smoothing',
-                'mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'aa',
+                'accum_iter', 'world_size', 'blr', 'lr', 'min_lr', 'weight_decay', 'layer_decay', 'drop_path',
+                'smoothing', 'mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'aa',
                 'color_jitter', 'reprob', 'clip_grad', 'seed', 'finetune')
 
 

@@ -158,7 +158,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 # flags whose change between a checkpoint and its resumption changes the run
 RESUME_FLAGS = ('model', 'input_size', 'mask_ratio', 'hog_nbins', 'hog_bias', 'epochs', 'warmup_epochs', 'batch_size',
-                'accum_iter', 'world_size', 'lr', 'min_lr', 'weight_decay', 't_0', 'how_scale', 'scale_lr',
+                'accum_iter', 'world_size', 'blr', 'lr', 'min_lr', 'weight_decay', 't_0', 'how_scale', 'scale_lr',
                 'decoder_freeze', 'seed', 'data_backend', 'gpu_resample', 'cache_size')
 
 
@@ -220,8 +220,9 @@ def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module
         'Resume with the run\'s own flags, or start afresh with --no_auto_resume / another --output_dir')
     schedule.on_step(start_epoch * steps_per_epoch)
     refuse_thawing(path, ckpt.get('frozen'), model)
+    # (a finished run has no next step: the state "at" step T, past every event, would be no run's)
     frozen = (f' with {model.num_frozen} layers frozen, live taps {[SCALE_NAMES[j] for j in model.live_taps]}'
-              if isinstance(schedule, fo.FreezeOut) else '')
+              if isinstance(schedule, fo.FreezeOut) and start_epoch < args.epochs else '')
     print(f'resumed from {path} (epoch {ckpt["epoch"]}); continuing at epoch {start_epoch}{frozen}')
     return start_epoch
 

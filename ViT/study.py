@@ -84,7 +84,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='start no run that would end after this many minutes (judged by the longest run so '
                         'far); what is done stays in the results JSON, and the same command continues later')
     p.add_argument('--quick', action='store_true',
-                   help='tiny model, 32 px, 2 epochs, small batches: a smoke run on CPU in a few minutes')
+                   help='tiny model, 32 px, 2 epochs, small batches, and two of the four FreezeOut configs '
+                        f'({" and ".join(QUICK_CONFIGS)}): a smoke run of every step on CPU in a few minutes; '
+                        'results go to <repo>/study_out/quick/ (or beside --out), never to image/')
     return p
 
 
@@ -432,13 +434,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f'study stopped early: {e}. Recorded runs are in {args.results}; the same command continues.',
               flush=True)
     except KeyboardInterrupt:
-        print(f'interrupted: the runs recorded so far are in {args.results}; the same command continues with the '
+        again = 'the same command without --rerun' if args.rerun else 'the same command'
+        print(f'interrupted: the runs recorded so far are in {args.results}; {again} continues with the '
               'others (the run cut short starts again from scratch)', file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     study.save()
     table = Path(args.results).parent / 'study_results.md'
     if table.is_file():
         print(table.read_text())
+        print(f'results: {args.results}, with its table {table.name} and plot study_accuracy_vs_time.png beside it; '
+              f'runs\' logs and checkpoints in {args.out}')
     if study.failures:
         raise SystemExit(f'error: {len(study.failures)} run(s) of the study failed (the others are recorded in '
                          f'{args.results}; the same command tries the failed ones again):\n\n' +

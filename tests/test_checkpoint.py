@@ -237,15 +237,17 @@ def test_unreadable_checkpoints_say_what_is_wrong(tmp_path):
 
 def test_resume_note_covers_the_input_pipeline_and_augmentation_flags():
     """A resume that switches how images are made (pretraining: backend, resampling, cache side;
-    fine-tuning: augmentation, clipping) is named in the note, as other run-changing flags are."""
+    fine-tuning: augmentation, clipping) is named in the note, as other run-changing flags are;
+    so is --blr itself, not only the lr it gives."""
     import run_finetune
     import run_pretrain
 
     saved = vars(run_pretrain.get_args_parser().parse_args([]))
     now = run_pretrain.get_args_parser().parse_args(['--data_backend', 'gpu-cache', '--gpu_resample', 'pil',
-                                                     '--cache_size', '160'])
+                                                     '--cache_size', '160', '--blr', '2e-3'])
     assert checkpoint.changed_flags(saved, now, run_pretrain.RESUME_FLAGS) == [
-        '--data_backend gpu-cache (checkpoint: pil)', '--gpu_resample pil (checkpoint: bicubic)',
+        '--blr 0.002 (checkpoint: 0.001)', '--data_backend gpu-cache (checkpoint: pil)',
+        '--gpu_resample pil (checkpoint: bicubic)',
         '--cache_size 160 (checkpoint: None)']
     saved = vars(run_finetune.get_args_parser().parse_args([]))
     now = run_finetune.get_args_parser().parse_args(['--aa', 'rand-m7-mstd0.5', '--reprob', '0', '--clip_grad', '1'])

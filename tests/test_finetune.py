@@ -82,18 +82,21 @@ def test_load_upstream_format(tmp_path):
         assert torch.equal(model.state_dict()['blocks.3.attn.proj.weight'], state['blocks.3.attn.proj.weight'])
 
 
-def test_load_fine_tuned_checkpoint_into_headless_model(tmp_path):
+def test_load_fine_tuned_checkpoint_into_headless_model(tmp_path, capsys):
     """kNN builds its encoder with num_classes=0 (no head) and may be given a fine-tuned file."""
     tuned = _tiny(global_pool=True)
     path = tmp_path / 'finetuned.pth'
     torch.save({'model': tuned.state_dict(), 'epoch': 9}, path)
     headless = models_vit.build_model('vit_tiny_patch16', img_size=32, num_classes=0, global_pool=True)
     load_pretrained_encoder(headless, path, 2e-5, 'vit_tiny_patch16')
+    said = capsys.readouterr().out
+    assert 'only the encoder is used' in said and 'initialised afresh' not in said, said
     assert torch.equal(headless.state_dict()['blocks.2.mlp.fc1.weight'], tuned.state_dict()['blocks.2.mlp.fc1.weight'])
     # fine-tuning again from it (--finetune, not --resume): a new head, as upstream
     again = _tiny(global_pool=True)
     report = load_pretrained_encoder(again, path, 2e-5, 'vit_tiny_patch16')
     assert report.head_initialised and 0 < again.head.weight.std() < 1e-4
+    assert 'the head is initialised afresh' in capsys.readouterr().out
     assert torch.equal(again.fc_norm.weight, tuned.fc_norm.weight)
 
 

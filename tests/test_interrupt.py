@@ -76,17 +76,21 @@ def test_a_test_importing_a_script_keeps_its_own_ctrl_c_handler():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ctrl_c_during_the_study_says_where_its_recorded_runs_are(tmp_path):
+@pytest.mark.parametrize('rerun', [[], ['--rerun']])
+def test_ctrl_c_during_the_study_says_where_its_recorded_runs_are(tmp_path, rerun):
+    """With --rerun, the same command would redo the recorded runs too: the line says to drop it."""
     data = make_demo_data(tmp_path)
     out = tmp_path / 'study'
-    proc = start(['study.py', '--quick', '--device', 'cpu', '--data_path', data, '--out', out], subprocess_env())
+    proc = start(['study.py', '--quick', '--device', 'cpu', '--data_path', data, '--out', out, *rerun],
+                 subprocess_env())
     wait_for(out / 'regular' / 'seed0' / 'pretrain' / 'log.txt', proc)  # inside the first pretraining
     stdout, stderr = ctrl_c(proc)
     assert proc.returncode == 130, stdout[-2000:] + stderr[-3000:]
     assert 'Traceback' not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == (
-        f'interrupted: the runs recorded so far are in {out / "study_results.json"}; the same command continues '
-        'with the others (the run cut short starts again from scratch)'), stderr[-3000:]
+        f'interrupted: the runs recorded so far are in {out / "study_results.json"}; the same command'
+        f'{" without --rerun" if rerun else ""} continues with the others (the run cut short starts again from '
+        'scratch)'), stderr[-3000:]
 
 
 def test_ctrl_c_in_a_tool_script_is_one_line(tmp_path):

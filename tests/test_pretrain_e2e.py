@@ -381,6 +381,7 @@ def test_freezeout_resume_that_would_thaw_layers_is_refused(data, tmp_path):
     # a finished FreezeOut run relaunched: nothing to do, and no advice to raise --epochs
     res = run_ok('--data_path', data, '--output_dir', out, '--epochs', '3', *fo_flags)
     assert 'all 3 epochs are done' in res.stdout and 'new run' in res.stdout, res.describe()
+    assert 'continuing at epoch 3\n' in res.stdout and 'layers frozen' not in res.stdout, res.describe()
     # twice the epochs: the resume step (24 of 48) is before most freeze steps
     res = run_pretrain('--data_path', data, '--output_dir', out, '--epochs', '6', *fo_flags, timeout=120)
     assert res.returncode != 0 and 'Traceback' not in res.output, res.describe()

@@ -171,3 +171,25 @@ def test_ctrl_c_is_recorded_when_the_command_exits_on_it(tmp_path):
     proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert log.read_text().endswith("record.sh: exit status 130\n")
+
+
+def test_clean_checkout_writes_no_diff_and_leaves_the_runs_own_folder_out_of_git_status(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "ViT").mkdir(parents=True)
+    shutil.copy(RECORD, repo / "record.sh")
+    (repo / "ViT" / "run.py").write_text("pass\n")
+    genv = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "init"]):
+        subprocess.run(["git", *args], cwd=repo, env=genv, check=True, capture_output=True)
+    (repo / "ViT" / "new_module.py").write_text("x = 1\n")  # untracked code: still listed
+    for _ in range(2):  # the second run finds the first one's folder
+        res = run_record(["python3", "-c", "print(1)", "--output_dir", "full_pretrain_out_x"],
+                         cwd=repo / "ViT", script=repo / "record.sh")
+        assert res.returncode == 0, res.stderr
+    out = repo / "ViT" / "full_pretrain_out_x"
+    prov = (out / "provenance.txt").read_text()
+    assert not list(out.glob("provenance_*.diff"))
+    assert prov.count("diff:      none (tracked files as committed)") == 2
+    status_lines = [line for line in prov.splitlines() if line.startswith("    ")]
+    assert status_lines == ["    ?? ViT/new_module.py"] * 2, prov

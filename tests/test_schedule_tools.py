@@ -63,3 +63,13 @@ def test_help_lists_only_the_flags_the_tool_reads_and_a_whole_pretraining_comman
               if tool is plot_lr_schedule else
               ['--model', 'MIM_vit_small_patch16', '--t_0', '0.8', '--epochs', '100', '--warmup_epochs', '10',
                '--data_path', 'nowhere', '--output_dir', str(tmp_path / 'o'), '--num_workers', '3'])
+
+
+def test_plot_lr_schedule_counts_the_processes_of_a_pasted_multi_gpu_command(tmp_path, capsys):
+    """The research notes' 4-GPU FreezeOut command: lr = 2e-4 x (256 x 2 x 4) / 256, as the run has."""
+    plot_lr_schedule.main(['--epochs', '100', '--batch_size', '256', '--warmup_epochs', '10', '--blr', '2e-4',
+                           '--world_size', '4', '--accum_iter', '2', '--model', 'MIM_vit_base_patch16',
+                           '--how_scale', 'linear', '--t_0', '0.5', '--points', '50', '--out', str(tmp_path / 'p.png')])
+    assert 'lr 0.0016 = blr x effective batch 2048 / 256' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='--world_size must be at least 1'):
+        plot_lr_schedule.main(['--t_0', '0.5', '--world_size', '0', '--out', str(tmp_path / 'q.png')])

@@ -19,6 +19,9 @@ def test_quick_study_end_to_end(tmp_path):
            '--out', 'runs', '--results', 'results/study_results.json']
     r = run_cmd(cmd, timeout=600, env=subprocess_env(), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.rstrip().splitlines()[-1] == (
+        f'results: {results}, with its table study_results.md and plot study_accuracy_vs_time.png beside it; '
+        f'runs\' logs and checkpoints in {tmp_path / "runs"}')
     runs = json.loads(results.read_text())['runs']
     configs = {key.split('/')[0] for key in runs}
     assert {'regular', 'cubic0.8', 'linear0.5-noscale'} <= configs

@@ -107,7 +107,8 @@ def load_pretrained_encoder(model: nn.Module, path: str | Path, head_init_std: f
     # (as upstream's fine-tuning and linear probing re-initialise it), and kNN models have none
     old_head = [k for k in ('head.weight', 'head.bias') if state.pop(k, None) is not None]
     if old_head:
-        print(f'ignoring the checkpoint\'s classifier ({", ".join(old_head)}): the head is initialised afresh')
+        print(f'ignoring the checkpoint\'s classifier ({", ".join(old_head)}): '
+              + ('the head is initialised afresh' if 'head.weight' in target else 'only the encoder is used'))
 
     pos = state.get('pos_embed')
     if pos is not None and pos.shape != target['pos_embed'].shape:
