@@ -99,7 +99,7 @@ def add_training_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_readout_args(parser: argparse.ArgumentParser, global_pool_default: bool) -> None:
-    g = parser.add_argument_group('read-out')
+    g = parser.add_argument_group('read-out').add_mutually_exclusive_group()  # both: refused, not "last wins"
     g.add_argument('--global_pool', action='store_true', default=global_pool_default,
                    help='classify the mean of the patch tokens, normalised by its own fc_norm (the final norm '
                         'is not used)')

@@ -83,6 +83,15 @@ def test_fixed_choices_and_value_counts_are_argparse_errors(capsys):
         assert 'error: argument' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('name', ['run_finetune', 'run_linprobe', 'run_knn'])
+def test_global_pool_and_cls_token_together_are_refused(name, capsys):
+    """Two read-outs at once: an argparse error, not whichever came last."""
+    with pytest.raises(SystemExit):
+        _parse(name, ['--global_pool', '--cls_token'])
+    assert 'argument --cls_token: not allowed with argument --global_pool' in capsys.readouterr().err
+    assert _parse(name, ['--cls_token']).global_pool is False and _parse(name, ['--global_pool']).global_pool
+
+
 def test_a_folder_given_as_a_checkpoint_says_so(tmp_path):
     import run_finetune
     from util import checkpoint
