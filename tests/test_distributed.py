@@ -212,3 +212,58 @@ def test_the_launchers_summary_names_the_rank_that_failed_and_why(data, tmp_path
     assert 'rank      : 1 (local_rank: 1)' in root_cause, res.describe()
     assert 'RuntimeError: simulated failure on rank 1' in root_cause, res.describe()
     assert 'To enable traceback' not in res.output, res.describe()
+
+
+# run_pretrain under run_main; in the launcher's first attempt rank 0 dies (SIGKILL: no handler,
+# no error file) as its third epoch starts, after checkpoint-last.pth of epoch 1 was written
+KILLED_RANK = '''
+import os, signal, sys
+sys.path.insert(0, {vit!r})
+import run_pretrain
+from util.runtime import run_main
+
+_train_one_epoch = run_pretrain.train_one_epoch
+
+
+def train_one_epoch(handle, loader, optimizer, device, epoch, *rest, **kwargs):
+    if os.environ['RANK'] == '0' and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0' and epoch == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _train_one_epoch(handle, loader, optimizer, device, epoch, *rest, **kwargs)
+
+
+run_pretrain.train_one_epoch = train_one_epoch
+
+if __name__ == '__main__':
+    run_main(run_pretrain.main, run_pretrain.get_args_parser())
+'''
+
+
+def test_torchrun_max_restarts_brings_the_group_back_and_it_resumes(data, tmp_path):
+    """torchrun --max-restarts=1 after a worker dies: the restarted group gets a fresh store
+    (util.dist.restart_safe_store; torch's own rendezvous hands it the dead attempt's keys and
+    most restarts fail or hang), resumes from checkpoint-last.pth and finishes the FreezeOut run."""
+    wrapper = tmp_path / 'killed_rank.py'
+    wrapper.write_text(KILLED_RANK.format(vit=str(VIT)))
+    out, epochs = tmp_path / 'out', 4
+    res = run_cmd([*launcher('torchrun', free_port()), '--max-restarts=1', str(wrapper), *COMMON,
+                   '--data_path', str(data), '--output_dir', str(out), '--epochs', str(epochs),
+                   '--t_0', '0.5', '--how_scale', 'linear'], timeout=TIMEOUT, cwd=VIT)
+    assert res.returncode == 0, res.describe()
+    assert 'resumed from' in res.stdout and 'continuing at epoch 2' in res.stdout, res.describe()
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == list(range(epochs)), res.describe()
+    assert log[-1]['train_frozen_layers'] > 0
+
+
+@pytest.mark.parametrize('flags, line', [
+    (['--epochs', '2', '--t_0', '0.5'], 'error: the first layer would freeze'),  # a check of run_pretrain
+    (['--epochs', 'x'], 'error: argument --epochs: invalid int value'),  # an argparse error
+])
+def test_an_error_every_rank_stops_on_is_printed_once(data, tmp_path, flags, line):
+    """Rank 0 prints it; the launcher's summary still shows each rank's, from its error file."""
+    res = run_cmd([*launcher('torchrun', free_port()), 'run_pretrain.py', *COMMON, '--data_path', str(data),
+                   '--output_dir', str(tmp_path / 'out'), *flags], timeout=TIMEOUT, cwd=VIT)
+    assert res.returncode != 0, res.describe()
+    console, summary = res.output.split('ChildFailedError')[0], res.output.split('ChildFailedError')[-1]
+    assert console.count(line) == 1, res.describe()
+    assert summary.count(line) == NPROC, res.describe()  # Failures (rank 1 or 0) and Root Cause

@@ -63,6 +63,22 @@ def _silence_non_main_ranks(is_main: bool) -> None:
     builtins.print = print_main_only
 
 
+def restart_safe_store(dist_url: str, world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The process group's store for a worker that torchrun restarts on one node
+    (--max-restarts), else None (torch's own env:// rendezvous). A restarted group is handed the
+    launcher's store with the failed attempt's keys still in it (torch 2.14 adds no per-attempt
+    prefix), so the new ranks read the dead ranks' addresses: gloo's connectFullMesh is refused, or
+    they hang (5 of 6 restarts failed so on CPU). Every worker on one node sees the same
+    TORCHELASTIC_RESTART_COUNT, so keys prefixed with it are fresh for each attempt. On several
+    nodes the agents may count restarts differently, and torch's handling is kept."""
+    env = os.environ
+    if (dist_url != 'env://' or env.get('TORCHELASTIC_USE_AGENT_STORE') != 'True'
+            or env.get('LOCAL_WORLD_SIZE') != env.get('WORLD_SIZE')):
+        return None
+    store = dist.TCPStore(env['MASTER_ADDR'], int(env['MASTER_PORT']), world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f'restart{env.get("TORCHELASTIC_RESTART_COUNT", "0")}/', store)
+
+
 def init_distributed_mode(args: argparse.Namespace) -> None:
     """Set args.distributed, args.rank, args.world_size, args.gpu and the device.
 
@@ -99,8 +115,10 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     backend = args.dist_backend or ('nccl' if use_cuda else 'gloo')
     print(f'| distributed init (rank {args.rank}/{args.world_size}, backend {backend}): '
           f'{args.dist_url}', flush=True)
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                            rank=args.rank, timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(minutes=30)
+    store = restart_safe_store(args.dist_url, args.world_size, timeout)
+    dist.init_process_group(backend=backend, init_method=None if store else args.dist_url, store=store,
+                            world_size=args.world_size, rank=args.rank, timeout=timeout)
     dist.barrier()
     _silence_non_main_ranks(args.rank == 0)
 

@@ -190,6 +190,13 @@ def _stop(message: str, status: int) -> NoReturn:
     sys.exit(status)
 
 
+def _speaks_for_the_group() -> bool:
+    """Whether this process prints its `error:` line: a single process, or rank 0 of a launcher's
+    group. Every rank usually stops on the same check; the others' lines would repeat it, and a
+    rank-specific one is still shown, with its rank, in the launcher's closing summary."""
+    return os.environ.get('RANK', '0') == '0' or 'TORCHELASTIC_ERROR_FILE' not in os.environ
+
+
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
              resumable: bool = True) -> None:
     """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, SIGTERM (one
@@ -201,6 +208,8 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
 
     def flag_error(message: str) -> NoReturn:
         tell_launcher(f'{parser.prog}: error: {message}')
+        if not _speaks_for_the_group():
+            sys.exit(2)
         print_usage_and_exit(message)
 
     parser.error = flag_error
@@ -222,6 +231,8 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
         if e.code not in (None, 0):
             tell_launcher(e.code if isinstance(e.code, str) else
                           f'exit status {e.code}: see this rank\'s output above')
+            if isinstance(e.code, str) and not _speaks_for_the_group():
+                sys.exit(1)  # the line is in this rank's error file, which the launcher's summary shows
         raise
     except Exception as e:
         tell_launcher(traceback.format_exc(), after_a_peer=any(text in str(e) for text in _PEER_FAILED))
