@@ -4,7 +4,7 @@
 
 Prints the GPU work per image of a plain step and the average over the FreezeOut schedule, for
 both decoder modes. --help lists the flags that matter here; run_pretrain.py's others are
-accepted and ignored, so a pretraining command can be pasted as it is.
+accepted (and checked as it checks them), so a pretraining command can be pasted as it is.
 """
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False, description=__doc__,
                                      conflict_handler='resolve', formatter_class=HelpFormatter)
     parser.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
-    help_only_for(parser, {'model', 'input_size', 'mask_ratio', 'hog_nbins', 't_0', 'how_scale', 'json'})
+    # epochs and warmup: run_pretrain's checks (a first freeze inside the warmup) read them
+    help_only_for(parser, {'model', 'input_size', 'mask_ratio', 'hog_nbins', 't_0', 'how_scale', 'epochs',
+                           'warmup_epochs', 'json'})
     args = parser.parse_args(argv)
     if args.t_0 is None:
         raise SystemExit('error: give --t_0 (and --how_scale) to estimate a FreezeOut run')

@@ -6,8 +6,8 @@ r"""Draw FreezeOut's per-layer learning-rate schedule for given pretraining flag
 One curve per layer (warmup included) against % of training, with the plain LocalMIM schedule
 dashed for comparison; lr = blr * batch_size * accum_iter * world_size / 256 unless --lr, as in
 the run (--world_size: the number of processes the run will have). --help lists the flags that
-matter here; run_pretrain.py's others are accepted and ignored, so a pretraining command can be
-pasted as it is.
+matter here; run_pretrain.py's others are accepted (and checked as it checks them), so a
+pretraining command can be pasted as it is.
 """
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> Path:
                              'figures in image/ are written only when named)')
     parser.add_argument('--points', default=1000, type=int, help='optimizer steps drawn (the x resolution)')
     help_only_for(parser, {'epochs', 'warmup_epochs', 'batch_size', 'accum_iter', 'world_size', 'lr', 'blr', 'min_lr',
-                           'model', 't_0', 'how_scale', 'scale_lr', 'out', 'points'})
+                           'model', 't_0', 'how_scale', 'scale_lr', 'decoder_freeze', 'out', 'points'})
+    next(a for a in parser._actions if a.dest == 'world_size').help = (
+        'processes the run will have (no launcher here): the lr counts them, as the run does')
     args = parser.parse_args(argv)
     if args.t_0 is None:
         raise SystemExit('error: give --t_0 (and --how_scale) to draw a FreezeOut schedule')

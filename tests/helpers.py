@@ -2,6 +2,7 @@
 as a subprocess with cwd=ViT, on a small real-photo ImageFolder made once per session."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -62,8 +63,17 @@ def run_cmd(cmd: list[str], timeout: float = 180, cwd: Path = VIT, env: dict | N
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        # SIGTERM first: torchrun then stops its workers, which run in sessions of their own (a
+        # SIGKILL to the group would orphan them, and they would hold the pipes open)
+        out = err = ''
+        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                out, err = proc.communicate(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         import pytest
         pytest.fail(f'timed out after {timeout}s (hang?): {" ".join(map(str, cmd))}\n'
                     f'{Result(-9, out, err).describe()}')

@@ -25,7 +25,7 @@ class SlowTorch:
     def find_spec(self, name, path=None, target=None):
         if name == 'torch':
             open(os.environ['IMPORTING_TORCH'], 'w').close()
-            time.sleep(60)
+            time.sleep(float(os.environ.get('SLOW_TORCH_SECONDS', '60')))
         return None
 
 
@@ -33,9 +33,9 @@ sys.meta_path.insert(0, SlowTorch())
 '''
 
 
-def start(cmd: list[str], env: dict) -> subprocess.Popen:
+def start(cmd: list[str], env: dict, preexec_fn=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *map(str, cmd)], cwd=VIT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=preexec_fn)
 
 
 def ctrl_c(proc: subprocess.Popen) -> tuple[str, str]:
@@ -68,6 +68,18 @@ def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, script):
     assert proc.returncode == 130, (out, err)
     assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err
     assert err.strip() == 'interrupted', err
+
+
+def test_a_script_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """As `cmd &` in a non-interactive shell starts it: SIGINT ignored, inherited, kept."""
+    (tmp_path / 'sitecustomize.py').write_text(SLOW_TORCH_IMPORT)
+    marker = tmp_path / 'importing_torch'
+    env = subprocess_env(PYTHONPATH=str(tmp_path), IMPORTING_TORCH=str(marker), SLOW_TORCH_SECONDS='2')
+    proc = start(['estimate_speedup.py', '--model', 'MIM_vit_tiny_patch16', '--t_0', '0.8'], env,
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    wait_for(marker, proc)
+    out, err = ctrl_c(proc)
+    assert proc.returncode == 0 and 'speedup' in out and 'interrupted' not in err, (out, err)
 
 
 def test_a_test_importing_a_script_keeps_its_own_ctrl_c_handler():

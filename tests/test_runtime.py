@@ -141,3 +141,51 @@ def test_an_output_folder_that_refuses_files_is_a_clear_error_before_any_work(tm
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(SystemExit, match=f'cannot write into --output_dir {tmp_path}: Operation not permitted'):
         runtime.setup(args)
+
+
+@pytest.mark.parametrize('rank, error_file, restart, max_restarts, quiet', [
+    ('1', 'file', '0', '0', True),    # rank 1, its line in the summary: rank 0's says it
+    ('0', 'file', '0', '0', False),   # rank 0 always prints
+    ('1', '', '0', '0', False),       # torchrun --log-dir /dev/null: no error file, no summary line
+    ('1', 'file', '0', '1', False),   # a restart follows: no summary for this attempt
+    ('1', 'file', '1', '1', True),    # the last attempt's summary is shown
+])
+def test_only_a_rank_whose_line_reaches_the_summary_stays_silent(monkeypatch, tmp_path, rank, error_file,
+                                                                  restart, max_restarts, quiet):
+    monkeypatch.setenv('RANK', rank)
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE', str(tmp_path / 'error.json') if error_file else '')
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', restart)
+    monkeypatch.setenv('TORCHELASTIC_MAX_RESTARTS', max_restarts)
+    assert runtime._told_launcher_quietly('error: --data_path /nowhere does not exist') is quiet
+
+
+def test_a_restarted_group_does_not_see_the_failed_attempts_keys(monkeypatch):
+    """util.dist.restart_safe_store: torchrun's store outlives a failed attempt; the restarted
+    group's keys are its own (torch's env:// store would hand it the dead ranks' addresses)."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    from helpers import free_port
+    from util import dist
+
+    port = free_port()
+    server = tdist.TCPStore('127.0.0.1', port, 1, is_master=True, wait_for_workers=False)
+    for name, value in {'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'WORLD_SIZE': '2',
+                        'LOCAL_WORLD_SIZE': '2', 'TORCHELASTIC_USE_AGENT_STORE': 'True'}.items():
+        monkeypatch.setenv(name, value)
+    timeout = datetime.timedelta(seconds=10)
+
+    def store(attempt: str):
+        monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', attempt)
+        return dist.restart_safe_store('env://', 2, timeout)
+
+    first = store('0')
+    first.set('rank0_address', 'dead')
+    assert not store('1').check(['rank0_address']) and store('0').check(['rank0_address'])
+    # several nodes (agents may count restarts differently), or another init: torch's own way
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
+    assert dist.restart_safe_store('env://', 2, timeout) is None
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    assert dist.restart_safe_store('tcp://127.0.0.1:1234', 2, timeout) is None
+    del server

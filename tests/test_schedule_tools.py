@@ -41,10 +41,11 @@ def test_plot_lr_schedule_writes_into_the_current_folder_by_default(tmp_path, mo
 
 
 @pytest.mark.parametrize('tool, listed, left_out', [
-    (estimate_speedup, ['--t_0', '--how_scale', '--model', '--input_size', '--mask_ratio', '--json'],
-     ['--epochs', '--blr', '--data_backend', '--output_dir', '--scale_lr']),
-    (plot_lr_schedule, ['--t_0', '--how_scale', '--epochs', '--warmup_epochs', '--blr', '--scale_lr', '--out'],
-     ['--input_size', '--data_backend', '--output_dir', '--mask_ratio', '--decoder_freeze']),
+    (estimate_speedup, ['--t_0', '--how_scale', '--model', '--input_size', '--mask_ratio', '--json', '--epochs'],
+     ['--blr', '--data_backend', '--output_dir', '--scale_lr']),
+    (plot_lr_schedule, ['--t_0', '--how_scale', '--epochs', '--warmup_epochs', '--blr', '--scale_lr', '--out',
+                        '--world_size'],
+     ['--input_size', '--data_backend', '--output_dir', '--mask_ratio']),
 ])
 def test_help_lists_only_the_flags_the_tool_reads_and_a_whole_pretraining_command_still_parses(
         tool, listed, left_out, tmp_path, capsys):

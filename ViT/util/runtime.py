@@ -18,7 +18,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 import torch
 
-from util import dist
+from util import dist, startup
 from util.checkpoint import CheckpointError, newest_checkpoint
 from util.data import UnreadableImage
 
@@ -163,17 +163,18 @@ def _terminate_main_process(main_pid: int) -> Callable[[int, Any], None]:
 _PEER_FAILED = ('Connection closed by peer', 'Connection reset by peer', 'remote process exited')
 
 
-def tell_launcher(message: str, after_a_peer: bool = False) -> None:
+def tell_launcher(message: str, after_a_peer: bool = False) -> bool:
     """Under torchrun / torch.distributed.launch, write why this rank stops to the file the launcher
     names in TORCHELASTIC_ERROR_FILE: its closing summary ("Root Cause") then shows `message`
     instead of a link to the docs, below the other ranks' output that buries this rank's lines.
     In ErrorHandler.record_exception's format, which the launcher reads back. Nothing outside a
     launcher, and a file that cannot be written is skipped (the rank's own output still says it).
     The launcher names the earliest failure (whole seconds) the root cause; `after_a_peer` (this
-    rank failed because another died) dates this one a second later, so a tie goes to the cause."""
+    rank failed because another died) dates this one a second later, so a tie goes to the cause.
+    Returns whether the file was written."""
     path = os.environ.get('TORCHELASTIC_ERROR_FILE')
     if not path:
-        return
+        return False
     record = {'message': {'message': message.strip().splitlines()[-1] if message.strip() else message,
                           'extraInfo': {'py_callstack': message,
                                         'timestamp': str(int(time.time()) + int(after_a_peer))}}}
@@ -181,7 +182,8 @@ def tell_launcher(message: str, after_a_peer: bool = False) -> None:
         with open(path, 'w') as f:
             json.dump(record, f)
     except OSError:
-        pass
+        return False
+    return True
 
 
 def _stop(message: str, status: int) -> NoReturn:
@@ -190,11 +192,14 @@ def _stop(message: str, status: int) -> NoReturn:
     sys.exit(status)
 
 
-def _speaks_for_the_group() -> bool:
-    """Whether this process prints its `error:` line: a single process, or rank 0 of a launcher's
-    group. Every rank usually stops on the same check; the others' lines would repeat it, and a
-    rank-specific one is still shown, with its rank, in the launcher's closing summary."""
-    return os.environ.get('RANK', '0') == '0' or 'TORCHELASTIC_ERROR_FILE' not in os.environ
+def _told_launcher_quietly(message: str) -> bool:
+    """tell_launcher, and whether this rank may then stay silent: a rank other than 0 whose
+    message reached the launcher's closing summary (written, and no restart left to hide the
+    summary). Every rank usually stops on the same check, and rank 0's line says it once."""
+    told = tell_launcher(message)
+    last_attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == os.environ.get('TORCHELASTIC_MAX_RESTARTS',
+                                                                                        '0')
+    return told and last_attempt and os.environ.get('RANK', '0') != '0'
 
 
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
@@ -207,13 +212,12 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
     print_usage_and_exit = parser.error
 
     def flag_error(message: str) -> NoReturn:
-        tell_launcher(f'{parser.prog}: error: {message}')
-        if not _speaks_for_the_group():
+        if _told_launcher_quietly(f'{parser.prog}: error: {message}'):
             sys.exit(2)
         print_usage_and_exit(message)
 
     parser.error = flag_error
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # util.startup's handler is for the imports only
+    startup.imports_done()  # util.startup's Ctrl-C handler is for the imports only
     args = parser.parse_args()
     if os.environ.get('WORLD_SIZE', '1').strip() in ('', '1'):
         # one process only: a rank of several, blocked in a collective, could not run a Python
@@ -228,11 +232,10 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
         text = str(e)  # from a worker: its whole traceback, ending with our message
         _stop('error: ' + text[text.rfind('cannot decode'):].splitlines()[0], 1)
     except SystemExit as e:  # an `error:` line (its text is the code), or a status
-        if e.code not in (None, 0):
-            tell_launcher(e.code if isinstance(e.code, str) else
-                          f'exit status {e.code}: see this rank\'s output above')
-            if isinstance(e.code, str) and not _speaks_for_the_group():
-                sys.exit(1)  # the line is in this rank's error file, which the launcher's summary shows
+        if isinstance(e.code, str) and _told_launcher_quietly(e.code):
+            sys.exit(1)  # the line is in this rank's error file, which the launcher's summary shows
+        if e.code not in (None, 0) and not isinstance(e.code, str):
+            tell_launcher(f'exit status {e.code}: see this rank\'s output above')
         raise
     except Exception as e:
         tell_launcher(traceback.format_exc(), after_a_peer=any(text in str(e) for text in _PEER_FAILED))

@@ -20,14 +20,21 @@ def _started_as_entry_script() -> bool:
     return bool(main_file) and Path(main_file).resolve().parent == Path(__file__).resolve().parent.parent
 
 
-if _started_as_entry_script():
+# not over an inherited SIG_IGN (a `cmd &` job in a non-interactive shell ignores Ctrl-C)
+if _started_as_entry_script() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted)
+
+
+def imports_done() -> None:
+    """Python's own Ctrl-C handler back (KeyboardInterrupt), where this module had replaced it."""
+    if signal.getsignal(signal.SIGINT) is _interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_tool(main: Callable[[], Any]) -> None:
     """`__main__` of the tool scripts (demo, study, benchmark, estimate_speedup, plot_lr_schedule):
     a later Ctrl-C also ends with one line, not a traceback (a script may say more itself)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    imports_done()
     try:
         main()
     except KeyboardInterrupt:
