@@ -176,47 +176,9 @@ def test_world_size_flag_without_a_launcher_is_a_note(monkeypatch, capsys):
     assert capsys.readouterr().out == ''
 
 
-# run_pretrain under util.runtime.run_main, with rank 1 alone failing as its second epoch starts
-# (an OOM on one GPU, say); rank 0 then loses its peer inside the gradient all-reduce
-FAILING_RANK = '''
-import os, sys
-sys.path.insert(0, {vit!r})
-import run_pretrain
-from util.runtime import run_main
-
-_train_one_epoch = run_pretrain.train_one_epoch
-
-
-def train_one_epoch(handle, loader, optimizer, device, epoch, *rest, **kwargs):
-    if os.environ['RANK'] == '1' and epoch == 1:
-        raise RuntimeError('simulated failure on rank 1')
-    return _train_one_epoch(handle, loader, optimizer, device, epoch, *rest, **kwargs)
-
-
-run_pretrain.train_one_epoch = train_one_epoch
-
-if __name__ == '__main__':
-    run_main(run_pretrain.main, run_pretrain.get_args_parser())
-'''
-
-
-def test_the_launchers_summary_names_the_rank_that_failed_and_why(data, tmp_path):
-    """Without an error file, torchrun's closing "Root Cause" shows only a link to its docs, and
-    the failing rank's traceback is buried above the other ranks' output."""
-    wrapper = tmp_path / 'failing_rank.py'
-    wrapper.write_text(FAILING_RANK.format(vit=str(VIT)))
-    res = run_cmd([*launcher('torchrun', free_port()), str(wrapper), *COMMON, '--data_path', str(data),
-                   '--output_dir', str(tmp_path / 'out'), '--epochs', '3'], timeout=TIMEOUT, cwd=VIT)
-    assert res.returncode != 0, res.describe()
-    root_cause = res.output[res.output.rfind('Root Cause'):]
-    assert 'rank      : 1 (local_rank: 1)' in root_cause, res.describe()
-    assert 'RuntimeError: simulated failure on rank 1' in root_cause, res.describe()
-    assert 'To enable traceback' not in res.output, res.describe()
-
-
-# run_pretrain under run_main; in the launcher's first attempt rank 0 dies (SIGKILL: no handler,
-# no error file) as its third epoch starts, after checkpoint-last.pth of epoch 1 was written
-KILLED_RANK = '''
+# run_pretrain under util.runtime.run_main, with one rank stopping as an epoch starts: `when` and
+# `stop` are Python expressions (os and signal are imported)
+STOPPING_RANK = '''
 import os, signal, sys
 sys.path.insert(0, {vit!r})
 import run_pretrain
@@ -226,8 +188,8 @@ _train_one_epoch = run_pretrain.train_one_epoch
 
 
 def train_one_epoch(handle, loader, optimizer, device, epoch, *rest, **kwargs):
-    if os.environ['RANK'] == '0' and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0' and epoch == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if {when}:
+        {stop}
     return _train_one_epoch(handle, loader, optimizer, device, epoch, *rest, **kwargs)
 
 
@@ -237,13 +199,38 @@ if __name__ == '__main__':
     run_main(run_pretrain.main, run_pretrain.get_args_parser())
 '''
 
+# rank 1 alone failing as its second epoch starts (an OOM on one GPU, say); rank 0 then loses its
+# peer inside the gradient all-reduce
+FAILING_RANK = dict(when="os.environ['RANK'] == '1' and epoch == 1",
+                    stop="raise RuntimeError('simulated failure on rank 1')")
+
+
+def test_the_launchers_summary_names_the_rank_that_failed_and_why(data, tmp_path):
+    """Without an error file, torchrun's closing "Root Cause" shows only a link to its docs, and
+    the failing rank's traceback is buried above the other ranks' output."""
+    wrapper = tmp_path / 'failing_rank.py'
+    wrapper.write_text(STOPPING_RANK.format(vit=str(VIT), **FAILING_RANK))
+    res = run_cmd([*launcher('torchrun', free_port()), str(wrapper), *COMMON, '--data_path', str(data),
+                   '--output_dir', str(tmp_path / 'out'), '--epochs', '3'], timeout=TIMEOUT, cwd=VIT)
+    assert res.returncode != 0, res.describe()
+    root_cause = res.output[res.output.rfind('Root Cause'):]
+    assert 'rank      : 1 (local_rank: 1)' in root_cause, res.describe()
+    assert 'RuntimeError: simulated failure on rank 1' in root_cause, res.describe()
+    assert 'To enable traceback' not in res.output, res.describe()
+
+
+# in the launcher's first attempt rank 0 dies (SIGKILL: no handler, no error file) as its third
+# epoch starts, after checkpoint-last.pth of epoch 1 was written
+KILLED_RANK = dict(when="os.environ['RANK'] == '0' and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0' and epoch == 2",
+                   stop='os.kill(os.getpid(), signal.SIGKILL)')
+
 
 def test_torchrun_max_restarts_brings_the_group_back_and_it_resumes(data, tmp_path):
     """torchrun --max-restarts=1 after a worker dies: the restarted group gets a fresh store
     (util.dist.restart_safe_store; torch's own rendezvous hands it the dead attempt's keys and
     most restarts fail or hang), resumes from checkpoint-last.pth and finishes the FreezeOut run."""
     wrapper = tmp_path / 'killed_rank.py'
-    wrapper.write_text(KILLED_RANK.format(vit=str(VIT)))
+    wrapper.write_text(STOPPING_RANK.format(vit=str(VIT), **KILLED_RANK))
     out, epochs = tmp_path / 'out', 4
     res = run_cmd([*launcher('torchrun', free_port()), '--max-restarts=1', str(wrapper), *COMMON,
                    '--data_path', str(data), '--output_dir', str(out), '--epochs', str(epochs),

@@ -232,9 +232,10 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
         text = str(e)  # from a worker: its whole traceback, ending with our message
         _stop('error: ' + text[text.rfind('cannot decode'):].splitlines()[0], 1)
     except SystemExit as e:  # an `error:` line (its text is the code), or a status
-        if isinstance(e.code, str) and _told_launcher_quietly(e.code):
-            sys.exit(1)  # the line is in this rank's error file, which the launcher's summary shows
-        if e.code not in (None, 0) and not isinstance(e.code, str):
+        if isinstance(e.code, str):
+            if _told_launcher_quietly(e.code):
+                sys.exit(1)  # the line is in this rank's error file, which the launcher's summary shows
+        elif e.code not in (None, 0):
             tell_launcher(f'exit status {e.code}: see this rank\'s output above')
         raise
     except Exception as e:
