@@ -65,7 +65,7 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: str, trains: bool 
     g.add_argument('--num_workers', default=DEFAULT_NUM_WORKERS, type=int,
                    help='data-loading processes per training process (default: 10, or the usable CPUs if fewer)')
     g.add_argument('--pin_mem', action='store_true', default=True,
-                   help='pinned host memory for faster copies to the GPU')
+                   help='pinned host memory for faster copies to the GPU (default on)')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='turn --pin_mem off')
     dist.add_dist_args(parser)
 
@@ -86,7 +86,8 @@ def add_training_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--resume', default='',
                    help='checkpoint of this script to resume from (or to evaluate with --eval)')
     g.add_argument('--auto_resume', dest='auto_resume', action='store_true', default=True,
-                   help='resume from checkpoint-last.pth / the newest checkpoint-N.pth in --output_dir')
+                   help='resume from checkpoint-last.pth / the newest checkpoint-N.pth in --output_dir '
+                        '(default on)')
     g.add_argument('--no_auto_resume', dest='auto_resume', action='store_false', help='turn --auto_resume off')
     g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
     checkpoint.add_save_flags(g, 20, '; checkpoint-best.pth holds the best top-1 epoch')
@@ -100,11 +101,12 @@ def add_training_run_args(parser: argparse.ArgumentParser) -> None:
 
 def add_readout_args(parser: argparse.ArgumentParser, global_pool_default: bool) -> None:
     g = parser.add_argument_group('read-out').add_mutually_exclusive_group()  # both: refused, not "last wins"
+    pool_default, cls_default = (' (default)', '') if global_pool_default else ('', ' (default)')
     g.add_argument('--global_pool', action='store_true', default=global_pool_default,
                    help='classify the mean of the patch tokens, normalised by its own fc_norm (the final norm '
-                        'is not used)')
+                        f'is not used){pool_default}')
     g.add_argument('--cls_token', action='store_false', dest='global_pool', default=argparse.SUPPRESS,
-                   help='classify the cls token after the final norm instead of the pooled tokens')
+                   help=f'classify the cls token after the final norm{cls_default}')
 
 
 def add_model_args(parser: argparse.ArgumentParser, default: str, what: str,
@@ -137,7 +139,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr', type=float, default=None, help='absolute peak lr; unset: blr * effective batch / 256')
     g.add_argument('--blr', type=float, default=1e-3, help='base lr: lr = blr * effective batch / 256')
     g.add_argument('--layer_decay', type=float, default=0.75,
-                   help='layer-wise lr decay: layer i of L = depth + 1 trains with lr * layer_decay ** (L - i)')
+                   help='layer-wise lr decay: layer i trains with lr * layer_decay ** (L - i), L = depth + 1; '
+                        'layer 0 is the patch embedding, cls token and pos embed, layer b + 1 block b, '
+                        'layer L the final norms and the head')
     g.add_argument('--min_lr', type=float, default=1e-6, help='lr at the end of the cosine')
     g.add_argument('--warmup_epochs', type=float, default=5, help='epochs of linear lr warmup (per iteration)')
 

@@ -50,12 +50,14 @@ FREEZEOUT_CONFIGS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--data_path', default=str(ROOT.parent / 'shared' / 'data' / 'imagenette-128'),
-                   help='ImageFolder with train/ and val/ (default: ../shared/data/imagenette-128)')
-    p.add_argument('--out', default=None, help='run folders (checkpoints, logs; default: study_out/, '
-                                               'study_out/quick/ with --quick)')
+                   help='ImageFolder with train/ and val/ (default: shared/data/imagenette-128 beside the '
+                        'repository, from whichever folder the study runs)')
+    p.add_argument('--out', default=None, help='run folders (checkpoints, logs; default: study_out/ at the '
+                                               'repository root, study_out/quick/ with --quick)')
     p.add_argument('--results', default=None,
                    help='results JSON, extended by every invocation; the table and plot go beside it '
-                        '(default: image/study_results.json; with --quick, study_results.json in --out)')
+                        '(default: image/study_results.json at the repository root; with --quick, '
+                        'study_results.json in --out)')
     p.add_argument('--model', default='MIM_vit_small_patch16', help='pretraining model (run_pretrain.py --model)')
     p.add_argument('--input_size', default=128, type=int, help='image side of every run')
     p.add_argument('--epochs', default=40, type=int, help='pretraining epochs')
