@@ -49,7 +49,7 @@ from util import flops, gpu_data
 from util.checkpoint import write_text_atomic
 from util.cli import HelpFormatter
 from util import freezeout as fo
-from util.data import IMAGE_EXTENSIONS, resolve_image_folder
+from util.data import IMAGE_EXTENSIONS, class_folders, is_hidden, resolve_image_folder
 from util.gpu_data import BACKENDS, GPU_RESAMPLE_CHOICES, build_loader
 from util.lr_sched import set_group_lrs, warmup_cosine_lr
 from util.optim import build_adamw, param_groups_weight_decay
@@ -369,10 +369,9 @@ def repeated_folder(data_path: str, repeat: int, tmp: Path) -> str:
     root = resolve_image_folder(data_path, 'train')
     if repeat <= 1:
         return str(root)
-    for class_dir in sorted(d for d in root.iterdir() if d.is_dir()):
-        files = sorted(f for f in class_dir.rglob('*') if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            continue
+    for class_dir in sorted(class_folders(root)):
+        files = sorted(f for f in class_dir.rglob('*') if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS)
+                       and not any(is_hidden(part) for part in f.relative_to(class_dir).parts))
         target = tmp / 'train' / class_dir.name
         target.mkdir(parents=True, exist_ok=True)
         for r in range(repeat):

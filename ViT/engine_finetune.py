@@ -188,11 +188,12 @@ def broadcast_buffers(module: nn.Module) -> None:
 
 def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, optimizer, schedule, loss_scaler,
         device: torch.device, args: argparse.Namespace, start_epoch: int, n_parameters: int,
-        save_checkpoint: Callable, mixup_fn: Callable | None = None, log_writer=None) -> dict[str, float]:
+        save_checkpoint: Callable, mixup_fn: Callable | None = None, log_writer=None,
+        checkpoint_extra: dict | None = None) -> dict[str, float]:
     """Train from start_epoch to args.epochs; after each epoch: evaluation, one log.txt line,
-    checkpoint-last.pth (via `save_checkpoint(args, model, optimizer, loss_scaler, epoch)`, which
-    says whether it saved this epoch), checkpoint-best.pth when top-1 improved. Returns the last
-    epoch's log record."""
+    checkpoint-last.pth (via `save_checkpoint(args, model, optimizer, loss_scaler, epoch, extra=...)`,
+    which says whether it saved this epoch), checkpoint-best.pth when top-1 improved. Returns the
+    last epoch's log record. `checkpoint_extra`: more top-level checkpoint entries (the classes)."""
     sharded = args.dist_eval and dist.get_world_size() > 1
     max_accuracy = best_accuracy_so_far(args.output_dir, start_epoch)
     record: dict[str, float] = {}
@@ -220,7 +221,7 @@ def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, opti
         # the log line before the checkpoint that marks the epoch done: an interruption between the
         # two redoes the epoch (its line is set aside on resume) instead of losing its evaluation
         append_json_line(args.output_dir, record)
-        saved = save_checkpoint(args, handle.module, optimizer, loss_scaler, epoch)
+        saved = save_checkpoint(args, handle.module, optimizer, loss_scaler, epoch, extra=checkpoint_extra)
         if args.output_dir and dist.is_main_process():
             out = Path(args.output_dir)
             best = out / 'checkpoint-best.pth'
@@ -229,6 +230,7 @@ def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, opti
                     checkpoint.keep_copy(out / 'checkpoint-last.pth', best)
                 else:  # --save_last_freq skipped this epoch: from memory (with rank 0's RNG state only)
                     checkpoint.save_atomic(checkpoint.checkpoint_state(args, handle.module, optimizer, loss_scaler,
-                                                                       epoch, [checkpoint.rng_state()]), best)
+                                                                       epoch, [checkpoint.rng_state()],
+                                                                       checkpoint_extra), best)
     print(f'Training time {format_seconds(time.time() - run_start)}')
     return record

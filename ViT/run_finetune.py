@@ -15,7 +15,7 @@ from __future__ import annotations
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -274,15 +274,28 @@ def ddp_wrapper(args: argparse.Namespace, device: torch.device):
 RESUME_FLAGS = ('model', 'input_size', 'nb_classes', 'global_pool', 'epochs', 'warmup_epochs', 'batch_size',
                 'accum_iter', 'world_size', 'blr', 'lr', 'min_lr', 'weight_decay', 'layer_decay', 'drop_path',
                 'smoothing', 'mixup', 'cutmix', 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'aa',
-                'color_jitter', 'reprob', 'clip_grad', 'seed', 'finetune')
+                'color_jitter', 'reprob', 'clip_grad', 'seed', 'finetune', 'data_path')
+
+
+def class_difference(saved: Sequence[str], here: Sequence[str]) -> str:
+    """'' when the class lists agree, else where they first part (for the user)."""
+    if list(saved) == list(here):
+        return ''
+    if len(saved) != len(here):
+        return f'{len(saved)} classes there, {len(here)} here'
+    differ = [i for i, (a, b) in enumerate(zip(saved, here)) if a != b]
+    return (f'{len(differ)} of the {len(here)} classes differ, first class {differ[0]}: '
+            f'{saved[differ[0]]} there, {here[differ[0]]} here')
 
 
 def _encoder_file(path: str | None) -> str:
     return str(Path(path).resolve()) if path else 'none (random init)'
 
 
-def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_scaler) -> tuple[int, Path | None]:
-    """Load --resume (or the newest checkpoint in --output_dir). Returns (start epoch, path)."""
+def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_scaler,
+           classes: Sequence[str]) -> tuple[int, Path | None]:
+    """Load --resume (or the newest checkpoint in --output_dir). Returns (start epoch, path).
+    `classes`: the data's class names, checked against those the checkpoint's head was trained on."""
     path = find_resume_checkpoint(args)
     if path is None:
         return args.start_epoch, None
@@ -307,6 +320,14 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
             f'checkpoints written by this script '
             'with the same --model/--input_size/--nb_classes/read-out; a pretraining checkpoint goes to --finetune'
         ) from None
+    differ = class_difference(ckpt['classes'], classes) if isinstance(ckpt.get('classes'), list) else ''
+    if differ and args.eval:  # the head's output i counts as the data's class i: say when they are not the same
+        print(f'note: {path} was trained on other classes than {args.data_path} has ({differ}); its accuracy '
+              f'counts the checkpoint\'s class i as the data\'s class i')
+    elif differ:
+        raise checkpoint.CheckpointError(
+            f'{path} was trained on other classes than {args.data_path} has ({differ}): resume it with its own '
+            f'data, or start a new run (--no_auto_resume or another --output_dir)')
     if not args.eval:  # after the load: a checkpoint that does not fit gets its error alone
         checkpoint.note_changed_flags(path, saved, args, RESUME_FLAGS)
     if optimizer is not None and not args.eval:
@@ -334,14 +355,15 @@ def evaluate_only(args: argparse.Namespace, model: torch.nn.Module, val_loader, 
 
 
 def optimizer_and_resume(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
-                         make_optimizer: Callable[[], torch.optim.Optimizer]) -> tuple:
+                         make_optimizer: Callable[[], torch.optim.Optimizer], classes: Sequence[str]) -> tuple:
     """(optimizer, loss scaler, start epoch, checkpoint resumed from); with --eval no optimizer
-    is built and only the weights are resumed. Shared by fine-tuning and linear probing."""
+    is built and only the weights are resumed. Shared by fine-tuning and linear probing.
+    `classes`: the data's class names (resume checks them)."""
     optimizer = loss_scaler = None
     if not args.eval:
         optimizer = make_optimizer()
         loss_scaler = grad_scaler(args, device)
-    start_epoch, loaded_from = resume(args, model, optimizer, loss_scaler)
+    start_epoch, loaded_from = resume(args, model, optimizer, loss_scaler, classes)
     return optimizer, loss_scaler, start_epoch, loaded_from
 
 
@@ -417,7 +439,8 @@ def main(args: argparse.Namespace) -> dict:
         print('parameter groups:\n' + describe_groups(groups))
         return build_adamw(groups, args.lr, device, betas=(0.9, 0.999))
 
-    optimizer, loss_scaler, start_epoch, loaded_from = optimizer_and_resume(args, model, device, make_optimizer)
+    optimizer, loss_scaler, start_epoch, loaded_from = optimizer_and_resume(args, model, device, make_optimizer,
+                                                                            val_loader.dataset.classes)
     if args.eval:
         return evaluate_only(args, model, val_loader, device, loaded_from)
 
@@ -442,7 +465,7 @@ def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion
     log_writer = make_writer(args.log_dir, start_epoch if continues else None)
     record = fit(ModelHandle(model, ddp_wrapper(args, device)), criterion, train_loader, val_loader, optimizer,
                  make_schedule(args, optimizer, train_loader), loss_scaler, device, args, start_epoch, n_parameters,
-                 save_checkpoint, mixup_fn, log_writer)
+                 save_checkpoint, mixup_fn, log_writer, checkpoint_extra={'classes': list(val_loader.dataset.classes)})
     if log_writer is not None:
         log_writer.close()
     if dist.is_main_process() and args.output_dir:

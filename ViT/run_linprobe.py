@@ -91,7 +91,8 @@ def main(args: argparse.Namespace) -> dict:
 
     optimizer, loss_scaler, start_epoch, loaded_from = optimizer_and_resume(
         args, model, device, lambda: torch.optim.SGD(param_groups_weight_decay(model, args.weight_decay),
-                                                     lr=args.lr, momentum=args.momentum))
+                                                     lr=args.lr, momentum=args.momentum),
+        val_loader.dataset.classes)
     if args.eval:
         return evaluate_only(args, model, val_loader, device, loaded_from)
 

@@ -159,7 +159,7 @@ def check_args(args: argparse.Namespace) -> None:
 # flags whose change between a checkpoint and its resumption changes the run
 RESUME_FLAGS = ('model', 'input_size', 'mask_ratio', 'hog_nbins', 'hog_bias', 'epochs', 'warmup_epochs', 'batch_size',
                 'accum_iter', 'world_size', 'blr', 'lr', 'min_lr', 'weight_decay', 't_0', 'how_scale', 'scale_lr',
-                'decoder_freeze', 'seed', 'data_backend', 'gpu_resample', 'cache_size')
+                'decoder_freeze', 'seed', 'data_backend', 'gpu_resample', 'cache_size', 'data_path')
 
 
 def frozen_set(model: torch.nn.Module) -> dict:

@@ -244,13 +244,40 @@ def test_resume_note_covers_the_input_pipeline_and_augmentation_flags():
 
     saved = vars(run_pretrain.get_args_parser().parse_args([]))
     now = run_pretrain.get_args_parser().parse_args(['--data_backend', 'gpu-cache', '--gpu_resample', 'pil',
-                                                     '--cache_size', '160', '--blr', '2e-3'])
-    assert checkpoint.changed_flags(saved, now, run_pretrain.RESUME_FLAGS) == [
+                                                     '--cache_size', '160', '--blr', '2e-3', '--data_path', '/b'])
+    assert checkpoint.changed_flags({**saved, 'data_path': '/a'}, now, run_pretrain.RESUME_FLAGS) == [
         '--blr 0.002 (checkpoint: 0.001)', '--data_backend gpu-cache (checkpoint: pil)',
         '--gpu_resample pil (checkpoint: bicubic)',
-        '--cache_size 160 (checkpoint: None)']
+        '--cache_size 160 (checkpoint: None)', '--data_path /b (checkpoint: /a)']
     saved = vars(run_finetune.get_args_parser().parse_args([]))
-    now = run_finetune.get_args_parser().parse_args(['--aa', 'rand-m7-mstd0.5', '--reprob', '0', '--clip_grad', '1'])
-    assert checkpoint.changed_flags(saved, now, run_finetune.RESUME_FLAGS) == [
+    now = run_finetune.get_args_parser().parse_args(['--aa', 'rand-m7-mstd0.5', '--reprob', '0', '--clip_grad', '1',
+                                                     '--data_path', '/b'])
+    assert checkpoint.changed_flags({**saved, 'data_path': '/a'}, now, run_finetune.RESUME_FLAGS) == [
         '--aa rand-m7-mstd0.5 (checkpoint: rand-m9-mstd0.5-inc1)', '--reprob 0.0 (checkpoint: 0.25)',
-        '--clip_grad 1.0 (checkpoint: None)']
+        '--clip_grad 1.0 (checkpoint: None)', '--data_path /b (checkpoint: /a)']
+
+
+def test_a_full_disk_while_saving_is_enospc_and_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as RuntimeError('unexpected pos ...'): with little
+    left on the device, save_atomic raises ENOSPC naming the file, removes its partial file, and
+    leaves the previous checkpoint as it was; with room left, the original error stands."""
+    import errno
+    import shutil
+    path = tmp_path / 'checkpoint-last.pth'
+    checkpoint.save_atomic({'epoch': 0}, path)
+
+    def torn_write(obj, f):
+        Path(f).write_bytes(b'partial')
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 46910720 vs 46910608')
+    monkeypatch.setattr(checkpoint.torch, 'save', torn_write)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, 'disk_usage', lambda p: usage._replace(free=1 << 20))
+    with pytest.raises(OSError) as e:
+        checkpoint.save_atomic({'epoch': 1}, path)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-last.pth']
+    assert torch.load(path, weights_only=True)['epoch'] == 0
+    monkeypatch.setattr(checkpoint.shutil, 'disk_usage', lambda p: usage._replace(free=100 << 30))
+    with pytest.raises(RuntimeError, match='unexpected pos'):
+        checkpoint.save_atomic({'epoch': 1}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-last.pth']

@@ -7,8 +7,9 @@ import torchvision.datasets as datasets
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from util.data import (IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, SeededImageFolder,
-                       build_pretrain_loader, normalize_uint8_range, resolve_image_folder)
+from util.data import (IMAGENET_MEAN, IMAGENET_STD, ClassFolder, PretrainTransform, SeededImageFolder,
+                       build_classification_datasets, build_pretrain_loader, normalize_uint8_range,
+                       resolve_image_folder)
 
 
 def write_images(folder, n, size=(40, 30), seed=0):
@@ -54,6 +55,49 @@ def test_layout_root_train_image_folders_class(tmp_path):
     # the folder whose sub-folders are the classes, not <root>/train (one class 'image_folders')
     assert got == tmp_path / 'train' / 'image_folders'
     assert datasets.ImageFolder(str(got)).classes == ['cat', 'dog']
+
+
+@pytest.mark.parametrize('layout, named', [
+    (('training/cat', 'training/dog', 'validation/cat'), 'training/, validation/'),  # splits under other names
+    (('train', 'val'), 'train/, val/'),  # split folders of images without class folders
+    (('set_a/train/cat', 'set_a/val/cat', 'set_b/train/dog'), 'set_a/, set_b/'),  # a folder of data sets
+])
+def test_a_dataset_root_is_not_read_as_class_folders(tmp_path, layout, named):
+    """Without <data_path>/train/<class>, the data path's own sub-folders are the classes; when
+    those are data splits (or hold them), pretraining would pool the splits, val included, into
+    a few classes: refused, naming the folders."""
+    for folder in layout:
+        write_images(tmp_path / folder, 2)
+    with pytest.raises(SystemExit) as e:
+        resolve_image_folder(str(tmp_path))
+    assert named in str(e.value) and 'Point --data_path at the folder that holds the class folders' in str(e.value)
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
+    """A notebook's .ipynb_checkpoints/ (as a class, or inside one) and macOS ._x resource forks
+    are skipped; an empty hidden folder does not stop the run as an empty class would."""
+    make_classes(tmp_path / 'train')
+    write_images(tmp_path / 'train' / '.ipynb_checkpoints', 1)
+    write_images(tmp_path / 'train' / 'cat' / '.ipynb_checkpoints', 1)
+    (tmp_path / 'train' / 'dog' / '._img_0.jpg').write_bytes(b'\x00\x05\x16\x07 not a JPEG')
+    (tmp_path / 'train' / '.empty').mkdir()
+    root = resolve_image_folder(str(tmp_path))
+    folder = ClassFolder(root)
+    assert folder.classes == ['cat', 'dog']
+    assert sorted(p.split('/train/')[1] for p, _ in folder.samples) == [
+        'cat/img_0.jpg', 'cat/img_1.jpg', 'dog/img_0.jpg', 'dog/img_1.jpg']
+    write_images(tmp_path / 'val' / 'cat', 1)
+    write_images(tmp_path / 'val' / '.ipynb_checkpoints', 1)  # not a class that train lacks
+    train, val = build_classification_datasets(str(tmp_path), None, None)
+    assert val.classes == ['cat', 'dog'] and len(val) == 1
+
+
+def test_val_without_some_training_classes_says_so(tmp_path, capsys):
+    make_classes(tmp_path / 'train', classes=('cat', 'dog', 'eel'))
+    make_classes(tmp_path / 'val', classes=('dog',))
+    train, val = build_classification_datasets(str(tmp_path), None, None)
+    assert len(val) == 2 and val.classes == ['cat', 'dog', 'eel']
+    assert 'has no images of 2 of the 3 training classes (cat, eel)' in capsys.readouterr().out
 
 
 def test_missing_path_message(tmp_path):

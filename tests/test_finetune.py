@@ -458,6 +458,35 @@ def test_finetune_resume_is_exact(tmp_path, demo_data, pretrain_ckpt):
     assert all(torch.equal(a[k], b[k]) for k in a), 'resumed fine-tuning diverged from the uninterrupted run'
 
 
+def test_the_checkpoint_keeps_its_classes_resume_refuses_others_and_eval_notes_them(tmp_path, demo_data, capsys):
+    """A classifier's output i means its data's class i: the checkpoints record the class names;
+    resuming on data with other classes (same count, so the weights would load) is refused, and
+    --eval on such data says what its accuracy counts."""
+    import run_finetune
+    other = tmp_path / 'other'
+    shutil.copytree(demo_data, other)
+    classes = sorted(p.name for p in (demo_data / 'train').iterdir())
+    for split in ('train', 'val'):
+        (other / split / classes[0]).rename(other / split / 'zz_other')
+    out = tmp_path / 'ft'
+    common = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4', '--num_workers', '0',
+              '--device', 'cpu', '--warmup_epochs', '0']
+
+    def run(*flags: str) -> None:
+        run_finetune.main(run_finetune.get_args_parser().parse_args([*common, *flags]))
+    run('--data_path', str(demo_data), '--output_dir', str(out), '--epochs', '1')
+    for name in ('checkpoint-last.pth', 'checkpoint-best.pth'):
+        assert torch.load(out / name, weights_only=True)['classes'] == classes
+    with pytest.raises(SystemExit) as e:
+        run('--data_path', str(other), '--output_dir', str(out), '--epochs', '2')
+    assert 'was trained on other classes than' in str(e.value) and f'{classes[0]} there, {classes[1]} here' in str(
+        e.value)
+    capsys.readouterr()
+    run('--data_path', str(other), '--output_dir', str(tmp_path / 'eval'), '--eval', '--resume',
+        str(out / 'checkpoint-best.pth'))
+    assert "its accuracy counts the checkpoint's class i as the data's class i" in capsys.readouterr().out
+
+
 def test_finetune_two_processes_distributed_launch(tmp_path, demo_data, pretrain_ckpt):
     """The research notes' launcher and flags (--world_size, --accum_iter, --dist_eval), 2 CPU processes."""
     import socket

@@ -443,6 +443,23 @@ def test_decoding_names_the_file_it_cannot_decode_and_reads_what_pil_reads(tmp_p
             gd.decode_batch(gd.split_bytes(packed, lengths), 'cpu', names)
 
 
+def test_the_gpu_backends_file_reader_names_an_empty_file_or_a_dangling_link(tmp_path):
+    """The gpu backend's workers read the files' bytes (torchvision's read_file); a file that cannot
+    be read is the same one-line UnreadableImage as in the pil backend, not read_file's error."""
+    import util.gpu_data as gd
+    from util.data import UnreadableImage
+    root = write_folder(tmp_path / 'train', [(40, 30)] * 2, classes=('a',))
+    (root / 'a' / 'empty.jpg').write_bytes(b'')
+    (root / 'a' / 'gone.jpg').symlink_to(tmp_path / 'nowhere.jpg')
+    folder = gd.JpegBytesFolder(root)
+    names = [Path(p).name for p, _ in folder.samples]
+    assert folder[names.index('0.jpg')][0].numel() > 0
+    with pytest.raises(UnreadableImage, match=f'^cannot decode {root / "a" / "empty.jpg"}: Expected a non empty file$'):
+        folder[names.index('empty.jpg')]
+    with pytest.raises(UnreadableImage, match=f'^cannot decode {root / "a" / "gone.jpg"}: .*No such file'):
+        folder[names.index('gone.jpg')]
+
+
 @pytest.mark.parametrize('backend, share, message', [('gpu', 1.5, 'must lie in'), ('gpu', -0.1, 'must lie in'),
                                                      ('pil', 0.5, 'gpu only'), ('gpu-cache', 0.5, 'gpu only')])
 def test_cpu_decode_share_is_checked(tmp_path, backend, share, message):

@@ -91,6 +91,30 @@ def test_nothing_is_written_on_success_or_outside_a_launcher(tmp_path, monkeypat
     assert not error_file.exists()
 
 
+def test_a_full_disk_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    """An ENOSPC (util.checkpoint.save_atomic raises it for torch's full-disk error too) ends the
+    run with one line naming the file and how to continue; other OSErrors keep their traceback."""
+    import errno
+    import os
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / 'checkpoint-last.pth'))
+    run_parser = parser()
+    run_parser.add_argument('--output_dir', default=str(tmp_path))
+    monkeypatch.setattr(sys, 'argv', ['run_x.py'])
+    with pytest.raises(SystemExit) as e:
+        runtime.run_main(full_disk, run_parser)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f'error: no space left on the device to write {tmp_path / "checkpoint-last.pth"}: '
+                                'free some space; no checkpoint was saved yet: the same command starts again']
+
+    def missing_file(args):
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), 'x')
+    with pytest.raises(FileNotFoundError):
+        runtime.run_main(missing_file, run_parser)
+
+
 # ---- flags checked before any work ---------------------------------------------------------------
 
 def namespace(**overrides) -> argparse.Namespace:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import os
 import random
@@ -70,11 +71,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state['cuda'])
 
 
+# torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."): a failed write
+# with less than this left on the device is taken for one
+FULL_DISK_BYTES = 64 << 20
+
+
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
-    """Write to a temporary file then rename, so an interruption never leaves a torn file."""
+    """Write to a temporary file then rename, so an interruption never leaves a torn file. A
+    full disk is an OSError ENOSPC naming `path` (util.runtime.run_main says it in one line); the
+    partial file is removed, the previous `path` is left as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:
+        full = (getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT)
+                or shutil.disk_usage(path.parent).free < FULL_DISK_BYTES)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
     os.replace(tmp, path)
 
 

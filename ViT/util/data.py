@@ -20,6 +20,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from util.dist import is_main_process
+
 # 10 loader workers per process (MAE's, and upstream LocalMIM fine-tuning's; its pretraining has
 # 12), fewer where this process may use fewer cores (the CPU affinity that Slurm / cgroups /
 # taskset set, as the DataLoader's own warning counts them)
@@ -56,29 +58,62 @@ def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
         raise UnreadableImage(f'cannot decode {path}: {e}') from None
 
 
+# folder names that mark a data split, not a class: a class folder so named means --data_path is
+# a dataset root whose splits would be pooled (pretraining on val) into a few "classes"
+SPLIT_NAMES = frozenset({'train', 'training', 'val', 'valid', 'validation', 'test', 'testing', 'eval'})
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden entries (`.ipynb_checkpoints/`, macOS `._x.JPEG` resource forks, `.DS_Store`) are
+    neither classes nor images: ImageNet has none, and a `._x.JPEG` is not a JPEG."""
+    return name.startswith('.')
+
+
 def _has_images(folder: Path) -> bool:
-    for _, _, files in os.walk(folder):
-        if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not is_hidden(d)]
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(f) for f in files):
             return True
     return False
 
 
-def _has_class_folders(folder: Path) -> bool:
-    return folder.is_dir() and any(d.is_dir() and _has_images(d) for d in folder.iterdir())
+def class_folders(folder: Path) -> list[Path]:
+    """The sub-folders of `folder` that hold images (at any depth), hidden ones left out."""
+    if not folder.is_dir():
+        return []
+    return [d for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name) and _has_images(d)]
 
 
-def resolve_image_folder(path: str, split: str = 'train') -> Path:
+def _refuse_dataset_root(root: Path, path: str, split: str) -> None:
+    """Read as class folders, a dataset root would pool its splits (or several data sets) into a
+    few classes and pretrain on all of them without a word: refuse that."""
+    classes = class_folders(root)
+    splits = sorted(d.name + '/' for d in classes if d.name.lower() in SPLIT_NAMES)
+    nested = sorted(d.name + '/' for d in classes if any((d / s).is_dir() for s in SPLIT_NAMES))
+    if splits or nested:
+        what = (f'{", ".join(splits)} look like data splits' if splits else
+                f'{", ".join(nested[:5])} hold data splits (train/, val/, ...)')
+        raise DataLayoutError(
+            f'--data_path {path} has no "{split}" folder of class folders, and its own sub-folders are not '
+            f'classes either: {what}. Point --data_path at the folder that holds the class folders '
+            f'(<data_path>/{split}/<class>/<image> or <data_path>/<class>/<image>)')
+
+
+def resolve_image_folder(path: str, split: str = 'train', refuse_a_dataset_root: bool = True) -> Path:
     """Folder whose sub-folders are the classes.
 
     Accepts the class folders directly (the research notes' `.../train/image_folders`),
-    `<path>/<split>` (upstream's layout) and `<path>/<split>/image_folders`.
+    `<path>/<split>` (upstream's layout) and `<path>/<split>/image_folders`; the first unless
+    its sub-folders look like data splits (`refuse_a_dataset_root`).
     """
     root = Path(path).expanduser()
     if not root.exists():
         raise DataLayoutError(f'--data_path {path} does not exist')
     candidates = [root / split / 'image_folders', root / split, root]
     for c in candidates:
-        if _has_class_folders(c):
+        if class_folders(c):
+            if c == root and refuse_a_dataset_root:
+                _refuse_dataset_root(root, path, split)
             return c
     tried = ', '.join(str(c) for c in candidates)
     raise DataLayoutError(
@@ -172,19 +207,28 @@ class PretrainTransform:
 
 class ClassFolder(datasets.ImageFolder):
     """ImageFolder whose class list can be imposed, so val labels use train's indices even when
-    val lacks some classes; an empty class folder is a DataLayoutError. Every dataset here is one."""
+    val lacks some classes; an empty class folder is a DataLayoutError; hidden folders and files
+    (is_hidden) are skipped. Every dataset here is one."""
 
     def __init__(self, root: str | Path, transform=None, classes: Sequence[str] | None = None,
                  loader: Callable[[str], Any] = load_rgb):
         self.imposed_classes = list(classes) if classes is not None else None
+        prefix = len(str(root).rstrip(os.sep)) + 1
+
+        def is_image(path: str) -> bool:  # string tests: this runs once per file of the data set
+            return path.lower().endswith(IMAGE_EXTENSIONS) and os.sep + '.' not in os.sep + path[prefix:]
         try:
-            super().__init__(str(root), transform=transform, loader=loader, allow_empty=classes is not None)
+            super().__init__(str(root), transform=transform, loader=loader, is_valid_file=is_image,
+                             allow_empty=classes is not None)
         except FileNotFoundError as e:  # an empty class folder
             raise DataLayoutError(f'{root}: {e}') from None
 
     def find_classes(self, directory):
         if self.imposed_classes is None:
-            return super().find_classes(directory)
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not is_hidden(e.name))
+            if not classes:
+                raise FileNotFoundError(f'no class folder in {directory}')
+            return classes, {c: i for i, c in enumerate(classes)}
         return self.imposed_classes, {c: i for i, c in enumerate(self.imposed_classes)}
 
 
@@ -266,7 +310,7 @@ def resolve_split_folder(path: str, split: str) -> Path:
     """Class folders of one labelled split: `<path>/<split>/<class>` or
     `<path>/<split>/image_folders/<class>`. Unlike pretraining, the split folder is required
     (labels come from the class folder names, so the train and val splits must be told apart)."""
-    folder = resolve_image_folder(path, split)
+    folder = resolve_image_folder(path, split, refuse_a_dataset_root=False)  # refused below, with its reason
     if folder == Path(path).expanduser():  # the class folders themselves: no split to choose
         raise DataLayoutError(
             f'--data_path {path} has no "{split}" split folder. Classification needs both splits: '
@@ -281,13 +325,16 @@ def build_classification_datasets(data_path: str, train_transform, val_transform
     train_root = resolve_split_folder(data_path, 'train')
     val_root = resolve_split_folder(data_path, 'val')
     train_set = ClassFolder(train_root, train_transform)
-    unknown = sorted(d.name for d in val_root.iterdir() if d.is_dir() and d.name not in train_set.class_to_idx
-                     and _has_images(d))
+    unknown = sorted(d.name for d in class_folders(val_root) if d.name not in train_set.class_to_idx)
     if unknown:
         raise DataLayoutError(f'{val_root} has classes that {train_root} lacks: {", ".join(unknown[:10])}')
     val_set = ClassFolder(val_root, val_transform, classes=train_set.classes)
     if len(val_set) == 0:
         raise DataLayoutError(f'{val_root} has no images of the training classes')
+    absent = sorted(set(train_set.classes) - {train_set.classes[t] for t in set(val_set.targets)})
+    if absent and is_main_process():
+        print(f'note: {val_root} has no images of {len(absent)} of the {len(train_set.classes)} training classes '
+              f'({", ".join(absent[:5])}{", ..." if len(absent) > 5 else ""}); val accuracy is over the others')
     return train_set, val_set
 
 

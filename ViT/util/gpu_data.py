@@ -282,9 +282,14 @@ class JpegBytesFolder(ClassFolder):
     def __getitem__(self, key):
         index = key[1] if isinstance(key, tuple) else key
         path, target = self.samples[index]
+        try:  # an empty file or a dangling link: an error naming it, as the pil backend's
+            data = read_file(path)
+        except (RuntimeError, OSError) as e:
+            parts = str(e).split(', ', 2)  # 'read_file, <source file>:<line>, <reason>'
+            raise UnreadableImage(f'cannot decode {path}: {parts[2] if len(parts) == 3 else e}') from None
         # read_file's storage is file-backed and cannot be sent to the main process through
         # shared memory (the worker's queue fails on it); a plain copy can
-        return read_file(path).clone(), target, path
+        return data.clone(), target, path
 
 
 def decode_rgb(data: torch.Tensor, name: str = 'an image') -> torch.Tensor:

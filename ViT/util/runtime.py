@@ -3,6 +3,7 @@ seeds, output folder."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -205,10 +206,11 @@ def _told_launcher_quietly(message: str) -> bool:
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
              resumable: bool = True) -> None:
     """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, SIGTERM (one
-    process only), and a data file that cannot be decoded (raised in a DataLoader worker, whose
-    traceback would bury the file's name), end with one line instead of a traceback; the first
-    two say how to continue. Under a launcher, whatever stops a rank (those, an `error:` exit, a
-    bad flag, a traceback) is also what the launcher's summary shows (`tell_launcher`)."""
+    process only), a data file that cannot be decoded (raised in a DataLoader worker, whose
+    traceback would bury the file's name) and a full disk end with one line instead of a
+    traceback; all but the data file say how to continue. Under a launcher, whatever stops a
+    rank (those, an `error:` exit, a bad flag, a traceback) is also what the launcher's summary
+    shows (`tell_launcher`)."""
     print_usage_and_exit = parser.error
 
     def flag_error(message: str) -> NoReturn:
@@ -239,5 +241,9 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
             tell_launcher(f'exit status {e.code}: see this rank\'s output above')
         raise
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # checkpoints are written by rename (util.checkpoint.save_atomic): the last one saved is whole
+            _stop(f'error: no space left on the device to write {e.filename or "a file"}: free some space'
+                  f'{resume_hint(args) if resumable else ", then rerun"}', 1)
         tell_launcher(traceback.format_exc(), after_a_peer=any(text in str(e) for text in _PEER_FAILED))
         raise
