@@ -47,7 +47,7 @@ import models_mim
 from engine_pretrain import ModelHandle, train_one_epoch
 from util import flops, gpu_data
 from util.checkpoint import write_text_atomic
-from util.cli import HelpFormatter
+from util.cli import HelpFormatter, check_output_folder
 from util import freezeout as fo
 from util.data import IMAGE_EXTENSIONS, class_folders, is_hidden, resolve_image_folder
 from util.gpu_data import BACKENDS, GPU_RESAMPLE_CHOICES, build_loader
@@ -762,6 +762,8 @@ def main(argv: list[str] | None = None) -> dict:
     models_mim.check_model(args.model, args.input_size)
     if args.data_path:  # before the step timings, not after them
         resolve_image_folder(args.data_path, 'train')
+    out = Path(args.out)
+    check_output_folder(out, f'--out {out}')  # also before the timings, whose results it is to hold
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
@@ -792,9 +794,6 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
     if device.type != 'cuda':
         notes.append('CPU: the reference runs in fp32 without GradScaler (no fp16 autocast on CPU)')
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     def save(res: dict) -> None:  # after each k, after the step timings and after each backend
         write_text_atomic(out / 'benchmark.json', json.dumps(res, indent=1))

@@ -19,10 +19,11 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from run_pretrain import check_args, get_args_parser  # noqa: E402
 from util import flops  # noqa: E402
-from util.cli import HelpFormatter, help_only_for  # noqa: E402
+from util.cli import HelpFormatter, check_output_folder, help_only_for  # noqa: E402
 from util import freezeout as fo  # noqa: E402
 from util.lr_sched import warmup_cosine_lr  # noqa: E402
 from util.runtime import check_number_flags  # noqa: E402
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False, description=__doc__,
                                      conflict_handler='resolve', formatter_class=HelpFormatter)
     parser.add_argument('--out', default=None,
-                        help='PNG path (default: freezeout_lr_<how>_<t_0>.png in the current folder; the README\'s '
+                        help='figure path; its extension picks the format (png, pdf, svg, ...; none: .png) '
+                             '(default: freezeout_lr_<how>_<t_0>.png in the current folder; the README\'s '
                              'figures in image/ are written only when named)')
     parser.add_argument('--points', default=1000, type=int, help='optimizer steps drawn (the x resolution)')
     help_only_for(parser, {'epochs', 'warmup_epochs', 'batch_size', 'accum_iter', 'world_size', 'lr', 'blr', 'min_lr',
@@ -52,10 +54,11 @@ def main(argv: list[str] | None = None) -> Path:
     if out.is_dir():
         raise SystemExit(f'error: --out {out} is a folder; give a file name, e.g. {out / "freezeout_lr.png"}')
     out = out if out.suffix else out.with_suffix('.png')  # matplotlib would add .png itself, unsaid
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f'error: cannot create the folder of --out {out}: {e.strerror or e}') from None
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())  # savefig picks the format by the extension
+    if out.suffix[1:].lower() not in formats:
+        raise SystemExit(f'error: --out {out}: matplotlib cannot write {out.suffix} files; use one of the '
+                         f'extensions {", ".join(formats)}')
+    check_output_folder(out.parent, f'the folder of --out {out}')
     eff_batch = args.batch_size * args.accum_iter * args.world_size  # no launcher here: the flag says the count
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     if args.model not in flops.SHAPES:

@@ -113,6 +113,31 @@ def test_bad_flags_are_a_clear_error(tmp_path, flags):
     assert not (tmp_path / 'benchmark.json').exists()
 
 
+def test_an_out_that_cannot_hold_the_results_is_refused_before_the_timings(tmp_path, monkeypatch):
+    """--out is checked at start-up, not at the first write after the reference timing (minutes on a
+    GPU): a file, a path under a file, and a folder that refuses files (a read-only mount;
+    simulated, since root writes through chmod)."""
+    import errno
+
+    import util.cli
+
+    def not_before_the_checks(*args, **kwargs):
+        raise AssertionError('a step was built before --out was checked')
+    monkeypatch.setattr(benchmark, 'ReferenceStep', not_before_the_checks)
+    monkeypatch.setattr(benchmark, 'ProjectStep', not_before_the_checks)
+    afile = tmp_path / 'afile'
+    afile.write_text('')
+    for out in (afile, afile / 'bench'):
+        with pytest.raises(SystemExit, match=f'^error: cannot create --out {out}: {afile} is a file, not a folder$'):
+            benchmark.main([*TINY, '--out', str(out)])
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, 'Read-only file system')
+    monkeypatch.setattr(util.cli.tempfile, 'TemporaryFile', read_only)
+    with pytest.raises(SystemExit, match=f'^error: cannot write into --out {tmp_path}: Read-only file system$'):
+        benchmark.main([*TINY, '--out', str(tmp_path)])
+
+
 def test_a_run_cut_short_keeps_the_ks_it_timed(tmp_path, monkeypatch):
     """benchmark.json is written after every k but the last, so a time limit (e.g. while
     compiling the next k) leaves the figures measured so far, marked partial."""

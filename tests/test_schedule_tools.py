@@ -74,3 +74,33 @@ def test_plot_lr_schedule_counts_the_processes_of_a_pasted_multi_gpu_command(tmp
     assert 'lr 0.0016 = blr x effective batch 2048 / 256' in capsys.readouterr().out
     with pytest.raises(SystemExit, match='--world_size must be at least 1'):
         plot_lr_schedule.main(['--t_0', '0.5', '--world_size', '0', '--out', str(tmp_path / 'q.png')])
+
+
+def test_plot_lr_schedule_refuses_an_out_it_cannot_write_before_drawing(tmp_path, monkeypatch):
+    """A bad --out is one error line before the schedule is computed (not an OSError or matplotlib's
+    ValueError at savefig): a path under a file, an extension matplotlib cannot write, and a folder
+    that refuses files (a read-only mount; simulated, since root writes through chmod)."""
+    import errno
+
+    import util.cli
+    flags = ['--t_0', '0.8', '--epochs', '10', '--warmup_epochs', '1', '--points', '20', '--out']
+    (tmp_path / 'afile').write_text('')
+
+    def not_before_the_checks(*args, **kwargs):
+        raise AssertionError('the schedule was computed before --out was checked')
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, 'Read-only file system')
+    with monkeypatch.context() as m:
+        m.setattr(plot_lr_schedule.fo.FreezeOutSchedule, 'build', not_before_the_checks)
+        with pytest.raises(SystemExit, match=f'^error: cannot create the folder of --out {tmp_path}/afile/x.png: '
+                                             f'{tmp_path}/afile is a file, not a folder$'):
+            plot_lr_schedule.main([*flags, str(tmp_path / 'afile' / 'x.png')])
+        with pytest.raises(SystemExit, match=r'^error: --out .*/x\.txt: matplotlib cannot write \.txt files; use one '
+                                             r'of the extensions .*\bpdf\b.*\bpng\b.*\bsvg\b'):
+            plot_lr_schedule.main([*flags, str(tmp_path / 'x.txt')])
+        m.setattr(util.cli.tempfile, 'TemporaryFile', read_only)
+        with pytest.raises(SystemExit, match=f'^error: cannot write into the folder of --out {tmp_path}/ro/x.png: '
+                                             'Read-only file system$'):
+            plot_lr_schedule.main([*flags, str(tmp_path / 'ro' / 'x.png')])
+    assert plot_lr_schedule.main([*flags, str(tmp_path / 'lr.PDF')]).stat().st_size > 1000  # any format it writes

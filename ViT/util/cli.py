@@ -1,7 +1,9 @@
-"""Command-line help shared by the scripts."""
+"""Command-line help and start-up checks of output locations, shared by the scripts."""
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -25,3 +27,22 @@ def help_only_for(parser: argparse.ArgumentParser, shown: set[str]) -> None:
     for action in parser._actions:
         if action.dest not in shown and action.dest != 'help':
             action.help = argparse.SUPPRESS
+
+
+def check_output_folder(folder: str | Path, what: str) -> None:
+    """Creates `folder` (and its parents) and makes sure it takes a new file, else one `error:` line
+    about `what` (e.g. '--out bench'): the tools call it at start-up, so a location that cannot hold
+    their results stops them before the work, not after it."""
+    path = Path(folder)
+    # mkdir's own errors for a file in the way read "File exists" / "Not a directory": name the file
+    in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise SystemExit(f'error: cannot create {what}: {in_the_way} is a file, not a folder')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f'error: cannot create {what}: {e.strerror or e}') from None
+    try:  # an existing folder may still refuse files (read-only mount, permissions, full quota)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise SystemExit(f'error: cannot write into {what}: {e.strerror or e}') from None
