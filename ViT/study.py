@@ -13,7 +13,8 @@ the FLOP estimate, accuracies, device) in a results JSON that later invocations 
 already there are skipped unless --rerun), rendered as a markdown table and a plot. Runs go in
 order of importance; --max_minutes stops before a run that would not finish in time, so a
 study can be spread over several GPU sessions by repeating the same command. A run that fails is
-reported and left out, the others go on, and the study exits with an error listing the failures.
+reported and left out, the others go on, and the study exits with an error listing the failures; an
+image that cannot be decoded stops the study at once (every run would fail on it).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 from util import flops  # noqa: E402
 from util.checkpoint import write_text_atomic  # noqa: E402
-from util.cli import HelpFormatter  # noqa: E402
+from util.cli import HelpFormatter, check_output_folder  # noqa: E402
 
 FREEZEOUT_CONFIGS = {
     'cubic0.8': ['--how_scale', 'cubic', '--t_0', '0.8'],
@@ -123,14 +124,26 @@ def reading(log: Path):
         raise RunFailed(f'its log {log} could not be read ({type(e).__name__}: {e})') from None
 
 
+class UnreadableData(Exception):
+    """A script stopped on an image it cannot decode (its `error: cannot decode <file>: ...` line):
+    every run of the study reads that file, so the study stops rather than fail each run in turn."""
+
+
 def run(cmd: list[str], log: Path) -> float:
     """Runs a script from ViT/, its output appended to `log`; returns the wall time."""
     print(f'$ {" ".join(cmd)}', flush=True)
     start = time.perf_counter()
     with open(log, 'a') as f:
+        written_before = f.tell()  # the log holds earlier runs' output too
         proc = subprocess.run([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
                               env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     if proc.returncode != 0:
+        with open(log, encoding='utf-8', errors='replace') as f:
+            f.seek(written_before)
+            this_run = f.read().splitlines()
+        unreadable = next((line for line in this_run if line.startswith('error: cannot decode ')), None)
+        if unreadable:
+            raise UnreadableData(f'{unreadable} (stopped {cmd[0]}; its log: {log})')
         tail = log.read_text().splitlines()[-15:]
         raise RunFailed(f'{cmd[0]} failed (exit {proc.returncode}); last lines of {log}:\n' + '\n'.join(tail))
     return time.perf_counter() - start
@@ -423,18 +436,25 @@ def main(argv: list[str] | None = None) -> dict:
     if not (Path(args.data_path) / 'train').is_dir() or not (Path(args.data_path) / 'val').is_dir():
         raise SystemExit(f'error: --data_path {args.data_path} needs train/ and val/ class folders '
                          '(e.g. ../shared/data/imagenette-128)')
-    from util.data import ClassFolder, DataLayoutError, resolve_image_folder
-    try:  # a data error would otherwise fail every run of the study in turn
-        for split in ('train', 'val'):
-            ClassFolder(resolve_image_folder(args.data_path, split))
-    except DataLayoutError as e:
-        raise SystemExit(f'error: {e}') from None
+    from util.data import build_classification_datasets
+    # the scoring scripts' own check of both splits (empty class folders, val classes that train lacks): a data
+    # error would otherwise fail every run of the study in turn, each after its pretraining
+    build_classification_datasets(args.data_path, None, None)
+    # where the runs and the results go (created here, so after the data): before the first run, not after it
+    check_output_folder(args.out, f'--out {args.out}')
+    if Path(args.results).is_dir():
+        raise SystemExit(f'error: --results {args.results} is a folder; give the JSON file, e.g. '
+                         f'{Path(args.results) / "study_results.json"}')
+    check_output_folder(Path(args.results).parent, f'the folder of --results {args.results}')
     study = Study(args)
     try:
         run_study(study, args)
     except OutOfTime as e:
         print(f'study stopped early: {e}. Recorded runs are in {args.results}; the same command continues.',
               flush=True)
+    except UnreadableData as e:
+        raise SystemExit(f'{e}; every run of the study reads that file, so the study stopped: replace or remove it, '
+                         f'and the same command continues (recorded runs are in {args.results})') from None
     except KeyboardInterrupt:
         again = 'the same command without --rerun' if args.rerun else 'the same command'
         print(f'interrupted: the runs recorded so far are in {args.results}; {again} continues with the '

@@ -2,6 +2,7 @@
 linear probe, the best config's decoder ablation and second seed, fine-tuning), at toy size
 on CPU; results JSON, table and plot written, and a second invocation extends, not redoes."""
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,84 @@ def test_missing_data_is_a_clear_error(tmp_path):
     r = run_cmd([sys.executable, 'study.py', '--quick', '--device', 'cpu', '--data_path', str(tmp_path / 'nope'),
                  '--results', str(tmp_path / 'r.json')], env=subprocess_env())
     assert r.returncode != 0 and 'error' in r.stderr and 'Traceback' not in r.stderr
+
+
+def no_run(cmd, log):
+    raise AssertionError(f'{cmd[0]} was started before the study checked its paths and data')
+
+
+def test_where_runs_and_results_go_is_checked_before_the_first_run(tmp_path, monkeypatch, demo_data):
+    """--out and --results' folder at start-up: an --out that is a file (NotADirectoryError before),
+    a --results under a file or that is a folder, and a folder that refuses files (a read-only mount,
+    which failed only when the first run was saved; simulated, since root writes through chmod)."""
+    import errno
+
+    import study
+    import util.cli
+    monkeypatch.setattr(study, 'run', no_run)
+    afile = tmp_path / 'afile'
+    afile.write_text('')
+    quick = ['--quick', '--device', 'cpu', '--data_path', str(demo_data)]
+    for flags, message in (
+            (['--out', str(afile)], f'cannot create --out {afile}: {afile} is a file, not a folder'),
+            (['--out', str(tmp_path / 'runs'), '--results', str(afile / 'r.json')],
+             f'cannot create the folder of --results {afile}/r.json: {afile} is a file, not a folder'),
+            (['--out', str(tmp_path / 'runs'), '--results', str(tmp_path)],
+             f'--results {tmp_path} is a folder; give the JSON file, e.g. {tmp_path}/study_results.json')):
+        with pytest.raises(SystemExit) as stop:
+            study.main([*quick, *flags])
+        assert str(stop.value) == f'error: {message}'
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, 'Read-only file system')
+    monkeypatch.setattr(util.cli.tempfile, 'TemporaryFile', read_only)
+    with pytest.raises(SystemExit, match=f'^error: cannot write into --out {tmp_path}/runs: Read-only file system$'):
+        study.main([*quick, '--out', str(tmp_path / 'runs')])
+
+
+def test_data_that_every_scoring_run_would_refuse_stops_the_study_before_the_first_run(tmp_path, monkeypatch,
+                                                                                         demo_data):
+    """A val class that train lacks: the scoring scripts' own check, at start (before, every
+    pretraining ran and then every kNN failed). An empty class folder: one error: prefix, not two."""
+    import study
+    monkeypatch.setattr(study, 'run', no_run)
+    data = tmp_path / 'data'
+    shutil.copytree(demo_data, data)
+    shutil.copytree(next((data / 'val').iterdir()), data / 'val' / 'zebra')
+    argv = ['--quick', '--device', 'cpu', '--data_path', str(data), '--out', str(tmp_path / 'runs')]
+    with pytest.raises(SystemExit) as stop:
+        study.main(argv)
+    assert str(stop.value) == f'error: {data}/val has classes that {data}/train lacks: zebra'
+    shutil.rmtree(data / 'val' / 'zebra')
+    (data / 'train' / 'empty').mkdir()
+    with pytest.raises(SystemExit) as stop:
+        study.main(argv)
+    assert str(stop.value).startswith(f'error: {data}/train: Found no valid file for the classes empty')
+
+
+def test_an_image_that_cannot_be_decoded_stops_the_study_at_once(tmp_path, monkeypatch, demo_data):
+    """Every run reads the same data: the first run's `error: cannot decode` line stops the study,
+    naming the file, instead of failing every config in turn."""
+    import study
+    real_run, started = study.run, []
+    failing = ['-c', 'import sys; print("error: cannot decode /data/train/a/1.jpg: truncated", file=sys.stderr); '
+               'sys.exit(1)']  # what run_main prints for such a file, and its exit status
+
+    def decode_error(cmd, log):
+        started.append(cmd[0])
+        return real_run(failing, log)
+    monkeypatch.setattr(study, 'run', decode_error)
+    with pytest.raises(SystemExit) as stop:
+        study.main(['--quick', '--device', 'cpu', '--data_path', str(demo_data), '--out', str(tmp_path / 'runs')])
+    assert started == ['run_pretrain.py']
+    message = str(stop.value)
+    assert message.startswith('error: cannot decode /data/train/a/1.jpg: truncated (stopped -c; its log: ')
+    assert 'every run of the study reads that file, so the study stopped' in message
+    # only the failed run's own output counts: the same line left in the log by an earlier attempt does not
+    log = tmp_path / 'study_log.txt'
+    log.write_text('error: cannot decode /data/train/a/1.jpg: truncated\n')
+    with pytest.raises(study.RunFailed):
+        real_run(['-c', 'import sys; sys.exit("error: injected")'], log)
 
 
 def test_time_saved_is_against_regular_on_the_same_card(tmp_path):
