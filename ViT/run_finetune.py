@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
+import math
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -147,9 +149,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('augmentation (timm create_transform)')
     g.add_argument('--color_jitter', type=float, default=None,
-                   help='colour jitter strength; used only when --aa is none')
+                   help='colour jitter strength, >= 0; used only when --aa is none (or names timm\'s 3a set)')
     g.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1',
-                   help='timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment); "none" to disable')
+                   help='timm auto-augment policy: rand-<sections> (RandAugment, sections m n p mstd mmax inc t), '
+                        'augmix-<sections> (m w d a b mstd), original, originalr, v0, v0r or 3a (-mstd<float>), '
+                        'or "none" to disable; an unknown section is refused (timm would skip it)')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
     g.add_argument('--remode', type=str, default='pixel', choices=['const', 'rand', 'pixel'],
@@ -204,6 +208,56 @@ def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
+# The sections of an --aa string that timm 1.0.31's parsers read (timm/data/auto_augment.py:
+# rand_augment_transform, augment_and_mix_transform, auto_augment_transform): a policy name, then
+# "-"-separated <key><number> sections. timm skips a section without a digit, and a rand "t..." section
+# names a transform set whose unknown names fall back to the default, both without a word, so a typo
+# ("inc1" as "incl") trained with the default; these are refused instead.
+AA_SECTIONS = {
+    'rand': {'m': 'm<int> magnitude', 'n': 'n<int> ops per image', 'p': 'p<float> probability of each op',
+             'mstd': 'mstd<float> magnitude std', 'mmax': 'mmax<int> magnitude limit',
+             'inc': 'inc<0|1> severity increasing with magnitude', 't': 't<set> transform set'},
+    'augmix': {'m': 'm<int> severity', 'w': 'w<int> chain width', 'd': 'd<int> chain depth',
+               'a': 'a<float> mixing alpha', 'b': 'b<0|1> blend', 'mstd': 'mstd<float> magnitude std'},
+    'auto': {'mstd': 'mstd<float> magnitude std'},
+}
+AA_RAND_SETS = ('weights', '3aw', '3a')  # rand's t<set>
+AA_AUTO_POLICIES = ('original', 'originalr', 'v0', 'v0r', '3a')  # AutoAugment's policy names
+
+
+def check_aa(aa: str) -> None:
+    """Refuses an --aa policy that timm would refuse (in the first loader worker, with a traceback)
+    or read only in part (a name or section outside AA_SECTIONS)."""
+    if aa in ('', 'none', 'None'):
+        return
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    # timm's create_transform picks the parser by these prefixes
+    kind, parse = (('rand', rand_augment_transform) if aa.startswith('rand') else
+                   ('augmix', augment_and_mix_transform) if aa.startswith('augmix') else
+                   ('auto', auto_augment_transform))
+    name, *sections = aa.split('-')
+    if (kind == 'auto' and name not in AA_AUTO_POLICIES) or (kind != 'auto' and name != kind):
+        raise SystemExit(f'error: --aa {aa} is not a timm augmentation policy: {name!r} is none of rand-..., '
+                         f'augmix-..., {", ".join(AA_AUTO_POLICIES)} (these optionally -mstd<float>) or none')
+    accepted = AA_SECTIONS[kind]
+    for section in sections:
+        if kind == 'rand' and section.startswith('t'):
+            if section[1:] not in AA_RAND_SETS:
+                raise SystemExit(f'error: --aa {aa}: unknown transform set {section!r}; rand takes t<set> with '
+                                 f'<set> one of {", ".join(AA_RAND_SETS)}')
+            continue
+        key, number = re.match(r'(\D*)(.*)', section).groups()  # timm's split: the key ends at the first digit
+        if key not in accepted or not number:
+            raise SystemExit(f'error: --aa {aa}: unknown section {section!r}; {name} takes '
+                             f'{", ".join(accepted.values())} (e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, '
+                             f'original-mstd0.5)')
+    try:  # the values: timm's own parser
+        parse(aa, {})
+    except (AssertionError, ValueError, KeyError) as e:
+        raise SystemExit(f'error: --aa {aa} is not a timm augmentation policy '
+                         f'(e.g. rand-m9-mstd0.5-inc1, original, none): {e}') from None
+
+
 def check_args(args: argparse.Namespace) -> None:
     check_common_args(args)
     if not 0.0 < args.layer_decay <= 1.0:
@@ -215,24 +269,19 @@ def check_args(args: argparse.Namespace) -> None:
         if not low <= getattr(args, flag) <= high:
             raise SystemExit(f'error: --{flag} must be in [{low:g}, {1 if high < 1 else high:g}'
                              f'{")" if high < 1 else "]"}, got {getattr(args, flag)}')
-    if args.mixup < 0 or args.cutmix < 0:
+    if not all(math.isfinite(a) and a >= 0 for a in (args.mixup, args.cutmix)):  # nan would turn them off unsaid
         raise SystemExit(f'error: --mixup and --cutmix are Beta alphas, 0 (off) or more; '
                          f'got {args.mixup}, {args.cutmix}')
+    if args.color_jitter is not None and not (math.isfinite(args.color_jitter) and args.color_jitter >= 0):
+        raise SystemExit(f'error: --color_jitter must be a finite number >= 0 (or unset: no jitter), '
+                         f'got {args.color_jitter}')
     if args.cutmix_minmax is not None and not 0 < args.cutmix_minmax[0] < args.cutmix_minmax[1] <= 1:
         raise SystemExit(f'error: --cutmix_minmax MIN MAX needs 0 < MIN < MAX <= 1, got {args.cutmix_minmax}')
     if args.clip_grad is not None and not args.clip_grad > 0:
         raise SystemExit(f'error: --clip_grad must be above 0 (leave it unset for no clipping), got {args.clip_grad}')
     if args.recount < 1:
         raise SystemExit(f'error: --recount must be at least 1, got {args.recount}')
-    if args.aa not in ('', 'none', 'None'):
-        from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
-        policy = (rand_augment_transform if args.aa.startswith('rand') else  # as timm's create_transform picks
-                  augment_and_mix_transform if args.aa.startswith('augmix') else auto_augment_transform)
-        try:
-            policy(args.aa, {})
-        except (AssertionError, ValueError, KeyError) as e:
-            raise SystemExit(f'error: --aa {args.aa} is not a timm augmentation policy '
-                             f'(e.g. rand-m9-mstd0.5-inc1, original, none): {e}') from None
+    check_aa(args.aa)
     if mixup_active(args) and args.batch_size % 2:
         raise SystemExit(f'error: mixup/cutmix mixes pairs of samples and needs an even --batch_size, '
                          f'got {args.batch_size}')

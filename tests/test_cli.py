@@ -57,6 +57,19 @@ TINY_CLASSIFIER = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch
     ('run_finetune', [*TINY_CLASSIFIER, '--cutmix_minmax', '0.9', '0.3'], '0 < MIN < MAX <= 1'),
     ('run_finetune', [*TINY_CLASSIFIER, '--clip_grad', '-1'], '--clip_grad must be above 0'),
     ('run_finetune', [*TINY_CLASSIFIER, '--aa', 'bogus'], 'not a timm augmentation policy'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--aa', 'none', '--color_jitter', '-1'],
+     '--color_jitter must be a finite number >= 0'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--color_jitter', 'nan'], '--color_jitter must be a finite number >= 0'),
+    ('run_finetune', [*TINY_CLASSIFIER, '--mixup', 'nan'], 'Beta alphas'),
+    # sections timm skips without a word: a typo trained with the default
+    ('run_finetune', [*TINY_CLASSIFIER, '--aa', 'rand-m9-mstd0.5-incl'],
+     "unknown section 'incl'; rand takes m<int> magnitude, n<int> ops per image, p<float> probability of each op, "
+     "mstd<float> magnitude std, mmax<int> magnitude limit, inc<0|1> severity increasing with magnitude, t<set>"),
+    ('run_finetune', [*TINY_CLASSIFIER, '--aa', 'rand-bogus'], "unknown section 'bogus'; rand takes m<int>"),
+    ('run_finetune', [*TINY_CLASSIFIER, '--aa', 'rand-m9-tweight'], "unknown transform set 'tweight'"),
+    ('run_finetune', [*TINY_CLASSIFIER, '--aa', 'augmix-m5-s2'], "unknown section 's2'; augmix takes m<int>"),
+    ('run_finetune', [*TINY_CLASSIFIER, '--aa', 'original-m5'], "unknown section 'm5'; original takes mstd<float>"),
+    ('run_finetune', [*TINY_CLASSIFIER, '--aa', 'rand-m9x'], 'not a timm augmentation policy'),  # timm's own parse
     ('run_finetune', [*TINY_CLASSIFIER, '--recount', '0'], '--recount must be at least 1'),
     ('run_linprobe', [*TINY_CLASSIFIER, '--momentum', '2'], '--momentum must be in [0, 1)'),
 ])
@@ -74,6 +87,16 @@ def test_the_scripts_checks_pass_their_defaults_and_the_paper_recipes():
     run_finetune.check_args(_parse('run_finetune', ['--mixup', '0.8', '--cutmix', '1.0', '--drop_path', '0.2',
                                                     '--cutmix_minmax', '0.2', '0.8', '--aa', 'original']))
     run_linprobe.check_args(_parse('run_linprobe', []))
+
+
+@pytest.mark.parametrize('aa', ['rand-m9-mstd0.5-inc1', 'rand-m9-mstd0.5', 'rand-m7-mstd0.5-inc1', 'rand-m9-n3-mstd0.5',
+                                'rand-mstd1-tweights', 'rand-m9-mstd101-mmax12-p0.7-t3aw', 'original', 'originalr',
+                                'v0', 'v0r', '3a', 'original-mstd0.5', 'augmix-m5-w4-d2', 'augmix-m3-mstd0.5-b1-a1',
+                                'none', 'None', ''])
+def test_every_aa_form_timm_reads_whole_passes(aa):
+    """The upstream default and the other forms of timm's three parsers, every section known."""
+    import run_finetune
+    run_finetune.check_args(_parse('run_finetune', [*TINY_CLASSIFIER, '--aa', aa]))
 
 
 def test_fixed_choices_and_value_counts_are_argparse_errors(capsys):
