@@ -33,7 +33,7 @@ from util.runtime import run_main, setup
 from util import dist
 from util.data import build_classification_datasets, build_eval_loader, eval_transform
 from util.encoder_loading import load_pretrained_encoder
-from util.log import append_json_line, format_seconds
+from util.log import PassProgress, append_json_line, format_seconds
 
 
 MIN_TEMPERATURE = 0.0125  # exp(1 / T) stays below float32's largest value (exp(88.7))
@@ -117,8 +117,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--chunk_size', default=256, type=int,
                    help='val images compared with all train features at once (memory: chunk x train images)')
     g.add_argument('--linear_epochs', default=0, type=int,
-                   help='also fit a linear classifier for N epochs on the same frozen, unaugmented features '
-                        '(standardised, SGD): a fast stand-in for run_linprobe.py, logged as mode "linear"')
+                   help='also fit a linear classifier for N epochs (0: none) on the same frozen, unaugmented '
+                        'features (standardised, SGD): a fast stand-in for run_linprobe.py, logged as mode "linear"')
     g.add_argument('--dump_features', action='store_true',
                    help='also save the features and labels of both splits (dataset order) to '
                         '<output_dir>/knn_features.pth')
@@ -140,6 +140,8 @@ def check_knn_args(args: argparse.Namespace) -> None:
         raise SystemExit(f'error: --nb_knn needs k >= 1, got {args.nb_knn}')
     if args.chunk_size < 1:
         raise SystemExit(f'error: --chunk_size must be >= 1, got {args.chunk_size}')
+    if args.linear_epochs < 0:
+        raise SystemExit(f'error: --linear_epochs must be >= 0 (0: no linear classifier), got {args.linear_epochs}')
     if not args.temperature >= MIN_TEMPERATURE:  # also catches nan
         raise SystemExit(f'error: --temperature must be >= {MIN_TEMPERATURE} (the vote weight exp(cos_sim / T) '
                          f'overflows float32 below it), got {args.temperature}')
@@ -175,10 +177,11 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     start = time.time()
     dim = model.num_features
-    train_feats, train_labels = extract_features(model.forward_pooled, train_loader, device, dim, args.amp,
-                                                 gather=True)
-    test_feats, test_labels = extract_features(model.forward_pooled, val_loader, device, dim, args.amp,
-                                               gather=False)
+    # progress lines on a long pass (minutes on ImageNet); the line below closes it
+    train_feats, train_labels = extract_features(model.forward_pooled, PassProgress(train_loader, 'features: train'),
+                                                 device, dim, args.amp, gather=True)
+    test_feats, test_labels = extract_features(model.forward_pooled, PassProgress(val_loader, 'features: val'),
+                                               device, dim, args.amp, gather=False)
     print(f'features: train {tuple(train_feats.shape)}, val (this process) {tuple(test_feats.shape)} '
           f'in {format_seconds(time.time() - start)}')
 

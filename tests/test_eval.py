@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import socket
 import sys
@@ -143,6 +144,7 @@ def test_linprobe_batch_of_one_is_a_clear_error():
     (['--chunk_size', '0'], '--chunk_size must be >= 1'),
     (['--temperature', '0'], '--temperature must be >= 0.0125'),
     (['--temperature', 'nan'], '--temperature must be'),
+    (['--linear_epochs', '-1'], '--linear_epochs must be >= 0'),
 ])
 def test_knn_flags_that_would_fail_after_the_feature_pass_are_refused_first(flags, message):
     import run_knn
@@ -253,6 +255,25 @@ def test_knn_nb_classes_below_the_class_folders_is_an_error(tmp_path, demo_data,
          '--data_path', str(demo_data), '--nb_classes', '2', '--output_dir', str(tmp_path)])
     with pytest.raises(SystemExit, match='--nb_classes 2 is smaller than the 4 classes'):
         run_knn.main(args)
+
+
+def test_knn_feature_pass_prints_progress(tmp_path, demo_data, pretrain_ckpt, monkeypatch, capsys):
+    """Progress lines while the features are extracted (minutes on ImageNet), at most every
+    PROGRESS_EVERY_S (here 0: after every batch but a split's last, which the closing line covers);
+    none on a pass shorter than that."""
+    import run_knn
+    import util.log
+    for var in ('RANK', 'WORLD_SIZE'):
+        monkeypatch.delenv(var, raising=False)
+    args = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--device', 'cpu', '--num_workers', '0',
+            '--batch_size', '8', '--data_path', str(demo_data), '--finetune', str(pretrain_ckpt)]
+    monkeypatch.setattr(util.log, 'PROGRESS_EVERY_S', 0.0)
+    run_knn.main(run_knn.get_args_parser().parse_args([*args, '--output_dir', str(tmp_path / 'a')]))
+    progress = [line for line in capsys.readouterr().out.splitlines() if re.match(r'features: \w+ \d', line)]
+    assert progress == [f'features: train {n}/32 images (0:00:00)' for n in (8, 16, 24)]  # val: 8 images, 1 batch
+    monkeypatch.setattr(util.log, 'PROGRESS_EVERY_S', 10.0)
+    run_knn.main(run_knn.get_args_parser().parse_args([*args, '--output_dir', str(tmp_path / 'b')]))
+    assert not [line for line in capsys.readouterr().out.splitlines() if re.match(r'features: \w+ \d', line)]
 
 
 def test_knn_help_speaks_of_a_feature_pass_not_of_training():

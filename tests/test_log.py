@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from util.log import EpochProgress
+from util.log import EpochProgress, PassProgress
 
 
 def test_epoch_stats_average_loss_and_lr_over_the_epoch():
@@ -25,3 +25,17 @@ def test_non_finite_loss_stops_at_the_next_report():
     progress.update(8, 1e-3, loss=torch.tensor(float('nan')))
     with pytest.raises(SystemExit, match='loss is nan at epoch 3 iteration 1'):
         progress.report(1)
+
+
+def test_pass_progress_passes_the_batches_through_with_lines_at_most_every_interval(monkeypatch, capsys):
+    import util.log
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(10, 1), torch.arange(10)),
+                                         batch_size=4)
+    progress = PassProgress(loader, 'features: train')
+    assert len(progress) == 3 and progress.sampler is loader.sampler  # what extract_features reads
+    assert [batch[1].tolist() for batch in progress] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert capsys.readouterr().out == ''  # a pass shorter than PROGRESS_EVERY_S prints nothing
+    monkeypatch.setattr(util.log, 'PROGRESS_EVERY_S', 0.0)
+    list(progress)
+    assert capsys.readouterr().out == 'features: train 4/10 images (0:00:00)\nfeatures: train 8/10 images (0:00:00)\n'
+

@@ -1,4 +1,4 @@
-"""Console meters, tensorboard writer and log.txt lines.
+"""Console meters, progress lines of long passes, tensorboard writer and log.txt lines.
 
 Meters keep running sums as device tensors, so training never waits for the GPU except
 when a line is printed or an epoch ends.
@@ -10,7 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -58,6 +58,36 @@ def make_writer(log_dir: str | None, resumed_at_epoch: int | None = None):
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     purge = None if resumed_at_epoch is None else resumed_at_epoch * 1000
     return SummaryWriter(log_dir=log_dir, purge_step=purge)
+
+
+PROGRESS_EVERY_S = 10.0  # PassProgress's interval: a pass shorter than this prints no progress line
+
+
+class PassProgress:
+    """A loader's batches, passed through, with a line on rank 0 at most every PROGRESS_EVERY_S seconds
+    while the pass lasts: `<what> <done>/<total> images (h:mm:ss)`, counting this process's share
+    (`of this process` after the count when there are several). For passes that print nothing else
+    for minutes (run_knn's feature extraction); the caller prints the closing line. Keeps the
+    loader's `sampler` and length, which consumers of the loader read."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, what: str):
+        self.loader, self.what = loader, what
+        self.sampler = loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        total, done = len(self.sampler), 0
+        share = ' of this process' if dist.get_world_size() > 1 else ''
+        start = last = time.perf_counter()
+        for batch in self.loader:
+            yield batch  # the consumer's work on the batch counts into the time below
+            done += len(batch[0])
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S and done < total and dist.is_main_process():
+                print(f'{self.what} {done}/{total} images{share} ({format_seconds(now - start)})', flush=True)
+                last = now
 
 
 def append_json_line(output_dir: str | None, record: dict[str, Any], name: str = 'log.txt') -> None:
