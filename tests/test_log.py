@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from util.log import EpochProgress, PassProgress
+from util.log import EpochProgress, PassProgress, make_writer
 
 
 def test_epoch_stats_average_loss_and_lr_over_the_epoch():
@@ -39,3 +39,11 @@ def test_pass_progress_passes_the_batches_through_with_lines_at_most_every_inter
     list(progress)
     assert capsys.readouterr().out == 'features: train 4/10 images (0:00:00)\nfeatures: train 8/10 images (0:00:00)\n'
 
+
+def test_a_missing_tensorboard_is_an_error_line_not_an_import_traceback(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # as if tensorboard were not installed
+    with pytest.raises(SystemExit, match=r'^error: tensorboard is not installed: python3 -m pip install tensorboard '
+                                         r'\(or -r requirements.txt\)'):
+        make_writer(str(tmp_path))
+    assert make_writer(None) is None  # no --log_dir: no tensorboard needed

@@ -54,7 +54,11 @@ def make_writer(log_dir: str | None, resumed_at_epoch: int | None = None):
     epoch_1000x axis), so no curve shows an epoch twice."""
     if not log_dir or not dist.is_main_process():
         return None
-    from torch.utils.tensorboard import SummaryWriter
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch does not install it; its ImportError would end the run with a traceback
+        raise SystemExit(f'error: tensorboard is not installed: python3 -m pip install tensorboard (or -r '
+                         f'requirements.txt); the --log_dir events need it ({e})') from None
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     purge = None if resumed_at_epoch is None else resumed_at_epoch * 1000
     return SummaryWriter(log_dir=log_dir, purge_step=purge)
