@@ -47,3 +47,21 @@ def test_a_missing_tensorboard_is_an_error_line_not_an_import_traceback(tmp_path
                                          r'\(or -r requirements.txt\)'):
         make_writer(str(tmp_path))
     assert make_writer(None) is None  # no --log_dir: no tensorboard needed
+
+
+def test_a_missing_tensorboard_stops_a_run_before_it_touches_its_folder(tmp_path, demo_data, monkeypatch):
+    """setup() checks for tensorboard when there is a --log_dir: the run stops before the data
+    set-up and before a fresh start sets the folder's earlier run aside, not after both."""
+    import sys
+    import run_pretrain
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'log.txt').write_text('{"epoch": 0}\n')
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)
+    args = run_pretrain.get_args_parser().parse_args([
+        '--model', 'MIM_vit_tiny_patch16', '--input_size', '32', '--batch_size', '4', '--epochs', '1',
+        '--warmup_epochs', '0', '--num_workers', '0', '--device', 'cpu', '--data_path', str(demo_data),
+        '--output_dir', str(out), '--no_auto_resume'])
+    with pytest.raises(SystemExit, match='^error: tensorboard is not installed'):
+        run_pretrain.main(args)
+    assert [p.name for p in out.iterdir()] == ['log.txt']

@@ -48,17 +48,24 @@ def format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
+def require_tensorboard() -> type:
+    """torch's SummaryWriter class, or one `error:` line when tensorboard is missing (torch does not
+    install it; its ImportError would end the run with a traceback)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise SystemExit(f'error: tensorboard is not installed: python3 -m pip install tensorboard (or -r '
+                         f'requirements.txt); the --log_dir events need it ({e})') from None
+    return SummaryWriter
+
+
 def make_writer(log_dir: str | None, resumed_at_epoch: int | None = None):
     """SummaryWriter on rank 0 when --log_dir is given, else None. A resumed run hides what an
     interrupted one logged from its resume point on (tensorboard's purge_step on the
     epoch_1000x axis), so no curve shows an epoch twice."""
     if not log_dir or not dist.is_main_process():
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:  # torch does not install it; its ImportError would end the run with a traceback
-        raise SystemExit(f'error: tensorboard is not installed: python3 -m pip install tensorboard (or -r '
-                         f'requirements.txt); the --log_dir events need it ({e})') from None
+    SummaryWriter = require_tensorboard()
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     purge = None if resumed_at_epoch is None else resumed_at_epoch * 1000
     return SummaryWriter(log_dir=log_dir, purge_step=purge)

@@ -10,18 +10,18 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
 
 from util import dist, startup
+from util.cli import check_output_folder
 from util.checkpoint import CheckpointError, newest_checkpoint
 from util.data import UnreadableImage
+from util.log import require_tensorboard
 
 
 def check_number_flags(args: argparse.Namespace) -> None:
@@ -94,16 +94,10 @@ def setup(args: argparse.Namespace) -> torch.device:
     if dist.is_main_process():
         for flag in ('output_dir', 'log_dir'):
             folder = getattr(args, flag, None)
-            if not folder:
-                continue
-            try:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise SystemExit(f'error: cannot create --{flag} {folder}: {e.strerror or e}') from None
-            try:  # an existing folder may still refuse files: say so now, not after the training
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as e:
-                raise SystemExit(f'error: cannot write into --{flag} {folder}: {e.strerror or e}') from None
+            if folder:  # a folder that refuses files: said now, not after the training
+                check_output_folder(folder, f'--{flag} {folder}')
+        if getattr(args, 'log_dir', None):
+            require_tensorboard()  # before the data set-up and the run folder's changes, not after
     print('args: ' + json.dumps(vars(args), default=str))
     seed = args.seed + dist.get_rank()
     torch.manual_seed(seed)
