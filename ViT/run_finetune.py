@@ -374,9 +374,10 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
         print(f'note: {path} was trained on other classes than {args.data_path} has ({differ}); its accuracy '
               f'counts the checkpoint\'s class i as the data\'s class i')
     elif differ:
+        anew = 'without --resume' if args.resume else '(--no_auto_resume or another --output_dir)'
         raise checkpoint.CheckpointError(
             f'{path} was trained on other classes than {args.data_path} has ({differ}): resume it with its own '
-            f'data, or start a new run (--no_auto_resume or another --output_dir)')
+            f'data, or start a new run {anew}')
     if not args.eval:  # after the load: a checkpoint that does not fit gets its error alone
         checkpoint.note_changed_flags(path, saved, args, RESUME_FLAGS)
     if optimizer is not None and not args.eval:

@@ -255,29 +255,42 @@ def test_resume_note_covers_the_input_pipeline_and_augmentation_flags():
     assert checkpoint.changed_flags({**saved, 'data_path': '/a'}, now, run_finetune.RESUME_FLAGS) == [
         '--aa rand-m7-mstd0.5 (checkpoint: rand-m9-mstd0.5-inc1)', '--reprob 0.0 (checkpoint: 0.25)',
         '--clip_grad 1.0 (checkpoint: None)', '--data_path /b (checkpoint: /a)']
+    assert checkpoint.changed_flags({'data_path': '/b/'}, now, ('data_path',)) == []  # the same folder
 
 
 def test_a_full_disk_while_saving_is_enospc_and_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
-    """torch's zip writer reports a full disk as RuntimeError('unexpected pos ...'): with little
-    left on the device, save_atomic raises ENOSPC naming the file, removes its partial file, and
-    leaves the previous checkpoint as it was; with room left, the original error stands."""
+    """torch's zip writer reports a full disk or quota as RuntimeError('unexpected pos ...'), without
+    an errno: save_atomic raises ENOSPC naming the file, removes its partial file, and leaves the
+    previous checkpoint as it was; so for another write error with little left on the device. Other
+    errors stand, also when the device cannot be asked (the folder is gone)."""
     import errno
     import shutil
     path = tmp_path / 'checkpoint-last.pth'
     checkpoint.save_atomic({'epoch': 0}, path)
 
-    def torn_write(obj, f):
-        Path(f).write_bytes(b'partial')
-        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 46910720 vs 46910608')
-    monkeypatch.setattr(checkpoint.torch, 'save', torn_write)
+    def failing_write(message):
+        def write(obj, f):
+            Path(f).write_bytes(b'partial')
+            raise RuntimeError(message)
+        return write
+    torn = '[enforce fail at inline_container.cc:672] . unexpected pos 46910720 vs 46910608'
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(checkpoint.shutil, 'disk_usage', lambda p: usage._replace(free=1 << 20))
-    with pytest.raises(OSError) as e:
-        checkpoint.save_atomic({'epoch': 1}, path)
-    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-last.pth']
-    assert torch.load(path, weights_only=True)['epoch'] == 0
+    for message, free in ((torn, 100 << 30), ('some write error', 1 << 20)):  # a quota; a full device
+        monkeypatch.setattr(checkpoint.torch, 'save', failing_write(message))
+        monkeypatch.setattr(checkpoint.shutil, 'disk_usage', lambda p: usage._replace(free=free))
+        with pytest.raises(OSError) as e:
+            checkpoint.save_atomic({'epoch': 1}, path)
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-last.pth']
+        assert torch.load(path, weights_only=True)['epoch'] == 0
+    monkeypatch.setattr(checkpoint.torch, 'save', failing_write('some write error'))
     monkeypatch.setattr(checkpoint.shutil, 'disk_usage', lambda p: usage._replace(free=100 << 30))
-    with pytest.raises(RuntimeError, match='unexpected pos'):
+    with pytest.raises(RuntimeError, match='some write error'):
+        checkpoint.save_atomic({'epoch': 1}, path)
+
+    def gone(p):
+        raise FileNotFoundError(2, 'No such file or directory', str(p))
+    monkeypatch.setattr(checkpoint.shutil, 'disk_usage', gone)
+    with pytest.raises(RuntimeError, match='some write error'):
         checkpoint.save_atomic({'epoch': 1}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-last.pth']

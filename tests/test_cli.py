@@ -157,3 +157,16 @@ def test_benchmark_and_study_refuse_missing_or_bad_inputs(tmp_path):
     with pytest.raises(SystemExit, match='error: '):  # before any run, not once per run
         study.main(['--quick', '--device', 'cpu', '--data_path', str(data), '--out', str(tmp_path / 'runs')])
     assert not (tmp_path / 'runs').exists()
+
+
+def test_an_output_folder_behind_a_folder_that_cannot_be_entered_is_an_error_line(tmp_path, monkeypatch):
+    """Path.exists raises PermissionError under a folder this user cannot enter (root can enter
+    any, so the test makes exists raise as it would)."""
+    import pathlib
+    from util.cli import check_output_folder
+
+    def no_entry(self, *a, **k):
+        raise PermissionError(13, 'Permission denied', str(self))
+    monkeypatch.setattr(pathlib.Path, 'exists', no_entry)
+    with pytest.raises(SystemExit, match=r'^error: cannot create --out .*: Permission denied$'):
+        check_output_folder(tmp_path / 'locked' / 'out', f'--out {tmp_path / "locked" / "out"}')

@@ -73,6 +73,18 @@ def test_a_dataset_root_is_not_read_as_class_folders(tmp_path, layout, named):
     assert named in str(e.value) and 'Point --data_path at the folder that holds the class folders' in str(e.value)
 
 
+@pytest.mark.parametrize('layout', [
+    ('apple', 'train', 'tractor'),  # CIFAR-100, VOC, COCO have a class "train"
+    ('train',),  # one folder of images: upstream pretrains on it as one class
+    ('n01440764', 'n01443537'),  # the research notes' class folders
+])
+def test_class_folders_that_are_not_splits_are_accepted(tmp_path, layout):
+    for folder in layout:
+        write_images(tmp_path / folder, 2)
+    root = resolve_image_folder(str(tmp_path))
+    assert root == tmp_path and ClassFolder(root).classes == sorted(layout)
+
+
 def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
     """A notebook's .ipynb_checkpoints/ (as a class, or inside one) and macOS ._x resource forks
     are skipped; an empty hidden folder does not stop the run as an empty class would."""

@@ -65,3 +65,16 @@ def test_a_missing_tensorboard_stops_a_run_before_it_touches_its_folder(tmp_path
     with pytest.raises(SystemExit, match='^error: tensorboard is not installed'):
         run_pretrain.main(args)
     assert [p.name for p in out.iterdir()] == ['log.txt']
+
+
+def test_eval_needs_no_tensorboard(tmp_path, demo_data, monkeypatch):
+    """--eval writes no tensorboard events, so a missing tensorboard does not stop it: here it
+    gets as far as asking for the checkpoint to evaluate."""
+    import sys
+    import run_finetune
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)
+    args = run_finetune.get_args_parser().parse_args([
+        '--model', 'vit_tiny_patch16', '--input_size', '32', '--num_workers', '0', '--device', 'cpu',
+        '--data_path', str(demo_data), '--output_dir', str(tmp_path / 'eval'), '--eval'])
+    with pytest.raises(SystemExit, match='^error: --eval needs a checkpoint'):
+        run_finetune.main(args)

@@ -106,7 +106,7 @@ def test_a_full_disk_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch
         runtime.run_main(full_disk, run_parser)
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert err.splitlines() == [f'error: no space left on the device to write {tmp_path / "checkpoint-last.pth"}: '
+    assert err.splitlines() == [f'error: no space left (disk or quota full) to write {tmp_path / "checkpoint-last.pth"}: '
                                 'free some space; no checkpoint was saved yet: the same command starts again']
 
     def missing_file(args):

@@ -71,9 +71,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state['cuda'])
 
 
-# torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."): a failed write
-# with less than this left on the device is taken for one
+# torch's zip writer reports a full disk or quota as a RuntimeError ("unexpected pos ...", no errno);
+# a failed write with less than this left on the device is taken for one too
 FULL_DISK_BYTES = 64 << 20
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:  # e.g. the folder is gone: the write's own error says more
+        return None
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
@@ -85,8 +92,9 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     try:
         torch.save(obj, tmp)
     except (OSError, RuntimeError) as e:
-        full = (getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT)
-                or shutil.disk_usage(path.parent).free < FULL_DISK_BYTES)
+        free = _free_bytes(path.parent)
+        full = (getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or 'unexpected pos' in str(e)
+                or (free is not None and free < FULL_DISK_BYTES))
         tmp.unlink(missing_ok=True)
         if full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
@@ -280,10 +288,16 @@ def saved_epoch(path: Path) -> int:
 
 
 def changed_flags(saved_args: dict | None, args: argparse.Namespace, keys: tuple[str, ...]) -> list[str]:
-    """'--flag value (checkpoint: saved value)' for each flag among `keys` that differs."""
+    """'--flag value (checkpoint: saved value)' for each flag among `keys` that differs (paths as
+    normalised: `data/` is `data`)."""
     saved_args = saved_args or {}
+
+    def same(key: str, saved: Any, now: Any) -> bool:
+        if key.endswith('_path') and isinstance(saved, str) and isinstance(now, str):
+            return os.path.normpath(os.path.expanduser(saved)) == os.path.normpath(os.path.expanduser(now))
+        return saved == now
     return [f'--{k} {getattr(args, k)} (checkpoint: {saved_args[k]})' for k in keys
-            if k in saved_args and hasattr(args, k) and saved_args[k] != getattr(args, k)]
+            if k in saved_args and hasattr(args, k) and not same(k, saved_args[k], getattr(args, k))]
 
 
 def note_changed_flags(path: Path, saved_args: dict | None, args: argparse.Namespace, keys: tuple[str, ...]) -> None:

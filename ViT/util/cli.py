@@ -34,11 +34,11 @@ def check_output_folder(folder: str | Path, what: str) -> None:
     about `what` (e.g. '--out bench'): the tools call it at start-up, so a location that cannot hold
     their results stops them before the work, not after it."""
     path = Path(folder)
-    # mkdir's own errors for a file in the way read "File exists" / "Not a directory": name the file
-    in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-    if in_the_way is not None:
-        raise SystemExit(f'error: cannot create {what}: {in_the_way} is a file, not a folder')
     try:
+        # mkdir's own errors for a file in the way read "File exists" / "Not a directory": name the file
+        in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if in_the_way is not None:
+            raise SystemExit(f'error: cannot create {what}: {in_the_way} is a file, not a folder')
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f'error: cannot create {what}: {e.strerror or e}') from None

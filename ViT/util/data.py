@@ -77,22 +77,31 @@ def _has_images(folder: Path) -> bool:
     return False
 
 
+def _class_folder_iter(folder: Path) -> Iterator[Path]:
+    if folder.is_dir():
+        yield from (d for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name) and _has_images(d))
+
+
 def class_folders(folder: Path) -> list[Path]:
     """The sub-folders of `folder` that hold images (at any depth), hidden ones left out."""
-    if not folder.is_dir():
-        return []
-    return [d for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name) and _has_images(d)]
+    return list(_class_folder_iter(folder))
 
 
 def _refuse_dataset_root(root: Path, path: str, split: str) -> None:
     """Read as class folders, a dataset root would pool its splits (or several data sets) into a
-    few classes and pretrain on all of them without a word: refuse that."""
+    few classes and pretrain on all of them without a word: refuse that. A split is a split-named
+    folder of class folders, or one of several folders that all have split names (train/ and val/
+    of images); one class called `train` among others (CIFAR-100, VOC) is a class."""
     classes = class_folders(root)
-    splits = sorted(d.name + '/' for d in classes if d.name.lower() in SPLIT_NAMES)
+    split_named = [d for d in classes if d.name.lower() in SPLIT_NAMES]
+    splits = [d for d in split_named if next(_class_folder_iter(d), None) is not None]
+    if not splits and len(split_named) == len(classes) > 1:
+        splits = split_named
+    splits = sorted(d.name + '/' for d in splits)
     nested = sorted(d.name + '/' for d in classes if any((d / s).is_dir() for s in SPLIT_NAMES))
     if splits or nested:
-        what = (f'{", ".join(splits)} look like data splits' if splits else
-                f'{", ".join(nested[:5])} hold data splits (train/, val/, ...)')
+        what = (f'{", ".join(splits)} {"looks" if len(splits) == 1 else "look"} like data splits' if splits else
+                f'{", ".join(nested[:5])} {"holds" if len(nested) == 1 else "hold"} data splits (train/, val/, ...)')
         raise DataLayoutError(
             f'--data_path {path} has no "{split}" folder of class folders, and its own sub-folders are not '
             f'classes either: {what}. Point --data_path at the folder that holds the class folders '
@@ -111,7 +120,7 @@ def resolve_image_folder(path: str, split: str = 'train', refuse_a_dataset_root:
         raise DataLayoutError(f'--data_path {path} does not exist')
     candidates = [root / split / 'image_folders', root / split, root]
     for c in candidates:
-        if class_folders(c):
+        if next(_class_folder_iter(c), None) is not None:  # the first one found will do: no full listing
             if c == root and refuse_a_dataset_root:
                 _refuse_dataset_root(root, path, split)
             return c
@@ -213,7 +222,7 @@ class ClassFolder(datasets.ImageFolder):
     def __init__(self, root: str | Path, transform=None, classes: Sequence[str] | None = None,
                  loader: Callable[[str], Any] = load_rgb):
         self.imposed_classes = list(classes) if classes is not None else None
-        prefix = len(str(root).rstrip(os.sep)) + 1
+        prefix = len(os.path.expanduser(str(root)).rstrip(os.sep)) + 1  # as torchvision expands the root
 
         def is_image(path: str) -> bool:  # string tests: this runs once per file of the data set
             return path.lower().endswith(IMAGE_EXTENSIONS) and os.sep + '.' not in os.sep + path[prefix:]

@@ -286,7 +286,8 @@ class JpegBytesFolder(ClassFolder):
             data = read_file(path)
         except (RuntimeError, OSError) as e:
             parts = str(e).split(', ', 2)  # 'read_file, <source file>:<line>, <reason>'
-            raise UnreadableImage(f'cannot decode {path}: {parts[2] if len(parts) == 3 else e}') from None
+            reason = parts[2] if len(parts) == 3 and parts[0] == 'read_file' else e
+            raise UnreadableImage(f'cannot decode {path}: {reason}') from None
         # read_file's storage is file-backed and cannot be sent to the main process through
         # shared memory (the worker's queue fails on it); a plain copy can
         return data.clone(), target, path

@@ -96,7 +96,7 @@ def setup(args: argparse.Namespace) -> torch.device:
             folder = getattr(args, flag, None)
             if folder:  # a folder that refuses files: said now, not after the training
                 check_output_folder(folder, f'--{flag} {folder}')
-        if getattr(args, 'log_dir', None):
+        if getattr(args, 'log_dir', None) and not getattr(args, 'eval', False):  # --eval writes no events
             require_tensorboard()  # before the data set-up and the run folder's changes, not after
     print('args: ' + json.dumps(vars(args), default=str))
     seed = args.seed + dist.get_rank()
@@ -237,7 +237,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
     except Exception as e:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             # checkpoints are written by rename (util.checkpoint.save_atomic): the last one saved is whole
-            _stop(f'error: no space left on the device to write {e.filename or "a file"}: free some space'
+            _stop(f'error: no space left (disk or quota full) to write {e.filename or "a file"}: free some space'
                   f'{resume_hint(args) if resumable else ", then rerun"}', 1)
         tell_launcher(traceback.format_exc(), after_a_peer=any(text in str(e) for text in _PEER_FAILED))
         raise
