@@ -106,8 +106,9 @@ def test_a_full_disk_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch
         runtime.run_main(full_disk, run_parser)
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert err.splitlines() == [f'error: no space left (disk or quota full) to write {tmp_path / "checkpoint-last.pth"}: '
-                                'free some space; no checkpoint was saved yet: the same command starts again']
+    path = tmp_path / 'checkpoint-last.pth'
+    assert err.splitlines() == [f'error: no space left (disk or quota full) to write {path}: free some space; '
+                                'no checkpoint was saved yet: the same command starts again']
 
     def missing_file(args):
         raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), 'x')
