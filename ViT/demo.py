@@ -1,7 +1,7 @@
 """The main job on an embedded default: short LocalMIM pretraining of the tiny ViT on real
 photos (made from scikit-image's bundled pictures), plain and with FreezeOut, side by side.
 
-    python ViT/demo.py            # about a minute on 2 CPU cores
+    python ViT/demo.py            # one to two minutes on 2 CPU cores
 
 Prints both runs' wall and training-loop times, the FreezeOut schedule, and where the logs and
 checkpoints are.
