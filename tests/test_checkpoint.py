@@ -220,6 +220,30 @@ def test_auto_resume_passes_over_a_damaged_checkpoint_last(tmp_path, capsys):
     assert checkpoint.newest_checkpoint(tmp_path) == tmp_path / 'checkpoint-last.pth'
 
 
+
+def test_auto_resume_passes_over_damaged_numbered_checkpoints(tmp_path, capsys):
+    """A damaged checkpoint-<N>.pth newer than every readable file (a copy cut short, a
+    --save_last_freq above --save_freq) is passed over too, newest first, each with a note."""
+    torch.save({'epoch': 3}, tmp_path / 'checkpoint-last.pth')
+    torch.save({'epoch': 2}, tmp_path / 'checkpoint-2.pth')
+    good = (tmp_path / 'checkpoint-2.pth').read_bytes()
+    for epoch in (5, 9):
+        (tmp_path / f'checkpoint-{epoch}.pth').write_bytes(good[:len(good) // 2])
+    assert checkpoint.newest_checkpoint(tmp_path) == tmp_path / 'checkpoint-last.pth'
+    notes = capsys.readouterr().out.splitlines()
+    assert [n.split('checkpoint ')[1].split(' ')[0] for n in notes] == [
+        str(tmp_path / 'checkpoint-9.pth'), str(tmp_path / 'checkpoint-5.pth')]
+    assert all(n.endswith(f'resuming from {tmp_path / "checkpoint-last.pth"} instead') for n in notes)
+    (tmp_path / 'checkpoint-last.pth').unlink()
+    assert checkpoint.newest_checkpoint(tmp_path) == tmp_path / 'checkpoint-2.pth'
+    for epoch in (2, 5):  # nothing readable: the newest file's error, not a fresh start
+        (tmp_path / f'checkpoint-{epoch}.pth').write_bytes(b'')
+    with pytest.raises(SystemExit, match='checkpoint-9.pth'):
+        checkpoint.newest_checkpoint(tmp_path)
+    torch.save({'model': {}}, tmp_path / 'checkpoint-7.pth')  # readable, no epoch: the name's epoch
+    assert checkpoint.newest_checkpoint(tmp_path, resuming=False) == tmp_path / 'checkpoint-7.pth'
+
+
 def test_unreadable_checkpoints_say_what_is_wrong(tmp_path):
     import fractions
     (tmp_path / 'notes.pth').write_bytes(b'epoch 3, loss 0.16\n')

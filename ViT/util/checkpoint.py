@@ -123,15 +123,6 @@ def keep_copy(src: str | Path, dst: str | Path) -> None:
     os.replace(tmp, dst)
 
 
-def find_latest(output_dir: str | Path) -> Path | None:
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return max(found)[1] if found else None
-
-
 def missing_file_message(what: str, path: str | Path) -> str:
     """`what` does not exist, or is a folder where a checkpoint file was meant."""
     path = Path(path)
@@ -248,7 +239,7 @@ def restore_training_state(ckpt: dict[str, Any], path: str | Path, optimizer: to
 
 
 def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
-    """--resume, else (with auto-resume) the newest of checkpoint-<N>.pth and checkpoint-last.pth
+    """--resume, else (with auto-resume) the newest readable checkpoint-<N>.pth or checkpoint-last.pth
     in --output_dir, else None."""
     if args.resume:
         return Path(args.resume)
@@ -262,21 +253,40 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
 
 
 def newest_checkpoint(output_dir: str | Path, resuming: bool = True) -> Path | None:
-    candidates = []
-    numbered = find_latest(output_dir)
-    if numbered is not None:
-        candidates.append((int(CHECKPOINT_PATTERN.match(numbered.name).group(1)), numbered))
-    last = Path(output_dir) / 'checkpoint-last.pth'
+    """The readable checkpoint of the highest epoch among checkpoint-<N>.pth and
+    checkpoint-last.pth (the latter on a tie), or None when there are none. Unreadable ones (a
+    bad copy, a full disk) are passed over, newest first, with a note when `resuming`; when
+    none can be read, the newest one's read error stops the run rather than a fresh start."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    # (epoch, is last, path), the epoch of a numbered file from its name until it is read
+    candidates = [(int(m.group(1)), False, p) for p in folder.iterdir()
+                  if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_file()]
+    last = folder / 'checkpoint-last.pth'
+    skipped: list[CheckpointError] = []
     if last.is_file():
         try:
-            candidates.append((saved_epoch(last), last))
+            candidates.append((saved_epoch(last), True, last))
         except CheckpointError as e:
-            if not candidates:  # nothing else to continue from: say so rather than start over
-                raise
-            if resuming:  # rewritten every epoch, so the likeliest file to be damaged (e.g. a bad copy)
+            skipped.append(e)
+    for _, _, path in sorted(candidates, reverse=True):
+        try:
+            if path is not last:
+                saved_epoch(path)  # readable? (memory-mapped: the tensors are not loaded)
+        except (KeyError, TypeError, ValueError):
+            pass  # readable, without an epoch of its own: the resume reports what it lacks
+        except CheckpointError as e:
+            skipped.append(e)
+            continue
+        if resuming:
+            for e in skipped:
                 problem = str(e.code).removeprefix('error: ').rstrip('.')
-                print(f'note: {problem}; resuming from {candidates[0][1]} instead')
-    return max(candidates)[1] if candidates else None
+                print(f'note: {problem}; resuming from {path} instead')
+        return path
+    if skipped:
+        raise skipped[0]
+    return None
 
 
 def saved_epoch(path: Path) -> int:
