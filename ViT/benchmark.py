@@ -831,6 +831,9 @@ def main(argv: list[str] | None = None) -> dict:
     plot(result, out / 'benchmark_freeze.png')
     log('\n' + markdown(result))
     log(f'wrote {out / "benchmark.json"}, {out / "benchmark.md"}, {out / "benchmark_freeze.png"}')
+    failed = [n for n in result['notes'] if n.startswith('loader ') and ' failed' in n.split(':')[0]]
+    if failed:  # the step timings are written; a script or scheduler still sees that a part failed
+        raise SystemExit(f'error: {"; ".join(failed)} (the other measurements are in {out / "benchmark.json"})')
     return result
 
 

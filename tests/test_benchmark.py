@@ -202,10 +202,11 @@ def test_a_failing_backend_is_noted_and_the_step_timings_kept(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError('decoder exploded')
     monkeypatch.setattr(benchmark, 'time_loader', broken)
-    result = benchmark.main([*TINY, '--ks', '0', '--skip_reference', '--data_path', str(data), '--num_workers', '0',
-                             '--backends', 'pil', '--out', str(out)])
-    assert 'loader pil failed: RuntimeError: decoder exploded' in result['notes']
+    with pytest.raises(SystemExit, match=r'^error: loader pil failed: RuntimeError: decoder exploded \(the other'):
+        benchmark.main([*TINY, '--ks', '0', '--skip_reference', '--data_path', str(data), '--num_workers', '0',
+                        '--backends', 'pil', '--out', str(out)])  # exits 1 with the timings written
     saved = json.loads((out / 'benchmark.json').read_text())
+    assert 'loader pil failed: RuntimeError: decoder exploded' in saved['notes']
     assert positive(saved['freeze_img_per_s'][0]) and saved['loader_img_per_s'] == {}
     assert 'loader pil failed' in (out / 'benchmark.md').read_text()
 
@@ -232,7 +233,9 @@ def test_a_backend_that_cannot_be_built_or_falls_back_is_noted(tmp_path, monkeyp
     def out_of_memory(*args, **kwargs):
         raise RuntimeError('CUDA out of memory. Tried to allocate 5 GiB')
     monkeypatch.setattr(benchmark, 'build_loader', out_of_memory)
-    result = benchmark.main(flags)
+    with pytest.raises(SystemExit, match='error: loader pil failed to build: RuntimeError: CUDA out of memory'):
+        benchmark.main(flags)
+    result = json.loads((tmp_path / 'out' / 'benchmark.json').read_text())
     assert 'loader pil failed to build: RuntimeError: CUDA out of memory. Tried to allocate 5 GiB' in result['notes']
     assert result['loader_img_per_s'] == {} and positive(result['freeze_img_per_s'][0])
 
