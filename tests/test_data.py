@@ -104,6 +104,22 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path):
     assert val.classes == ['cat', 'dog'] and len(val) == 1
 
 
+
+def test_a_macos_archive_folder_is_skipped_and_a_class_of_hidden_files_named(tmp_path):
+    """Unzipping an archive made on a Mac leaves __MACOSX/ (of ._x files) beside the classes: not
+    a class. A class folder holding only hidden files is named in the error, which says why."""
+    make_classes(tmp_path / 'train')
+    (tmp_path / 'train' / '__MACOSX' / 'cat').mkdir(parents=True)
+    (tmp_path / 'train' / '__MACOSX' / 'cat' / '._img_0.jpg').write_bytes(b'\x00\x05\x16\x07')
+    root = resolve_image_folder(str(tmp_path))
+    assert ClassFolder(root).classes == ['cat', 'dog']
+    (tmp_path / 'train' / 'eel').mkdir()
+    (tmp_path / 'train' / 'eel' / '._img_0.jpg').write_bytes(b'\x00\x05\x16\x07')
+    with pytest.raises(SystemExit, match=r'no images in the class folder eel \(images: .jpg.*'
+                                         r'hidden files such as ._x.JPEG are not images\)'):
+        ClassFolder(root)
+
+
 def test_val_without_some_training_classes_says_so(tmp_path, capsys):
     make_classes(tmp_path / 'train', classes=('cat', 'dog', 'eel'))
     make_classes(tmp_path / 'val', classes=('dog',))

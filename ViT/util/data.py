@@ -65,8 +65,9 @@ SPLIT_NAMES = frozenset({'train', 'training', 'val', 'valid', 'validation', 'tes
 
 def is_hidden(name: str) -> bool:
     """Hidden entries (`.ipynb_checkpoints/`, macOS `._x.JPEG` resource forks, `.DS_Store`) are
-    neither classes nor images: ImageNet has none, and a `._x.JPEG` is not a JPEG."""
-    return name.startswith('.')
+    neither classes nor images: ImageNet has none, and a `._x.JPEG` is not a JPEG. So is the
+    `__MACOSX/` folder of an archive zipped on a Mac (it holds only such `._` files)."""
+    return name.startswith('.') or name == '__MACOSX'
 
 
 def _has_images(folder: Path) -> bool:
@@ -232,8 +233,13 @@ class ClassFolder(datasets.ImageFolder):
         try:
             super().__init__(str(root), transform=transform, loader=loader, is_valid_file=is_image,
                              allow_empty=classes is not None)
-        except FileNotFoundError as e:  # an empty class folder
-            raise DataLayoutError(f'{root}: {e}') from None
+        except FileNotFoundError as e:  # no class folder, or one without images
+            empty = [c for c in self.find_classes(root)[0] if not _has_images(Path(root) / c)]
+            if not empty:
+                raise DataLayoutError(f'{root}: {e}') from None
+            raise DataLayoutError(
+                f'{root}: no images in the class folder{"s" if len(empty) > 1 else ""} {", ".join(empty)} '
+                f'(images: {", ".join(IMAGE_EXTENSIONS)}; hidden files such as ._x.JPEG are not images)') from None
 
     def find_classes(self, directory):
         if self.imposed_classes is None:
