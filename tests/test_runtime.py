@@ -141,13 +141,20 @@ def test_number_flags_torch_would_refuse_are_clear_errors(overrides, message):
         runtime.check_number_flags(namespace(**overrides))
 
 
-def test_min_lr_above_the_peak_is_a_note_and_an_unknown_device_an_error(capsys):
-    runtime.check_min_lr(argparse.Namespace(min_lr=1e-6, lr=1e-4, t_0=None))
-    runtime.check_min_lr(argparse.Namespace(min_lr=1e-3, lr=1e-4, t_0=0.8))  # FreezeOut anneals to 0
+def test_lr_schedules_that_hardly_train_get_a_note_and_an_unknown_device_an_error(capsys):
+    runtime.note_lr_schedule(argparse.Namespace(min_lr=1e-6, lr=1e-4, t_0=None))
+    runtime.note_lr_schedule(argparse.Namespace(min_lr=1e-3, lr=1e-4, t_0=0.8))  # FreezeOut anneals to 0
     assert capsys.readouterr().out == ''
     # a tiny batch at the research notes' blr: lr 7.8e-7 under the default min_lr 1e-6; upstream runs it
-    runtime.check_min_lr(argparse.Namespace(min_lr=1e-6, lr=2e-4 / 256, t_0=None))
+    runtime.note_lr_schedule(argparse.Namespace(min_lr=1e-6, lr=2e-4 / 256, t_0=None))
     assert 'note: --min_lr 1e-06 is above the peak lr 7.81e-07' in capsys.readouterr().out
+    runtime.note_lr_schedule(argparse.Namespace(min_lr=1e-6, lr=0.0, t_0=None, warmup_epochs=5, epochs=5))
+    assert capsys.readouterr().out.splitlines() == [
+        'note: the peak lr is 0 (--lr 0 or --blr 0): the weights will not change',
+        'note: --warmup_epochs 5 >= --epochs 5: the lr only rises, reaching its peak at the end, with no decay; '
+        'lower --warmup_epochs for one']
+    runtime.note_lr_schedule(argparse.Namespace(min_lr=1e-6, lr=1e-4, t_0=None, warmup_epochs=0, epochs=3))
+    assert capsys.readouterr().out == ''  # the research notes' debug run
     with pytest.raises(SystemExit, match='unknown --device bogus'):
         runtime.resolve_device_and_amp(argparse.Namespace(device='bogus', amp='auto'))
 

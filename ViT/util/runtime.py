@@ -45,22 +45,29 @@ def check_number_flags(args: argparse.Namespace) -> None:
         raise SystemExit(f'error: --start_epoch must be in [0, --epochs {epochs}), got {start}')
 
 
-def check_min_lr(args: argparse.Namespace) -> None:
-    """Once args.lr is set: a note when the cosine from lr "down" to --min_lr would rise (a tiny
-    batch can take the lr below the default min_lr; upstream runs it as it is). FreezeOut's
+def note_lr_schedule(args: argparse.Namespace) -> None:
+    """Once args.lr is set: notes for schedules that run but hardly train, as upstream would run
+    them: a peak lr of 0; a warmup as long as the run (no decay); a cosine from lr "down" to
+    --min_lr that would rise (a tiny batch can take the lr below the default min_lr). FreezeOut's
     layers anneal to 0 and do not use --min_lr."""
-    if getattr(args, 't_0', None) is None and args.min_lr > args.lr:
+    if args.lr == 0:
+        print('note: the peak lr is 0 (--lr 0 or --blr 0): the weights will not change')
+    warmup, epochs = getattr(args, 'warmup_epochs', None), getattr(args, 'epochs', None)
+    if warmup is not None and epochs and warmup >= epochs:
+        print(f'note: --warmup_epochs {warmup:g} >= --epochs {epochs}: the lr only rises, reaching its '
+              f'peak at the end, with no decay; lower --warmup_epochs for one')
+    if getattr(args, 't_0', None) is None and args.min_lr > args.lr > 0:
         print(f'note: --min_lr {args.min_lr:g} is above the peak lr {args.lr:.3g}, so the cosine after the '
               f'warmup rises to it; lower --min_lr (or raise --lr / --blr) for a decay')
 
 
 def set_lr(args: argparse.Namespace) -> int:
     """args.lr = blr x effective batch / 256 unless --lr was given (upstream's rule), with
-    check_min_lr's note; returns the effective batch (batch x accum_iter x processes)."""
+    note_lr_schedule's notes; returns the effective batch (batch x accum_iter x processes)."""
     eff_batch = args.batch_size * args.accum_iter * dist.get_world_size()
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
-    check_min_lr(args)
+    note_lr_schedule(args)
     return eff_batch
 
 
