@@ -66,12 +66,14 @@ def train_one_epoch(handle: ModelHandle, criterion: Callable, data_loader, optim
             m = progress.report(it)
             norm = f'  grad norm {m["grad_norm"]:.3f}' if 'grad_norm' in m else ''
             print(f'Epoch [{epoch}] [{it + 1}/{steps * accum}]  eta {format_seconds(m["eta_s"])}  '
-                  f'loss {m["loss"]:.4f}  lr {lr:.3e}{norm}  {m["images_per_s"]:.0f} img/s', flush=True)
+                  f'loss {m["loss"]:.4f}  lr {lr:.3e}{norm}  {m["images_per_s"]:.0f} img/s  '
+                  f'data wait {m["data_wait_share"]:.0%}', flush=True)  # RandAugment on the CPU can bound a step
             if log_writer is not None:
                 x = int((it / len(data_loader) + epoch) * 1000)  # upstream's epoch_1000x axis
                 log_writer.add_scalar('loss', m['loss'], x)
                 log_writer.add_scalar('lr', lr, x)
                 log_writer.add_scalar('perf/images_per_s', m['images_per_s'], x)
+                log_writer.add_scalar('perf/data_wait_s', m['data_wait_s'], x)
 
     return progress.epoch_stats()
 

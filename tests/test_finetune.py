@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -317,6 +318,7 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert 'position embedding interpolated from 2x2 to 4x4' in res.stdout
     assert "missing keys (left at init): ['fc_norm.weight', 'fc_norm.bias', 'head.weight', 'head.bias']" in res.stdout
+    assert re.search(r'Epoch \[1\] \[8/8\] .* grad norm [\d.]+  \d+ img/s  data wait \d+%', res.stdout), res.stdout
     lines = [json.loads(l) for l in (out / 'log.txt').read_text().splitlines()]
     assert [l['epoch'] for l in lines] == [0, 1]
     for l in lines:
