@@ -263,6 +263,7 @@ class Study:
         log = folder / 'study_log.txt'
         with reading(folder / 'pretrain' / 'log.txt'):
             train_time = sum(e['train_epoch_time'] for e in epochs)
+            data_wait = sum(e['train_data_wait_s'] for e in epochs)
             images = sum(e['train_images_per_s'] * e['train_epoch_time'] for e in epochs)
             img_per_s = images / train_time  # over the run: later FreezeOut epochs are faster
             # train_loss sums the live taps only, so it falls when FreezeOut drops one: compare runs by
@@ -273,7 +274,7 @@ class Study:
         record = {**{k: getattr(a, k) for k in SETUP_KEYS},
                   'config': config, 'seed': seed, 'flags': flags, 'device': device_name(self.device),
                   'host': socket.gethostname(),
-                  'pretrain_wall_s': wall, 'pretrain_train_s': train_time,
+                  'pretrain_wall_s': wall, 'pretrain_train_s': train_time, 'pretrain_data_wait_s': data_wait,
                   'pretrain_img_per_s': img_per_s,
                   'final_loss': final_loss, 'final_loss_by_scale': final_scales,
                   'flops_saving_estimate': self.flops_saving(flags),
@@ -335,7 +336,12 @@ class Study:
              '--layer_decay', '0.75', '--no_auto_resume', '--print_freq', '1000', *self.common],
             folder / 'study_log.txt')
         with reading(folder / 'finetune' / 'log.txt'):
-            record['finetune_top1'] = json_lines(folder / 'finetune' / 'log.txt')[-1]['max_accuracy']
+            epochs = json_lines(folder / 'finetune' / 'log.txt')
+            record['finetune_top1'] = epochs[-1]['max_accuracy']
+            # where a fine-tune's time goes: its training loops (evaluations aside), and rank 0's wait
+            # for input in them (CPU RandAugment) against the wall time of the whole run
+            record['finetune_train_s'] = sum(e['train_epoch_time'] for e in epochs)
+            record['finetune_data_wait_s'] = sum(e['train_data_wait_s'] for e in epochs)
         record['finetune_wall_s'] = wall
         if encoder_note:  # set only now: a fine-tune that fails leaves the record as it was
             record['finetuned_encoder'] = encoder_note

@@ -34,6 +34,7 @@ def test_quick_study_end_to_end(tmp_path):
         assert 0 <= record['knn_top1'] <= 100 and 0 <= record['linprobe_top1'] <= 100
         assert record['linprobe_protocol'].startswith('frozen features')
         assert record['pretrain_train_s'] > 0 and record['device'] == 'cpu'
+        assert 0 <= record['pretrain_data_wait_s'] < record['pretrain_train_s']
     per_epoch = len(list((data / 'train').rglob('*.*'))) // 8 * 8  # --quick: batch 8, 2 epochs
     for record in runs.values():  # images / loop time over the run, not a mean of epoch rates
         assert record['pretrain_img_per_s'] * record['pretrain_train_s'] == pytest.approx(2 * per_epoch, rel=1e-6)
@@ -45,6 +46,8 @@ def test_quick_study_end_to_end(tmp_path):
     assert regular['final_loss'] == pytest.approx(sum(regular['final_loss_by_scale'].values()))
     assert runs[f'{best}/seed0']['flops_saving_estimate'] > 0.05
     assert 'finetune_top1' in runs['regular/seed0'] and 'finetune_top1' in runs[f'{best}/seed0']
+    for tuned in (runs['regular/seed0'], runs[f'{best}/seed0']):  # loops and input wait inside the wall time
+        assert 0 <= tuned['finetune_data_wait_s'] < tuned['finetune_train_s'] < tuned['finetune_wall_s']
     table = (results.parent / 'study_results.md').read_text()
     assert table.count('\n') == len(runs) + 4 and '| regular | 0 |' in table and '\nTime saved: against' in table
     assert (results.parent / 'study_accuracy_vs_time.png').stat().st_size > 1000
