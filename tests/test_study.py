@@ -182,7 +182,7 @@ def test_data_that_every_scoring_run_would_refuse_stops_the_study_before_the_fir
     (data / 'train' / 'empty').mkdir()
     with pytest.raises(SystemExit) as stop:
         study.main(argv)
-    assert str(stop.value).startswith(f'error: {data}/train: Found no valid file for the classes empty')
+    assert str(stop.value).startswith(f'error: {data}/train: no images in the class folder empty (images: ')
 
 
 def test_an_image_that_cannot_be_decoded_stops_the_study_at_once(tmp_path, monkeypatch, demo_data):
@@ -282,13 +282,14 @@ def fake_scripts(fail_when):
         out.mkdir(parents=True, exist_ok=True)
         if cmd[0] == 'run_pretrain.py':
             epochs = int(cmd[cmd.index('--epochs') + 1])
-            lines = [{'epoch': e, 'train_epoch_time': 1.0, 'train_images_per_s': 8.0, 'train_loss': 1.0}
+            lines = [{'epoch': e, 'train_epoch_time': 1.0, 'train_images_per_s': 8.0, 'train_loss': 1.0,
+                      'train_data_wait_s': 0.1}
                      for e in range(epochs)]
             (out / f'checkpoint-{epochs - 1}.pth').write_bytes(b'weights')
         elif cmd[0] == 'run_knn.py':
             lines = [{'mode': 'knn', 'acc1': 40.0}, {'mode': 'linear', 'acc1': 50.0}]
         else:
-            lines = [{'epoch': 0, 'max_accuracy': 60.0}]
+            lines = [{'epoch': 0, 'max_accuracy': 60.0, 'train_epoch_time': 1.0, 'train_data_wait_s': 0.1}]
         (out / 'log.txt').write_text(''.join(json.dumps(line) + '\n' for line in lines))
         return 1.0
     return run
