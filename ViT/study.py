@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 from util import flops  # noqa: E402
 from util.checkpoint import write_text_atomic  # noqa: E402
-from util.cli import HelpFormatter, check_output_folder  # noqa: E402
+from util.cli import USABLE_CPUS, HelpFormatter, check_output_folder  # noqa: E402
 
 FREEZEOUT_CONFIGS = {
     'cubic0.8': ['--how_scale', 'cubic', '--t_0', '0.8'],
@@ -80,7 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     p.add_argument('--data_backend', default=None,
                    help='pretraining input backend (default: gpu-cache on a GPU, pil on CPU)')
-    p.add_argument('--num_workers', default=8, type=int, help='DataLoader workers of every run')
+    p.add_argument('--num_workers', default=max(1, min(15, USABLE_CPUS - 1)), type=int,
+                   help='DataLoader workers of every run (default: the usable CPUs less one, at most 15, here '
+                        f'{max(1, min(15, USABLE_CPUS - 1))}): the fine-tunes\' CPU RandAugment (2.3 ms an image '
+                        'at 128 px on a core of the 2-core development VM) can bound their step')
     p.add_argument('--rerun', action='store_true', help='run again configs already in the results JSON')
     p.add_argument('--no_finetune', action='store_true', help='skip the fine-tuning runs')
     p.add_argument('--max_minutes', default=None, type=float,

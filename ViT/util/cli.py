@@ -1,9 +1,15 @@
-"""Command-line help and start-up checks of output locations, shared by the scripts."""
+"""Command-line help, start-up checks of output locations and the CPU count that sets defaults,
+shared by the scripts (no torch import: the study's launcher reads them too)."""
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
+
+# the cores this process may use (the CPU affinity that Slurm / cgroups / taskset set, as the
+# DataLoader's own warning counts them), not the machine's
+USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -20,13 +20,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from util.cli import USABLE_CPUS
 from util.dist import is_main_process
 
 # 10 loader workers per process (MAE's, and upstream LocalMIM fine-tuning's; its pretraining has
-# 12), fewer where this process may use fewer cores (the CPU affinity that Slurm / cgroups /
-# taskset set, as the DataLoader's own warning counts them)
-_USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-DEFAULT_NUM_WORKERS = min(10, _USABLE_CPUS)
+# 12), fewer where this process may use fewer cores
+DEFAULT_NUM_WORKERS = min(10, USABLE_CPUS)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
