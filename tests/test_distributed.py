@@ -245,12 +245,18 @@ def test_torchrun_max_restarts_brings_the_group_back_and_it_resumes(data, tmp_pa
 @pytest.mark.parametrize('flags, line', [
     (['--epochs', '2', '--t_0', '0.5'], 'error: the first layer would freeze'),  # a check of run_pretrain
     (['--epochs', 'x'], 'error: argument --epochs: invalid int value'),  # an argparse error
+    (['--output_dir', 'a_file/out'], 'error: cannot create --output_dir'),  # rank 0's check, handed to rank 1
 ])
 def test_an_error_every_rank_stops_on_is_printed_once(data, tmp_path, flags, line):
-    """Rank 0 prints it; the launcher's summary still shows each rank's, from its error file."""
+    """Rank 0 prints it; the launcher's summary still shows each rank's, from its error file. A
+    check rank 0 alone makes (the output folder) stops rank 1 with the same line, not with a
+    broken connection's traceback."""
+    (tmp_path / 'a_file').write_text('not a folder')
     res = run_cmd([*launcher('torchrun', free_port()), 'run_pretrain.py', *COMMON, '--data_path', str(data),
-                   '--output_dir', str(tmp_path / 'out'), *flags], timeout=TIMEOUT, cwd=VIT)
+                   '--output_dir', str(tmp_path / 'out'), *[str(tmp_path / f) if '/' in f else f for f in flags]],
+                  timeout=TIMEOUT, cwd=VIT)
     assert res.returncode != 0, res.describe()
     console, summary = res.output.split('ChildFailedError')[0], res.output.split('ChildFailedError')[-1]
     assert console.count(line) == 1, res.describe()
+    assert 'Connection closed' not in res.output and 'ViT/util/' not in console, res.describe()  # no rank's traceback
     assert summary.count(line) == NPROC, res.describe()  # Failures (rank 1 or 0) and Root Cause

@@ -221,3 +221,23 @@ def test_a_restarted_group_does_not_see_the_failed_attempts_keys(monkeypatch):
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
     assert dist.restart_safe_store('tcp://127.0.0.1:1234', 2, timeout) is None
     del server
+
+
+def test_a_ranks_stop_line_shows_without_a_launchers_error_file(monkeypatch, capsys, tmp_path):
+    """A rank other than 0 (whose print util.dist silences) that stops on an undecodable file, a full
+    disk or a signal says why on its own stderr when no launcher error file will (RANK / WORLD_SIZE
+    set by a script); under torchrun's last attempt, the launcher's summary says it instead."""
+    import builtins
+
+    from util import dist
+    monkeypatch.setattr(builtins, 'print', builtins.print)  # restored after the test
+    dist._silence_non_main_ranks(False)
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.delenv('TORCHELASTIC_ERROR_FILE', raising=False)
+    with pytest.raises(SystemExit) as stop:
+        runtime._stop('error: cannot decode x.jpg: broken', 1)
+    assert stop.value.code == 1 and capsys.readouterr().err == 'error: cannot decode x.jpg: broken\n'
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE', str(tmp_path / 'error.json'))
+    with pytest.raises(SystemExit):
+        runtime._stop('error: cannot decode x.jpg: broken', 1)
+    assert capsys.readouterr().err == '' and 'x.jpg' in (tmp_path / 'error.json').read_text()

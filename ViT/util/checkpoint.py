@@ -245,11 +245,7 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
         return Path(args.resume)
     if not getattr(args, 'auto_resume', False) or not args.output_dir:
         return None
-    if dist.is_dist():  # rank 0 chooses, so ranks never resume from different files
-        choice = [newest_checkpoint(args.output_dir) if dist.is_main_process() else None]
-        torch.distributed.broadcast_object_list(choice, src=0)
-        return choice[0]
-    return newest_checkpoint(args.output_dir)
+    return dist.on_main(lambda: newest_checkpoint(args.output_dir))  # ranks never resume from different files
 
 
 def newest_checkpoint(output_dir: str | Path, resuming: bool = True) -> Path | None:
@@ -328,16 +324,14 @@ def lock_run_folder(*folders: str | None) -> None:
     whose checkpoints and logs would interleave. Rank 0 holds an exclusive flock on
     <folder>/.run.lock, released when it exits, however it exits; a file system without locks is
     not checked."""
-    problem = None
     unique = list(dict.fromkeys(str(Path(f).resolve()) for f in folders if f))
-    for folder in unique if dist.is_main_process() else []:
-        problem = problem or _lock(folder)
-    if dist.is_dist():
-        shared = [problem]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        problem = shared[0]
-    if problem:
-        raise SystemExit(problem)
+
+    def lock_all() -> None:
+        for folder in unique:
+            problem = _lock(folder)
+            if problem:
+                raise SystemExit(problem)
+    dist.on_main(lock_all)
 
 
 def _lock(folder: str) -> str | None:

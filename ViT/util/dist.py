@@ -12,9 +12,12 @@ import argparse
 import builtins
 import datetime
 import os
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar('T')
 
 
 def add_dist_args(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +129,29 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
 def destroy() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """fn() run by rank 0 alone, its result handed to every rank (e.g. which checkpoint to resume
+    from). An `error:` exit of rank 0's call (a SystemExit with a message) stops every rank with
+    that message: alone, rank 0 would leave its peers to die in the next collective with a
+    "Connection closed by peer" traceback."""
+    if not is_dist():
+        return fn()
+    result, problem, raised = None, None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except SystemExit as e:
+            if not isinstance(e.code, str):
+                raise
+            problem, raised = e.code, e
+    shared = [(result, problem)]
+    dist.broadcast_object_list(shared, src=0)
+    result, problem = shared[0]
+    if problem is not None:
+        raise raised or SystemExit(problem)
+    return result
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

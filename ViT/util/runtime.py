@@ -98,13 +98,15 @@ def setup(args: argparse.Namespace) -> torch.device:
     device = resolve_device_and_amp(args)
     if hasattr(args, 'log_dir'):
         args.log_dir = args.log_dir or args.output_dir
-    if dist.is_main_process():
+
+    def check_outputs() -> None:
         for flag in ('output_dir', 'log_dir'):
             folder = getattr(args, flag, None)
             if folder:  # a folder that refuses files: said now, not after the training
                 check_output_folder(folder, f'--{flag} {folder}')
         if getattr(args, 'log_dir', None) and not getattr(args, 'eval', False):  # --eval writes no events
             require_tensorboard()  # before the data set-up and the run folder's changes, not after
+    dist.on_main(check_outputs)
     print('args: ' + json.dumps(vars(args), default=str))
     seed = args.seed + dist.get_rank()
     torch.manual_seed(seed)
@@ -189,8 +191,11 @@ def tell_launcher(message: str, after_a_peer: bool = False) -> bool:
 
 
 def _stop(message: str, status: int) -> NoReturn:
-    print(message, file=sys.stderr, flush=True)
-    tell_launcher(message)
+    if not _told_launcher_quietly(message):
+        # not print: util.dist silences it on ranks other than 0, and a launcher without an error
+        # file (RANK / WORLD_SIZE set by a script or a cluster's operator) would show this line nowhere
+        sys.stderr.write(message + '\n')
+        sys.stderr.flush()
     sys.exit(status)
 
 
