@@ -294,3 +294,19 @@ def test_linprobe_crop_keeps_more_of_the_image_than_torchvisions():
     crop = linprobe_train_transform(32).transforms[0]
     assert isinstance(crop, ClampedResizedCrop) and crop.scale == (0.08, 1.0)
     assert crop.interpolation == T.InterpolationMode.BICUBIC
+
+
+def test_more_workers_than_cpus_is_one_note_not_torchs_warning_twice(monkeypatch, capsys):
+    """torch warns when a loader is built and again when it is iterated; one note says it once."""
+    import warnings
+
+    from util import data
+    monkeypatch.setattr(data, 'USABLE_CPUS', 1)
+    monkeypatch.setattr(data, '_noted_worker_counts', set())
+    dataset = torch.utils.data.TensorDataset(torch.arange(4.0))
+    with warnings.catch_warnings(record=True) as caught:  # its filters are put back on leaving
+        warnings.simplefilter('always')
+        for _ in range(2):  # e.g. the train and the val loader
+            assert [len(b[0]) for b in data.build_eval_loader(dataset, 2, 2, False)] == [2, 2]
+    assert not [w for w in caught if 'worker' in str(w.message)]
+    assert capsys.readouterr().out.count('note: 2 loader workers for the 1 CPUs this process may use') == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -26,6 +27,18 @@ from util.dist import is_main_process
 # 10 loader workers per process (MAE's, and upstream LocalMIM fine-tuning's; its pretraining has
 # 12), fewer where this process may use fewer cores
 DEFAULT_NUM_WORKERS = min(10, USABLE_CPUS)
+_noted_worker_counts: set[int] = set()
+
+
+def check_num_workers(num_workers: int) -> int:
+    """`num_workers`, with one note when it is more than the CPUs this process may use, in place of
+    torch's warning, which each loader gives twice (when built and when first iterated)."""
+    warnings.filterwarnings('ignore', message='This DataLoader will create', category=UserWarning)
+    if num_workers > USABLE_CPUS and num_workers not in _noted_worker_counts:
+        _noted_worker_counts.add(num_workers)
+        print(f'note: {num_workers} loader workers for the {USABLE_CPUS} CPUs this process may use: they '
+              f'will compete for them (lower --num_workers if the input slows down)')
+    return num_workers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -306,7 +319,7 @@ def build_pretrain_loader(data_path: str, input_size: int, batch_size: int, seed
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                            seed=seed, drop_last=True)
     return DeviceBatches(torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+        dataset, sampler=sampler, batch_size=batch_size, num_workers=check_num_workers(num_workers),
         pin_memory=pin_mem, drop_last=True, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         # the loader draws its workers' base seed when an iterator is built: once per run with
@@ -452,7 +465,8 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, pin_mem: bool
                               f'({batch_size} x {world_size}); lower --batch_size')
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                   seed=seed, drop_last=True)
-    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size,
+                                       num_workers=check_num_workers(num_workers),
                                        pin_memory=pin_mem, drop_last=True, persistent_workers=num_workers > 0)
 
 
@@ -462,5 +476,6 @@ def build_eval_loader(dataset, batch_size: int, num_workers: int, pin_mem: bool,
     generator: starting an epoch would otherwise draw from the global torch RNG, so evaluating
     between training epochs would change the training randomness that a resume restores."""
     sampler = ShardSampler(len(dataset), world_size, rank)
-    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size,
+                                       num_workers=check_num_workers(num_workers),
                                        pin_memory=pin_mem, drop_last=False, generator=torch.Generator())

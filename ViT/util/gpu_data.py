@@ -48,8 +48,8 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode
 
 from util.data import (CROP_RATIO, CROP_SCALE, ClassFolder, DataLayoutError, EpochSampler, UnreadableImage,
-                       build_pretrain_loader, load_rgb, normalize_uint8_range, resolve_image_folder, sample_crop_boxes,
-                       sample_flips)
+                       build_pretrain_loader, check_num_workers, load_rgb, normalize_uint8_range, resolve_image_folder,
+                       sample_crop_boxes, sample_flips)
 
 BACKENDS = ('pil', 'gpu', 'gpu-cache')
 # pixels of one padded canvas (batch x height x width); larger batches are resampled in groups
@@ -498,7 +498,7 @@ class GpuJpegLoader:
         self.sampler = EpochSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                     seed=seed, drop_last=True)
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, sampler=self.sampler, batch_size=batch_size, num_workers=num_workers,
+            self.dataset, sampler=self.sampler, batch_size=batch_size, num_workers=check_num_workers(num_workers),
             collate_fn=functools.partial(collate_bytes, cpu_decode_share=cpu_decode_share), drop_last=True,
             # with workers, the CPU-decoded pixels (about 0.6 MB an ImageNet image) are pinned by the
             # loader's own thread, not by the decode thread, which has nvjpeg to feed (without
@@ -582,8 +582,8 @@ def decode_to_cache(paths: Sequence[str], size: int, num_workers: int = 0, log=p
     """All images as one uint8 (N, 3, S, S) CPU tensor, with a progress line about every 10%."""
     n = len(paths)
     cache = torch.empty((n, 3, size, size), dtype=torch.uint8)
-    loader = torch.utils.data.DataLoader(_SquareDecode(paths, size), batch_size=64, num_workers=num_workers,
-                                         shuffle=False)
+    loader = torch.utils.data.DataLoader(_SquareDecode(paths, size), batch_size=64,
+                                         num_workers=check_num_workers(num_workers), shuffle=False)
     start, done, next_report = time.perf_counter(), 0, 0
     for batch in loader:
         cache[done:done + len(batch)] = batch
