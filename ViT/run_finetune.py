@@ -195,6 +195,8 @@ def check_common_args(args: argparse.Namespace) -> None:
     for flag in ('finetune', 'resume'):
         path = getattr(args, flag, None)
         if path and not Path(path).is_file():
+            if flag == 'finetune' and (getattr(args, 'eval', False) or continues_a_run(args)):
+                continue  # the weights come from the run's own checkpoint (encoder_to_load)
             raise SystemExit(f'error: {checkpoint.missing_file_message(f"--{flag} {path}", path)}')
     encoder = getattr(args, 'finetune', None)
     if encoder and args.output_dir and Path(encoder).resolve().parent == Path(args.output_dir).resolve():
@@ -202,6 +204,34 @@ def check_common_args(args: argparse.Namespace) -> None:
         # take the pretraining checkpoints for this run's
         raise SystemExit(f'error: --output_dir {args.output_dir} holds the --finetune encoder {encoder}: '
                          f'write this run into another folder')
+
+
+def continues_a_run(args: argparse.Namespace) -> bool:
+    """Whether this training run starts from a checkpoint of its own: --resume, or auto-resume
+    with a checkpoint in --output_dir (an unreadable one included: resuming reports it)."""
+    if getattr(args, 'resume', None):
+        return True
+    if not getattr(args, 'auto_resume', False) or not args.output_dir:
+        return False
+    try:
+        return checkpoint.newest_checkpoint(args.output_dir, resuming=False) is not None
+    except checkpoint.CheckpointError:
+        return True
+
+
+def encoder_to_load(args: argparse.Namespace, random_init_note: str) -> str | None:
+    """--finetune, unless --eval (the checkpoint holds every weight) or the file is gone and the run
+    continues from its own checkpoint, which replaces the encoder's weights anyway (a pretraining
+    folder started afresh moves its checkpoints aside; a big encoder may be deleted)."""
+    if args.eval:
+        return None
+    if args.finetune and not Path(args.finetune).is_file():  # check_common_args: only when continuing a run
+        print(f'note: --finetune {args.finetune} does not exist; continuing the run in {args.output_dir}, whose '
+              f'checkpoint holds the weights')
+        return None
+    if not args.finetune:
+        print(f'note: no --finetune given; {random_init_note}')
+    return args.finetune or None
 
 
 def mixup_active(args: argparse.Namespace) -> bool:
@@ -354,11 +384,14 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
     saved = ckpt.get('args') or {}
     if (not args.resume and not args.eval and 'finetune' in saved
             and _encoder_file(saved['finetune']) != _encoder_file(getattr(args, 'finetune', None))):
-        # the checkpoint's weights would silently replace the encoder just loaded
-        raise SystemExit(f'error: {args.output_dir} holds a run of --finetune {saved["finetune"] or "(none)"} '
-                         f'(resumable from {path}), not of --finetune {args.finetune or "(none)"}: use another '
-                         f'--output_dir for this encoder, --no_auto_resume to start it afresh here (the earlier '
-                         f'run\'s files are moved aside), or --resume {path} to continue the earlier run')
+        if saved['finetune'] and not Path(saved['finetune']).exists():  # moved or deleted: the same one, or not
+            print(f'note: {path} continues a run of --finetune {saved["finetune"]}, which is gone; its weights '
+                  f'replace those of --finetune {args.finetune or "(none)"} (--no_auto_resume starts afresh)')
+        else:  # the checkpoint's weights would silently replace the encoder just loaded
+            raise SystemExit(f'error: {args.output_dir} holds a run of --finetune {saved["finetune"] or "(none)"} '
+                             f'(resumable from {path}), not of --finetune {args.finetune or "(none)"}: use another '
+                             f'--output_dir for this encoder, --no_auto_resume to start it afresh here (the earlier '
+                             f'run\'s files are moved aside), or --resume {path} to continue the earlier run')
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
@@ -476,10 +509,9 @@ def main(args: argparse.Namespace) -> dict:
 
     model = models_vit.build_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
                                    drop_path_rate=args.drop_path, global_pool=args.global_pool)
-    if args.finetune and not args.eval:
-        load_pretrained_encoder(model, args.finetune, HEAD_INIT_STD, args.model)
-    elif not args.eval:
-        print('note: no --finetune given; training from random initialisation')
+    encoder = encoder_to_load(args, 'training from random initialisation')
+    if encoder:
+        load_pretrained_encoder(model, encoder, HEAD_INIT_STD, args.model)
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'number of trainable params (M): {n_parameters / 1e6:.2f}')

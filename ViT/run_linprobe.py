@@ -22,8 +22,8 @@ import torch.nn as nn
 
 import models_vit
 from run_finetune import (add_batch_args, add_model_args, add_readout_args, add_run_args, add_training_run_args,
-                          build_data, check_common_args, evaluate_only, optimizer_and_resume, start_run,
-                          train_and_finish)
+                          build_data, check_common_args, encoder_to_load, evaluate_only, optimizer_and_resume,
+                          start_run, train_and_finish)
 from util.cli import HelpFormatter
 from util.runtime import run_main
 from util.data import eval_transform, linprobe_train_transform
@@ -60,10 +60,9 @@ def build_probe(args: argparse.Namespace) -> models_vit.VisionTransformer:
     """Classifier with the pretrained encoder frozen and a BatchNorm1d + Linear head."""
     model = models_vit.build_model(args.model, img_size=args.input_size, num_classes=args.nb_classes,
                                    global_pool=args.global_pool)
-    if args.finetune and not args.eval:
-        load_pretrained_encoder(model, args.finetune, HEAD_INIT_STD, args.model)
-    elif not args.eval:
-        print('note: no --finetune given; probing a randomly initialised encoder')
+    encoder = encoder_to_load(args, 'probing a randomly initialised encoder')
+    if encoder:
+        load_pretrained_encoder(model, encoder, HEAD_INIT_STD, args.model)
     # standardises the features so one lr suits every encoder
     model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for name, p in model.named_parameters():

@@ -384,6 +384,38 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
     assert [l.get('epoch') for l in map(json.loads, (out / 'log.txt').read_text().splitlines())] == [0, 1, None, 2]
 
 
+
+def test_a_run_whose_encoder_file_moved_still_continues(tmp_path, demo_data, pretrain_ckpt):
+    """Resuming needs only the run's own checkpoint: an encoder since moved (a fresh pretraining in
+    its folder sets its checkpoints aside) or deleted is noted, not an error; so is --eval's."""
+    encoder = tmp_path / 'pre' / 'checkpoint-3.pth'
+    encoder.parent.mkdir()
+    shutil.copy(pretrain_ckpt, encoder)
+    out = tmp_path / 'ft'
+    common = ['run_finetune.py', '--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4',
+              '--num_workers', '0', '--device', 'cpu', '--data_path', str(demo_data), '--output_dir', str(out),
+              '--warmup_epochs', '0']
+    res = run_script([*common, '--finetune', str(encoder), '--epochs', '1'])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    moved = tmp_path / 'pre' / 'previous' / 'checkpoint-3.pth'
+    moved.parent.mkdir()
+    encoder.rename(moved)
+    res = run_script([*common, '--finetune', str(encoder), '--epochs', '2'])  # the same command, longer
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f'note: --finetune {encoder} does not exist; continuing the run in {out}' in res.stdout
+    assert 'checkpoint-last.pth (epoch 0)' in res.stdout
+    assert [json.loads(l)['epoch'] for l in (out / 'log.txt').read_text().splitlines()] == [0, 1]
+    res = run_script([*common, '--finetune', str(moved), '--epochs', '2'])  # pointed at where it went
+    assert res.returncode == 0 and 'all 2 epochs are done' in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f'continues a run of --finetune {encoder}, which is gone' in res.stdout
+    res = run_script([*common, '--eval', '--resume', str(out / 'checkpoint-best.pth'), '--finetune', str(encoder)])
+    assert res.returncode == 0 and '* Acc@1 ' in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    # a new run (nothing to continue in its folder) still needs the file
+    res = run_script([*common[:-4], '--output_dir', str(tmp_path / 'new'), '--warmup_epochs', '0',
+                      '--finetune', str(encoder), '--epochs', '1'])
+    assert res.returncode != 0 and f'error: --finetune {encoder} does not exist' in res.stderr, res.stderr
+
+
 def test_best_checkpoint_is_the_best_epoch_when_last_is_saved_rarely(tmp_path, demo_data, monkeypatch):
     """With --save_last_freq > 1, checkpoint-last.pth is older than the epoch that improved;
     checkpoint-best.pth must still be that epoch, not a copy of an older one."""
