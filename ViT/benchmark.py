@@ -47,7 +47,7 @@ import models_mim
 from engine_pretrain import ModelHandle, train_one_epoch
 from util import flops, gpu_data
 from util.checkpoint import write_text_atomic
-from util.cli import HelpFormatter, check_output_folder
+from util.cli import ArgumentParser, check_output_folder
 from util import freezeout as fo
 from util.data import IMAGE_EXTENSIONS, class_folders, is_hidden, resolve_image_folder
 from util.gpu_data import BACKENDS, GPU_RESAMPLE_CHOICES, build_loader
@@ -60,8 +60,7 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('LocalMIM / FreezeOut throughput benchmark',
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description='LocalMIM / FreezeOut throughput benchmark')
     p.add_argument('--model', default='MIM_vit_base_patch16', help=f'one of: {", ".join(sorted(models_mim.MODELS))}')
     p.add_argument('--input_size', default=224, type=int, help='image side')
     p.add_argument('--batch_size', default=256, type=int, help='images per step')

@@ -9,7 +9,6 @@ checkpoints are.
 from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
-import argparse
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from util.cli import HelpFormatter  # noqa: E402
+from util.cli import ArgumentParser  # noqa: E402
 from util.demo_data import make_demo_dataset  # noqa: E402
 
 
@@ -41,7 +40,7 @@ def run(name: str, flags: list[str], out: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument('--out', default=str(ROOT / 'demo_out'), help='where data, logs and checkpoints go')
     parser.add_argument('--epochs', default=10, type=int, help='epochs of each of the two pretraining runs')
     parser.add_argument('--device', default='cpu', help='cpu or cuda')

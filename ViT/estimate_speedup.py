@@ -9,14 +9,13 @@ accepted (and checked as it checks them), so a pretraining command can be pasted
 from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
-import argparse
 import dataclasses
 import json
 
 import models_mim
 from run_pretrain import check_args, get_args_parser
 from util import flops
-from util.cli import HelpFormatter, help_only_for
+from util.cli import ArgumentParser, help_only_for
 from util import freezeout as fo
 from util.runtime import check_number_flags
 
@@ -32,8 +31,8 @@ def estimate(model: str, input_size: int, mask_ratio: float, hog_nbins: int, t_0
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False, description=__doc__,
-                                     conflict_handler='resolve', formatter_class=HelpFormatter)
+    parser = ArgumentParser(parents=[get_args_parser()], add_help=False, description=__doc__,
+                            conflict_handler='resolve')
     parser.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
     # epochs and warmup: run_pretrain's checks (a first freeze inside the warmup) read them
     help_only_for(parser, {'model', 'input_size', 'mask_ratio', 'hog_nbins', 't_0', 'how_scale', 'epochs',

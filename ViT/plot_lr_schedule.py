@@ -12,7 +12,6 @@ pretraining command can be pasted as it is.
 from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -23,15 +22,15 @@ from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from run_pretrain import check_args, get_args_parser  # noqa: E402
 from util import flops  # noqa: E402
-from util.cli import HelpFormatter, check_output_folder, help_only_for  # noqa: E402
+from util.cli import ArgumentParser, check_output_folder, help_only_for  # noqa: E402
 from util import freezeout as fo  # noqa: E402
 from util.lr_sched import warmup_cosine_lr  # noqa: E402
 from util.runtime import check_number_flags  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], add_help=False, description=__doc__,
-                                     conflict_handler='resolve', formatter_class=HelpFormatter)
+    parser = ArgumentParser(parents=[get_args_parser()], add_help=False, description=__doc__,
+                            conflict_handler='resolve')
     parser.add_argument('--out', default=None,
                         help='figure path; its extension picks the format (png, pdf, svg, ...; none: .png) '
                              '(default: freezeout_lr_<how>_<t_0>.png in the current folder; the README\'s '

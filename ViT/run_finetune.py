@@ -25,7 +25,7 @@ import models_vit
 from engine_finetune import evaluate, fit
 from engine_pretrain import ModelHandle
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
-from util.cli import HelpFormatter
+from util.cli import ArgumentParser
 from util.runtime import run_main, set_lr, setup
 from util import checkpoint, dist
 from util.data import (DEFAULT_NUM_WORKERS, DataLayoutError, build_classification_datasets, build_eval_loader,
@@ -124,8 +124,7 @@ def add_model_args(parser: argparse.ArgumentParser, default: str, what: str,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('Fine-tuning of a pretrained ViT encoder for image classification',
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(description='Fine-tuning of a pretrained ViT encoder for image classification')
     add_batch_args(parser, batch_size=64, epochs=50)
 
     g = add_model_args(parser, 'vit_large_patch16', 'classifier',

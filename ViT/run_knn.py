@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import models_vit
 from engine_finetune import extract_features, gather_in_dataset_order
 from run_finetune import add_model_args, add_readout_args, add_run_args, check_common_args
-from util.cli import HelpFormatter
+from util.cli import ArgumentParser
 from util.runtime import run_main, setup
 from util import dist
 from util.data import build_classification_datasets, build_eval_loader, eval_transform
@@ -102,8 +102,7 @@ def knn_correct(scores: torch.Tensor, labels: torch.Tensor, top: int = 5) -> tup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('Weighted kNN evaluation of a pretrained ViT encoder',
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(description='Weighted kNN evaluation of a pretrained ViT encoder')
     parser.add_argument('--batch_size', default=128, type=int, help='images per forward pass per process')
     add_model_args(parser, 'vit_base_patch16', 'encoder',
                    'pretraining checkpoint whose encoder is evaluated (ours or LocalMIM\'s release); '

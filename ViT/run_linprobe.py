@@ -24,7 +24,7 @@ import models_vit
 from run_finetune import (add_batch_args, add_model_args, add_readout_args, add_run_args, add_training_run_args,
                           build_data, check_common_args, encoder_to_load, evaluate_only, optimizer_and_resume,
                           start_run, train_and_finish)
-from util.cli import HelpFormatter
+from util.cli import ArgumentParser
 from util.runtime import run_main
 from util.data import eval_transform, linprobe_train_transform
 from util.encoder_loading import load_pretrained_encoder
@@ -34,8 +34,7 @@ HEAD_INIT_STD = 0.01  # MAE's linear-probe head init (MoCo v3)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('Linear probing of a pretrained ViT encoder',
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(description='Linear probing of a pretrained ViT encoder')
     add_batch_args(parser, batch_size=512, epochs=90)
 
     add_model_args(parser, 'vit_base_patch16', 'encoder',

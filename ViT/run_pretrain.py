@@ -17,7 +17,7 @@ import models_mim
 from engine_pretrain import SCALE_NAMES, ModelHandle, train_one_epoch
 from util import checkpoint, dist
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
-from util.cli import HelpFormatter
+from util.cli import ArgumentParser
 from util import freezeout as fo
 from util.data import DEFAULT_NUM_WORKERS
 from util.gpu_data import (BACKENDS, GPU_RESAMPLE_CHOICES, build_loader, check_cpu_decode_share,
@@ -29,8 +29,7 @@ from util.runtime import allow_recompiles, run_main, set_lr, setup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('LocalMIM pretraining (optionally with FreezeOut)',
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(description='LocalMIM pretraining (optionally with FreezeOut)')
     parser.add_argument('--batch_size', default=128, type=int,
                         help='batch size per process (effective batch = batch_size * accum_iter * processes)')
     parser.add_argument('--epochs', default=400, type=int, help='pretraining epochs (the whole run\'s length, '

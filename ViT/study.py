@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 from util import flops  # noqa: E402
 from util.checkpoint import write_text_atomic  # noqa: E402
-from util.cli import USABLE_CPUS, HelpFormatter, check_output_folder  # noqa: E402
+from util.cli import USABLE_CPUS, ArgumentParser, check_output_folder  # noqa: E402
 
 FREEZEOUT_CONFIGS = {
     'cubic0.8': ['--how_scale', 'cubic', '--t_0', '0.8'],
@@ -49,7 +49,7 @@ FREEZEOUT_CONFIGS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument('--data_path', default=str(ROOT.parent / 'shared' / 'data' / 'imagenette-128'),
                    help='ImageFolder with train/ and val/ (default: shared/data/imagenette-128 beside the '
                         'repository, from whichever folder the study runs)')

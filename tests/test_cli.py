@@ -106,6 +106,22 @@ def test_fixed_choices_and_value_counts_are_argparse_errors(capsys):
         assert 'error: argument' in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_a_flag_error_is_one_line_under_the_scripts_name_with_the_closest_flags(name, capsys, monkeypatch):
+    """Not argparse's usage block (dozens of lines here) under the description as a name."""
+    monkeypatch.setattr('sys.argv', [f'/repo/ViT/{name}.py'])  # as when the script runs
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(name).get_args_parser().parse_args(['--modle', 'x', '--zzzz'])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (f'{name}.py: error: unrecognized arguments: --modle x --zzzz (did you mean '
+                                       f'--model?); {name}.py --help lists the flags\n')
+    if name == 'run_pretrain':
+        with pytest.raises(SystemExit):
+            importlib.import_module(name).get_args_parser().parse_args(['--t0=0.8', '--how-scale', 'linear'])
+        assert '(did you mean --t_0 / --how_scale?)' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('name', ['run_finetune', 'run_linprobe', 'run_knn'])
 def test_global_pool_and_cls_token_together_are_refused(name, capsys):
     """Two read-outs at once: an argparse error, not whichever came last."""

@@ -3,6 +3,7 @@ shared by the scripts (no torch import: the study's launcher reads them too)."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +11,27 @@ from pathlib import Path
 # the cores this process may use (the CPU affinity that Slurm / cgroups / taskset set, as the
 # DataLoader's own warning counts them), not the machine's
 USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: HelpFormatter, and errors in one line with the closest flag for a
+    mistyped one (argparse's usage block before it runs to dozens of lines here)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message}{self._suggestion(message)}; {self.prog} --help lists the flags\n')
+
+    def _suggestion(self, message: str) -> str:
+        if not message.startswith('unrecognized arguments: '):
+            return ''
+        names = [o[2:] for a in self._actions for o in a.option_strings if o.startswith('--')]
+        guesses = [difflib.get_close_matches(word.split('=')[0][2:], names, n=1, cutoff=0.6)
+                   for word in message.split(': ', 1)[1].split() if word.startswith('--')]
+        guesses = ['--' + g[0] for g in guesses if g]
+        return f' (did you mean {" / ".join(guesses)}?)' if guesses else ''
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
