@@ -99,11 +99,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 QUICK_CONFIGS = ['cubic0.8', 'linear0.5-noscale']
 
 
-def apply_quick(args: argparse.Namespace) -> None:
-    """Every step of the study, at toy size: tiny ViT at 32 px, 2 epochs, two FreezeOut configs."""
+def apply_quick(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
+    """Every step of the study, at toy size: tiny ViT at 32 px, 2 epochs, two FreezeOut configs.
+    A note names the flags given that it overrides."""
+    before = vars(args).copy()
     args.model, args.input_size, args.epochs, args.warmup_epochs = 'MIM_vit_tiny_patch16', 32, 2, 0
     args.batch_size, args.linprobe_epochs, args.finetune_epochs, args.num_workers = 8, 1, 1, 0
     args.finetune_batch_size = 8
+    args.blr = 1.5e-2  # lr 4.7e-4 at batch 8: the encoders move enough in 24 steps for the configs to differ
+    overridden = [f'--{k} {before[k]}' for k, v in vars(args).items()
+                  if before[k] != v and before[k] != getattr(defaults, k)]
+    if overridden:
+        print(f'note: --quick sets its own values in place of {", ".join(overridden)}')
 
 
 def device_name(device: str) -> str:
@@ -132,14 +139,28 @@ class UnreadableData(Exception):
     every run of the study reads that file, so the study stops rather than fail each run in turn."""
 
 
+ECHO_EVERY_S = 30.0  # a run's progress lines on the console: at most one per this many seconds
+
+
+def is_progress_line(line: str) -> bool:
+    """A line worth echoing from a run's log: an epoch's end (pretraining) or its val accuracy (fine-tuning)."""
+    return (line.startswith('Epoch [') and ' done in ' in line) or line.startswith('Accuracy of the network')
+
+
 def run(cmd: list[str], log: Path) -> float:
-    """Runs a script from ViT/, its output appended to `log`; returns the wall time."""
-    print(f'$ {" ".join(cmd)}', flush=True)
-    start = time.perf_counter()
-    with open(log, 'a') as f:
+    """Runs a script from ViT/, its output appended to `log` (and a progress line on the console at most
+    every ECHO_EVERY_S seconds); returns the wall time."""
+    print(f'$ {" ".join(cmd)}\n  (output: {log})', flush=True)
+    start = last_echo = time.perf_counter()
+    with open(log, 'a', buffering=1) as f:  # line-buffered: `tail -f` on the log follows the run
         written_before = f.tell()  # the log holds earlier runs' output too
-        proc = subprocess.run([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+        with subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors='replace', env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as proc:
+            for line in proc.stdout:
+                f.write(line)
+                if is_progress_line(line) and time.perf_counter() - last_echo >= ECHO_EVERY_S:
+                    print('  ' + line.rstrip(), flush=True)
+                    last_echo = time.perf_counter()
     if proc.returncode != 0:
         with open(log, encoding='utf-8', errors='replace') as f:
             f.seek(written_before)
@@ -428,9 +449,10 @@ def render(results: dict, folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     if args.quick:
-        apply_quick(args)
+        apply_quick(args, parser.parse_args([]))
     # absolute: the runs' scripts are started from ViT/, whatever the caller's directory
     quick = ROOT / 'study_out' / 'quick'
     args.out = str(Path(args.out or (quick if args.quick else ROOT / 'study_out')).resolve())
@@ -501,7 +523,11 @@ def run_study(study: Study, args: argparse.Namespace) -> None:
         best = max(scored, key=lambda n: (scored[n]['knn_top1'] + scored[n]['linprobe_top1']))
         study.results['best'] = best
         study.save()
-    print(f'best FreezeOut config by 20-NN + linear accuracy: {best}')
+    score = {name: r['knn_top1'] + r['linprobe_top1'] for name, r in scored.items()}
+    tied = [name for name in scored if name != best and score[name] == score[best]]
+    print(f'best FreezeOut config by 20-NN + linear accuracy: {best} ('
+          + ', '.join(f'{name} {score[name]:.2f}' for name in sorted(score, key=score.get, reverse=True))
+          + (f'; tied with {", ".join(tied)}: the first in the study\'s order is taken' if tied else '') + ')')
     if not args.no_finetune:
         study.finetune(f'{best}/seed{first}')
     study.pretrain(f'{best}-never', FREEZEOUT_CONFIGS[best] + ['--decoder_freeze', 'never'], first)

@@ -92,7 +92,7 @@ def test_time_budget_stops_before_a_run_that_would_not_finish(tmp_path):
     # the estimate starts from the runs recorded on this card (pretraining + evaluation as one)
     results = tmp_path / 'recorded.json'
     args = study.get_args_parser().parse_args(['--quick', '--results', str(results), '--out', str(tmp_path)])
-    study.apply_quick(args)
+    study.apply_quick(args, study.get_args_parser().parse_args([]))
     args.device = 'cpu'
     setup = {k: getattr(args, k) for k in study.SETUP_KEYS}
     results.write_text(json.dumps({'runs': {
@@ -368,3 +368,32 @@ def test_a_failing_script_raises_run_failed_with_its_last_lines(tmp_path):
     with pytest.raises(study.RunFailed, match=r'(?s)run_pretrain.py failed \(exit [1-9].*--t_0 .*5'):
         study.run(['run_pretrain.py', '--t_0', '5', '--device', 'cpu'], log)
     assert 'Traceback' not in log.read_text()
+
+
+def test_quick_names_the_flags_it_overrides(capsys):
+    import study
+    args = study.get_args_parser().parse_args(['--quick', '--epochs', '5', '--model', 'MIM_vit_base_patch16'])
+    study.apply_quick(args, study.get_args_parser().parse_args([]))
+    assert args.epochs == 2 and args.model == 'MIM_vit_tiny_patch16'
+    assert capsys.readouterr().out == ('note: --quick sets its own values in place of --model MIM_vit_base_patch16, '
+                                       '--epochs 5\n')
+
+
+def test_a_runs_output_goes_to_its_log_with_progress_lines_on_the_console(tmp_path, monkeypatch, capsys):
+    """The console shows where a run's output goes, and its epochs' ends at most every
+    ECHO_EVERY_S seconds (here every one); the log keeps every line."""
+    import study
+    script = tmp_path / 'fake_run.py'
+    script.write_text("print('args: {}')\nfor e in range(3):\n    print(f'Epoch [{e}] done in 0:00:01: loss 0.5')\n"
+                      "print('Accuracy of the network on the 8 test images: 50.0%')\n")
+    log = tmp_path / 'study_log.txt'
+    monkeypatch.setattr(study, 'ECHO_EVERY_S', 0.0)
+    study.run([str(script)], log)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == f'  (output: {log})'
+    assert out[2:] == ['  Epoch [0] done in 0:00:01: loss 0.5', '  Epoch [1] done in 0:00:01: loss 0.5',
+                       '  Epoch [2] done in 0:00:01: loss 0.5', '  Accuracy of the network on the 8 test images: 50.0%']
+    assert log.read_text().splitlines()[0] == 'args: {}' and len(log.read_text().splitlines()) == 5
+    monkeypatch.setattr(study, 'ECHO_EVERY_S', 3600.0)
+    study.run([str(script)], log)
+    assert len(capsys.readouterr().out.splitlines()) == 2 and len(log.read_text().splitlines()) == 10
