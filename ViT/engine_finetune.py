@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from engine_pretrain import ModelHandle, autocast_context
 from util import checkpoint, dist
-from util.log import EpochProgress, append_json_line, format_seconds
+from util.log import EpochProgress, RunEta, append_json_line, format_seconds
 from util.optim import backward, optimizer_step
 
 
@@ -201,7 +201,9 @@ def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, opti
     record: dict[str, float] = {}
     print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
     run_start = time.time()
+    eta = RunEta(args.epochs)
     for epoch in range(start_epoch, args.epochs):
+        epoch_start = time.time()
         train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(handle, criterion, train_loader, optimizer, device, epoch, loss_scaler,
                                       schedule, args, mixup_fn, log_writer)
@@ -209,8 +211,10 @@ def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, opti
         test_stats = evaluate(handle.module, val_loader, device, args.amp, sharded)
         improved = test_stats['acc1'] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats['acc1'])
+        left = eta.seconds_left(epoch, time.time() - epoch_start)  # training and evaluation
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: {test_stats["acc1"]:.1f}%  '
-              f'(max {max_accuracy:.2f}%)')
+              f'(max {max_accuracy:.2f}%)'
+              + (f'; epoch {epoch + 1}/{args.epochs}, run eta {format_seconds(left)}' if epoch + 1 < args.epochs else ''))
         if log_writer is not None:
             # on the training curves' epoch_1000x axis, at the epoch's last step (upstream used the epoch
             # number), so a resumed run's purge_step hides exactly the epochs it redoes

@@ -51,7 +51,8 @@ def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Opt
                     device: torch.device, epoch: int, loss_scaler, schedule, args,
                     log_writer=None) -> dict[str, float]:
     """Trains `len(data_loader) // accum_iter` optimizer steps (left-over micro-batches that
-    could not complete a step are skipped). Returns epoch means for log.txt."""
+    could not complete a step are skipped). Returns epoch means for log.txt (the caller prints
+    the epoch's closing line)."""
     handle.module.train(True)
     accum = args.accum_iter
     steps = len(data_loader) // accum
@@ -107,6 +108,4 @@ def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Opt
     stats = progress.epoch_stats()
     stats.update(frozen_layers=handle.module.num_frozen,
                  live_taps=len(handle.module.live_taps))
-    print(f'Epoch [{epoch}] done in {format_seconds(stats["epoch_time"])}: loss {stats["loss"]:.4f}, '
-          f'{stats["images_per_s"]:.0f} img/s, data wait {stats["data_wait_s"]:.1f}s', flush=True)
     return stats

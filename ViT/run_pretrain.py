@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
+import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 import models_mim
 from engine_pretrain import SCALE_NAMES, ModelHandle, train_one_epoch
-from util import checkpoint, dist
+from util import checkpoint, dist, flops
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util.cli import ArgumentParser
 from util import freezeout as fo
 from util.data import DEFAULT_NUM_WORKERS
 from util.gpu_data import (BACKENDS, GPU_RESAMPLE_CHOICES, build_loader, check_cpu_decode_share,
                            input_bound_hint)
-from util.log import append_json_line, format_seconds, make_writer
+from util.log import RunEta, append_json_line, format_seconds, make_writer
 from util.lr_sched import PlainSchedule
 from util.optim import build_adamw, param_groups_weight_decay
 from util.runtime import allow_recompiles, run_main, set_lr, setup
@@ -226,6 +228,16 @@ def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module
     return start_epoch
 
 
+def estimated_epoch_costs(args: argparse.Namespace, freeze_steps: Sequence[int], steps_per_epoch: int) -> list[float]:
+    """Each epoch's FLOPs per image (FreezeOut's frozen layers cost less), for the run's time-left
+    estimate; equal costs for a model the FLOP model does not know."""
+    shape = flops.SHAPES.get(args.model)
+    if shape is None:
+        return [1.0] * args.epochs
+    shape = dataclasses.replace(shape, img_size=args.input_size, mask_ratio=args.mask_ratio)
+    return flops.epoch_costs(shape, freeze_steps, steps_per_epoch, args.epochs, args.decoder_freeze)
+
+
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
     device = setup(args)
@@ -297,10 +309,16 @@ def main(args: argparse.Namespace) -> dict:
     log_writer = make_writer(args.log_dir, start_epoch if continues else None)
     print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
     run_start = time.time()
+    eta = RunEta(args.epochs, estimated_epoch_costs(args, schedule_table.freeze_steps if args.t_0 is not None else (),
+                                                   steps_per_epoch))
     stats, hinted = {}, False
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(handle, loader, optimizer, device, epoch, loss_scaler, schedule, args, log_writer)
+        left = eta.seconds_left(epoch, stats['epoch_time'])
+        print(f'Epoch [{epoch}/{args.epochs}] done in {format_seconds(stats["epoch_time"])}: loss {stats["loss"]:.4f}, '
+              f'{stats["images_per_s"]:.0f} img/s, data wait {stats["data_wait_s"]:.1f}s'
+              + (f'; run eta {format_seconds(left)}' if epoch + 1 < args.epochs else ''), flush=True)
         # once a run, from its second epoch (the first also waits for the workers to start)
         hint = None if hinted or epoch == start_epoch else input_bound_hint(
             args.data_backend, stats['data_wait_s'], stats['epoch_time'], args.cpu_decode_share, device.type)

@@ -30,3 +30,18 @@ def test_step_flops_match_torch_flop_counter():
         model.zero_grad(set_to_none=True)
         assert flops.step_flops(shape, k, decoder_freeze) == pytest.approx(counter.get_total_flops(), rel=0.004), \
             (k, decoder_freeze)
+
+
+def test_epoch_costs_average_the_step_costs_of_each_epoch_against_the_schedule():
+    """An epoch's cost is the mean over its steps of step_flops at the count frozen at that step,
+    as the FreezeOut schedule freezes layers (checked step by step against the schedule itself)."""
+    from util import freezeout as fo
+    shape = dataclasses.replace(flops.SHAPES['MIM_vit_tiny_patch16'], img_size=64)
+    schedule = fo.FreezeOutSchedule.build(13, [2, 4, 10, 12], 1e-3, 0.5, 'linear', True, 'tap', epochs=6,
+                                          steps_per_epoch=7, warmup_epochs=0)
+    costs = flops.epoch_costs(shape, schedule.freeze_steps, 7, 6)
+    expected = [sum(flops.step_flops(shape, schedule.num_frozen(step)) for step in range(e * 7, e * 7 + 7)) / 7
+                for e in range(6)]
+    assert costs == pytest.approx(expected)
+    assert costs[0] == pytest.approx(flops.step_flops(shape, 0)) and costs[-1] < costs[0] / 2
+    assert flops.epoch_costs(shape, (), 7, 3) == pytest.approx([flops.step_flops(shape, 0)] * 3)  # plain run

@@ -78,3 +78,20 @@ def test_eval_needs_no_tensorboard(tmp_path, demo_data, monkeypatch):
         '--data_path', str(demo_data), '--output_dir', str(tmp_path / 'eval'), '--eval'])
     with pytest.raises(SystemExit, match='^error: --eval needs a checkpoint'):
         run_finetune.main(args)
+
+
+def test_run_eta_weighs_the_epochs_left_by_their_cost_at_the_recent_pace():
+    """Time left = the remaining epochs' costs at the seconds per unit of cost of the last 3 timed
+    epochs, leaving out the process's first epoch (worker start-up) once another is timed."""
+    from util.log import RunEta
+    eta = RunEta(6, [4, 4, 2, 2, 1, 1])
+    assert eta.seconds_left(0, 100.0) == pytest.approx(25 * 10)  # only the first so far: 25 s per unit
+    assert eta.seconds_left(1, 40.0) == pytest.approx(10 * 6)   # epoch 0 left out: 10 s per unit
+    assert eta.seconds_left(2, 30.0) == pytest.approx(70 / 6 * 4)
+    assert eta.seconds_left(3, 20.0) == pytest.approx(90 / 8 * 2)
+    assert eta.seconds_left(4, 4.0) == pytest.approx(54 / 5 * 1)  # epochs 2-4: the window of 3
+    assert eta.seconds_left(5, 4.0) == 0.0
+    resumed = RunEta(4)  # equal costs; a resumed process starts timing at its first epoch
+    assert resumed.seconds_left(2, 9.0) == pytest.approx(9.0)
+    with pytest.raises(ValueError):
+        RunEta(3, [1.0, 2.0])

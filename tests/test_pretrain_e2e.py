@@ -110,6 +110,10 @@ def test_freezeout_run_schedule_and_frozen_weights(data, tmp_path):
     announced = [int(line.split()[2].rstrip(':')) for line in res.stdout.splitlines()
                  if line.startswith('FreezeOut: step')]
     assert announced == events
+    # each epoch's closing line counts epochs and, before the last, estimates the time left
+    closing = [line for line in res.stdout.splitlines() if ' done in ' in line]
+    assert [line.split(']')[0] for line in closing] == [f'Epoch [{e}/{epochs}' for e in range(epochs)], closing
+    assert all('; run eta ' in line for line in closing[:-1]) and 'eta' not in closing[-1], closing
 
     # layers frozen during epoch 2 stay bitwise equal to the end; the rest keeps training
     ck = {e: load_ckpt(out / f'checkpoint-{e}.pth') for e in (0, 2, 3)}

@@ -12,6 +12,7 @@ estimates of GPU work, not of wall time.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from util import freezeout as fo
@@ -107,3 +108,18 @@ def freezeout_speedup(shape: ModelShape, t_0: float, how_scale: str, decoder_fre
         previous = t[k]
     return {'plain_gflops_per_image': plain / 1e9, 'average_gflops_per_image': average / 1e9,
             'flops_ratio': average / plain, 'saving': 1 - average / plain, 'speedup': plain / average}
+
+
+def epoch_costs(shape: ModelShape, freeze_steps: Sequence[int], steps_per_epoch: int, epochs: int,
+                decoder_freeze: str = 'tap') -> list[float]:
+    """Estimated FLOPs per image of each epoch's mean step, when layer i freezes at step
+    freeze_steps[i] (nondecreasing; none for a plain run). For a run's time-left estimate."""
+    cost_with = [step_flops(shape, k, decoder_freeze) for k in range(len(freeze_steps) + 1)]
+    starts = [0, *freeze_steps]  # k layers frozen from starts[k] until starts[k + 1]
+    ends = [*freeze_steps, float('inf')]
+    costs = []
+    for epoch in range(epochs):
+        lo, hi = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch
+        steps_with = [max(0, min(hi, end) - max(lo, start)) for start, end in zip(starts, ends)]
+        costs.append(sum(n * c for n, c in zip(steps_with, cost_with)) / steps_per_epoch)
+    return costs

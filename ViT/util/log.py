@@ -9,6 +9,7 @@ import datetime
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,6 +47,27 @@ class DeviceMeans:
 
 def format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class RunEta:
+    """Time left in a run: the epochs still to come, each weighted by its estimated cost (1 each by
+    default; FLOPs per image for FreezeOut, whose epochs get cheaper as layers freeze), at the time per
+    unit of cost of the last WINDOW epochs this process timed. A process's first epoch is left out once
+    another is timed: it also waits for the loader workers to start (and for compilation)."""
+    WINDOW = 3
+
+    def __init__(self, epochs: int, epoch_costs: Sequence[float] | None = None):
+        self.costs = list(epoch_costs) if epoch_costs is not None else [1.0] * epochs
+        if len(self.costs) != epochs:
+            raise ValueError(f'{len(self.costs)} epoch costs for {epochs} epochs')
+        self.timed: list[tuple[int, float]] = []  # (epoch, seconds)
+
+    def seconds_left(self, epoch: int, seconds: float) -> float:
+        """Records that `epoch` took `seconds`; returns the estimate for the epochs after it."""
+        self.timed.append((epoch, seconds))
+        window = (self.timed[1:] if len(self.timed) > 1 else self.timed)[-self.WINDOW:]
+        per_cost = sum(s for _, s in window) / max(sum(self.costs[e] for e, _ in window), 1e-30)
+        return per_cost * sum(self.costs[epoch + 1:])
 
 
 def require_tensorboard() -> type:
