@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from util import dist
+from util import freezeout as fo
 from util.log import EpochProgress, format_seconds
 from util.optim import backward, optimizer_step
 
@@ -67,7 +68,7 @@ def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Opt
         step = epoch * steps + step_in_epoch
         if micro == 0 and schedule.on_step(step):
             handle.rewrap()
-            print(f'FreezeOut: step {step}: {handle.module.num_frozen} layers frozen, live taps '
+            print(f'FreezeOut: step {step}: {fo.layers_frozen(handle.module.num_frozen)}, live taps '
                   f'{[SCALE_NAMES[j] for j in handle.module.live_taps]}')
 
         samples = samples.to(device, non_blocking=True)

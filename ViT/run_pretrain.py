@@ -185,7 +185,7 @@ def refuse_thawing(path: Path, saved: dict | None, model: torch.nn.Module) -> No
             what.append(f'bring back dropped taps {[SCALE_NAMES[j] for j in revived]}')
         raise checkpoint.CheckpointError(
             f'resuming {path} with these flags would {" and ".join(what)}: the checkpointed run had '
-            f'{saved["num_frozen"]} layers frozen, this schedule has {model.num_frozen} at the resume step. '
+            f'{fo.layers_frozen(saved["num_frozen"])}, this schedule has {model.num_frozen} at the resume step. '
             f'A FreezeOut schedule spans the whole run (--epochs, --t_0, --how_scale, and the steps per epoch '
             f'set by --batch_size, --accum_iter, the number of processes and the data), and frozen layers '
             f'have lost their optimizer state. Resume with the run\'s own flags, or start a new run '
@@ -222,7 +222,7 @@ def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module
     schedule.on_step(start_epoch * steps_per_epoch)
     refuse_thawing(path, ckpt.get('frozen'), model)
     # (a finished run has no next step: the state "at" step T, past every event, would be no run's)
-    frozen = (f' with {model.num_frozen} layers frozen, live taps {[SCALE_NAMES[j] for j in model.live_taps]}'
+    frozen = (f' with {fo.layers_frozen(model.num_frozen)}, live taps {[SCALE_NAMES[j] for j in model.live_taps]}'
               if isinstance(schedule, fo.FreezeOut) and start_epoch < args.epochs else '')
     print(f'resumed from {path} (epoch {ckpt["epoch"]}); continuing at epoch {start_epoch}{frozen}')
     return start_epoch

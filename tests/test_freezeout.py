@@ -193,3 +193,7 @@ def test_schedule_table_lists_every_layer_with_its_params(tmp_path):
     assert rows[2]['params'] == ['blocks.1', 'norm.0', 'decoder.0']
     assert all(r['freeze_step'] == math.ceil(r['t'] * table['total_steps'] - 1e-9) for r in rows)
     assert 'freeze_step' in fo.format_table(table)
+
+
+def test_layers_frozen_wording():
+    assert [fo.layers_frozen(n) for n in (0, 1, 2)] == ['0 layers frozen', '1 layer frozen', '2 layers frozen']

@@ -75,6 +75,11 @@ def num_frozen_at(step: int, freeze_steps: list[int]) -> int:
     return sum(1 for s in freeze_steps if step >= s)
 
 
+def layers_frozen(n: int) -> str:
+    """'1 layer frozen', '3 layers frozen': the console's wording of a frozen count."""
+    return f'{n} layer{"" if n == 1 else "s"} frozen'
+
+
 def validate(t_0: float, how_scale: str, decoder_freeze: str, warmup_epochs: float, epochs: int) -> None:
     """Stop with a message, before any work, on values the schedule cannot honour."""
     if not 0.0 < t_0 <= 1.0:
