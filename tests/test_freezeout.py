@@ -193,6 +193,10 @@ def test_schedule_table_lists_every_layer_with_its_params(tmp_path):
     assert rows[2]['params'] == ['blocks.1', 'norm.0', 'decoder.0']
     assert all(r['freeze_step'] == math.ceil(r['t'] * table['total_steps'] - 1e-9) for r in rows)
     assert 'freeze_step' in fo.format_table(table)
+    # the settings it was built from, so the file alone says which schedule it is
+    assert {k: table[k] for k in ('t_0', 'how_scale', 'scale_lr', 'lr')} == {
+        't_0': sched.t_0, 'how_scale': sched.how_scale, 'scale_lr': sched.scale_lr, 'lr': sched.run_lr}
+    assert sched.t_0 is not None and f'{sched.how_scale} t_0 {sched.t_0:g}, lr ' in fo.format_table(table)
 
 
 def test_layers_frozen_wording():

@@ -136,6 +136,11 @@ class FreezeOutSchedule:
     peaks: tuple[float, ...]
     tap_layers: tuple[int, ...]
     decoder_freeze: str
+    # the settings it was built from, for freezeout_schedule.json (None: built from fractions directly)
+    t_0: float | None = None
+    how_scale: str | None = None
+    scale_lr: bool | None = None
+    run_lr: float | None = None  # the run's lr (peak before FreezeOut's scaling)
 
     @classmethod
     def build(cls, num_layers: int, tap_layers: list[int], lr: float, t_0: float, how_scale: str,
@@ -147,7 +152,7 @@ class FreezeOutSchedule:
         return cls(num_layers=num_layers, total_steps=total, warmup_steps=warmup_epochs * steps_per_epoch,
                    t=tuple(t), freeze_steps=tuple(freeze_step(x, total) for x in t),
                    peaks=tuple(peak_lr(lr, x, scale_lr) for x in t), tap_layers=tuple(tap_layers),
-                   decoder_freeze=decoder_freeze)
+                   decoder_freeze=decoder_freeze, t_0=t_0, how_scale=how_scale, scale_lr=scale_lr, run_lr=lr)
 
     def lr(self, layer: int, step: int) -> float:
         return layer_lr(step, self.total_steps, self.warmup_steps, self.peaks[layer], self.t[layer])
@@ -163,7 +168,9 @@ class FreezeOutSchedule:
 
     def table(self, param_prefixes: dict[int, list[str]]) -> dict:
         """The schedule as written to freezeout_schedule.json."""
-        return {'total_steps': self.total_steps, 'warmup_steps': self.warmup_steps,
+        settings = {'t_0': self.t_0, 'how_scale': self.how_scale, 'scale_lr': self.scale_lr, 'lr': self.run_lr}
+        return {**{k: v for k, v in settings.items() if v is not None},
+                'total_steps': self.total_steps, 'warmup_steps': self.warmup_steps,
                 'decoder_freeze': self.decoder_freeze,
                 'layers': [{'index': i, 't': self.t[i], 'freeze_step': self.freeze_steps[i],
                             'peak_lr': self.peaks[i], 'params': param_prefixes.get(i, [])}
@@ -185,8 +192,10 @@ def param_prefixes(model: nn.Module, schedule: FreezeOutSchedule) -> dict[int, l
 
 
 def format_table(table: dict) -> str:
-    lines = [f'FreezeOut schedule: {table["total_steps"]} optimizer steps, warmup {table["warmup_steps"]:g} '
-             f'steps, decoders: {table["decoder_freeze"]}',
+    built_from = (f'{table["how_scale"]} t_0 {table["t_0"]:g}, lr {table["lr"]:.3e} '
+                  f'{"scaled by 1/t" if table["scale_lr"] else "unscaled"}, ' if 't_0' in table else '')
+    lines = [f'FreezeOut schedule: {built_from}{table["total_steps"]} optimizer steps, warmup '
+             f'{table["warmup_steps"]:g} steps, decoders: {table["decoder_freeze"]}',
              f'{"layer":>5} {"t":>7} {"freeze_step":>11} {"peak_lr":>10}  params']
     for row in table['layers']:
         frozen = row['freeze_step'] if row['freeze_step'] < table['total_steps'] else 'never'
