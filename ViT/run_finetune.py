@@ -418,7 +418,7 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
             'e.g. saved by another script or with other --layer_decay / --weight_decay grouping; resume '
             'with this script\'s own checkpoint, or pass the weights as --finetune')
     epoch = int(ckpt.get('epoch', -1))
-    print(f'resumed from {path} (epoch {epoch})')
+    print(f'{"evaluating" if args.eval else "resumed from"} {path} (epoch {epoch})')
     return epoch + 1, path
 
 

@@ -165,6 +165,33 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     assert res.returncode == 0, res.stderr  # free again
 
 
+def test_a_killed_runs_folder_is_free_at_once_though_its_forked_workers_live_on(tmp_path):
+    """A run killed with SIGKILL leaves its loader workers (forked children) running for a while; they
+    must not keep the folder locked."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    folder = str(tmp_path.resolve())
+    run = ('import os, sys, time; from util import checkpoint; checkpoint.lock_run_folder(sys.argv[1])\n'
+           'worker = os.fork()\n'
+           'if worker == 0:\n    time.sleep(60); os._exit(0)\n'
+           'print(worker, flush=True); time.sleep(60)\n')
+    vit = Path(__file__).resolve().parents[1] / 'ViT'
+    proc = subprocess.Popen([sys.executable, '-c', run, folder], cwd=vit, stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        os.kill(worker, 0)  # the worker is still alive
+        res = subprocess.run([sys.executable, '-c', 'import sys; from util import checkpoint; '
+                              'checkpoint.lock_run_folder(sys.argv[1])', folder], cwd=vit, capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 def test_an_upstream_optimizer_state_resumes_into_a_plain_run():
     """Upstream LocalMIM saves its AdamW groups as [no decay, decay] (timm's add_weight_decay,
     no 'param_names'), numbering its parameters in its model's order; a plain run here groups

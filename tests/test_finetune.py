@@ -342,6 +342,8 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
     assert last['test_acc1'] == best_line['test_acc1']
     assert last['test_loss'] == pytest.approx(best_line['test_loss'], rel=1e-4)
     assert '* Acc@1 ' in res.stdout and ' Acc@4 ' in res.stdout  # 4 classes: top-5 is top-4
+    assert f'evaluating {out / "checkpoint-best.pth"} (epoch {best["epoch"]})' in res.stdout
+    assert 'resumed from' not in res.stdout, res.stdout[-3000:]
 
     # --eval at another --input_size: the error names the flag the checkpoint was written with
     res = run_script(['run_finetune.py', *common[:2], '--input_size', '32', *common[4:], '--eval', '--resume',

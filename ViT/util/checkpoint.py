@@ -318,6 +318,19 @@ def note_changed_flags(path: Path, saved_args: dict | None, args: argparse.Names
 _held_locks: dict[str, Any] = {}
 
 
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data-loader worker): close the inherited lock files. A flock lasts while
+    any copy of its descriptor is open, so without this a run killed with SIGKILL kept its folder
+    locked until its workers noticed and exited, seconds later. Closing a copy does not unlock."""
+    for handle in _held_locks.values():
+        handle.close()
+    _held_locks.clear()
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def lock_run_folder(*folders: str | None) -> None:
     """Every rank: stops (all ranks together) when another live process trains into one of
     `folders` (--output_dir, and --log_dir when it differs), e.g. the same command started twice,
