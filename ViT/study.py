@@ -371,6 +371,7 @@ class Study:
             record['finetuned_encoder'] = encoder_note
         self.longest_run = max(self.longest_run, wall)
         self.save()
+        print(f'{key}: fine-tune {record["finetune_top1"]:.1f}% top-1 ({len(epochs)} epochs, {wall:.0f}s)', flush=True)
 
     def flops_saving(self, flags: list[str]) -> float:
         if '--t_0' not in flags:
