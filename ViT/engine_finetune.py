@@ -211,10 +211,9 @@ def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, opti
         test_stats = evaluate(handle.module, val_loader, device, args.amp, sharded)
         improved = test_stats['acc1'] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats['acc1'])
-        left = eta.seconds_left(epoch, time.time() - epoch_start)  # training and evaluation
-        more = f'; epoch {epoch + 1}/{args.epochs}, run eta {format_seconds(left)}' if epoch + 1 < args.epochs else ''
+        progress = eta.progress(epoch, time.time() - epoch_start)  # training and evaluation
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: {test_stats["acc1"]:.1f}%  '
-              f'(max {max_accuracy:.2f}%){more}')
+              f'(max {max_accuracy:.2f}%); {progress}')
         if log_writer is not None:
             # on the training curves' epoch_1000x axis, at the epoch's last step (upstream used the epoch
             # number), so a resumed run's purge_step hides exactly the epochs it redoes

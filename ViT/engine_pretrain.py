@@ -48,6 +48,12 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def epoch_done_line(epoch: int, stats: dict[str, float], progress: str) -> str:
+    """The console line that closes an epoch; `progress` from util.log.RunEta.progress."""
+    return (f'Epoch [{epoch}] done in {format_seconds(stats["epoch_time"])}: loss {stats["loss"]:.4f}, '
+            f'{stats["images_per_s"]:.0f} img/s, data wait {stats["data_wait_s"]:.1f}s; {progress}')
+
+
 def train_one_epoch(handle: ModelHandle, data_loader, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, loss_scaler, schedule, args,
                     log_writer=None) -> dict[str, float]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import models_mim
-from engine_pretrain import SCALE_NAMES, ModelHandle, train_one_epoch
+from engine_pretrain import SCALE_NAMES, ModelHandle, epoch_done_line, train_one_epoch
 from util import checkpoint, dist, flops
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util.cli import ArgumentParser
@@ -315,10 +315,7 @@ def main(args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(handle, loader, optimizer, device, epoch, loss_scaler, schedule, args, log_writer)
-        left = eta.seconds_left(epoch, stats['epoch_time'])
-        print(f'Epoch [{epoch}/{args.epochs}] done in {format_seconds(stats["epoch_time"])}: loss {stats["loss"]:.4f}, '
-              f'{stats["images_per_s"]:.0f} img/s, data wait {stats["data_wait_s"]:.1f}s'
-              + (f'; run eta {format_seconds(left)}' if epoch + 1 < args.epochs else ''), flush=True)
+        print(epoch_done_line(epoch, stats, eta.progress(epoch, stats['epoch_time'])), flush=True)
         # once a run, from its second epoch (the first also waits for the workers to start)
         hint = None if hinted or epoch == start_epoch else input_bound_hint(
             args.data_backend, stats['data_wait_s'], stats['epoch_time'], args.cpu_decode_share, device.type)

@@ -156,11 +156,15 @@ def run(cmd: list[str], log: Path) -> float:
         written_before = f.tell()  # the log holds earlier runs' output too
         with subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, errors='replace', env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as proc:
-            for line in proc.stdout:
-                f.write(line)
-                if is_progress_line(line) and time.perf_counter() - last_echo >= ECHO_EVERY_S:
-                    print('  ' + line.rstrip(), flush=True)
-                    last_echo = time.perf_counter()
+            try:
+                for line in proc.stdout:
+                    f.write(line)
+                    if is_progress_line(line) and time.perf_counter() - last_echo >= ECHO_EVERY_S:
+                        print('  ' + line.rstrip(), flush=True)
+                        last_echo = time.perf_counter()
+            except BaseException:  # Ctrl-C reaching only the study, or a failed write: the run stops too
+                proc.kill()
+                raise
     if proc.returncode != 0:
         with open(log, encoding='utf-8', errors='replace') as f:
             f.seek(written_before)
@@ -519,16 +523,18 @@ def run_study(study: Study, args: argparse.Namespace) -> None:
         print('no FreezeOut config finished: the best config\'s runs are left out')
         study.pretrain('regular', [], second)
         return
+    score = {name: round(r['knn_top1'] + r['linprobe_top1'], 2) for name, r in scored.items()}  # as printed
     best = study.results.get('best')  # chosen once: later sessions continue with the same config
-    if best not in scored or args.rerun:
-        best = max(scored, key=lambda n: (scored[n]['knn_top1'] + scored[n]['linprobe_top1']))
+    kept = best in scored and not args.rerun
+    if not kept:
+        best = max(scored, key=score.get)
         study.results['best'] = best
         study.save()
-    score = {name: r['knn_top1'] + r['linprobe_top1'] for name, r in scored.items()}
     tied = [name for name in scored if name != best and score[name] == score[best]]
+    why = ('; chosen by an earlier invocation of the study and kept' if kept else
+           f'; tied with {", ".join(tied)}: the first in the study\'s order is taken' if tied else '')
     print(f'best FreezeOut config by 20-NN + linear accuracy: {best} ('
-          + ', '.join(f'{name} {score[name]:.2f}' for name in sorted(score, key=score.get, reverse=True))
-          + (f'; tied with {", ".join(tied)}: the first in the study\'s order is taken' if tied else '') + ')')
+          + ', '.join(f'{name} {score[name]:.2f}' for name in sorted(score, key=score.get, reverse=True)) + why + ')')
     if not args.no_finetune:
         study.finetune(f'{best}/seed{first}')
     study.pretrain(f'{best}-never', FREEZEOUT_CONFIGS[best] + ['--decoder_freeze', 'never'], first)

@@ -180,13 +180,15 @@ def test_a_killed_runs_folder_is_free_at_once_though_its_forked_workers_live_on(
     vit = Path(__file__).resolve().parents[1] / 'ViT'
     proc = subprocess.Popen([sys.executable, '-c', run, folder], cwd=vit, stdout=subprocess.PIPE, text=True)
     worker = int(proc.stdout.readline())
+    second_run = [sys.executable, '-c',
+                  'import sys; from util import checkpoint; checkpoint.lock_run_folder(sys.argv[1])', folder]
     try:
+        res = subprocess.run(second_run, cwd=vit, capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and 'another run is training into' in res.stderr, res.stderr  # the run holds it
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         os.kill(worker, 0)  # the worker is still alive
-        res = subprocess.run([sys.executable, '-c', 'import sys; from util import checkpoint; '
-                              'checkpoint.lock_run_folder(sys.argv[1])', folder], cwd=vit, capture_output=True,
-                             text=True, timeout=120)
+        res = subprocess.run(second_run, cwd=vit, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
     finally:
         os.kill(worker, signal.SIGKILL)

@@ -95,3 +95,7 @@ def test_run_eta_weighs_the_epochs_left_by_their_cost_at_the_recent_pace():
     assert resumed.seconds_left(2, 9.0) == pytest.approx(9.0)
     with pytest.raises(ValueError):
         RunEta(3, [1.0, 2.0])
+    line = RunEta(3)
+    assert line.progress(0, 70.0) == '1 of 3 epochs done, run eta 0:02:20'
+    assert line.progress(1, 50.0) == '2 of 3 epochs done, run eta 0:00:50'
+    assert line.progress(2, 50.0) == '3 of 3 epochs done'

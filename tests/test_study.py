@@ -396,6 +396,43 @@ def test_a_runs_output_goes_to_its_log_with_progress_lines_on_the_console(tmp_pa
     assert out[2:] == ['  Epoch [0] done in 0:00:01: loss 0.5', '  Epoch [1] done in 0:00:01: loss 0.5',
                        '  Epoch [2] done in 0:00:01: loss 0.5', '  Accuracy of the network on the 8 test images: 50.0%']
     assert log.read_text().splitlines()[0] == 'args: {}' and len(log.read_text().splitlines()) == 5
+    # the lines it echoes are the scripts' own
+    from engine_pretrain import epoch_done_line
+    from util.log import RunEta
+    stats = {'epoch_time': 1.0, 'loss': 0.5, 'images_per_s': 8.0, 'data_wait_s': 0.0}
+    assert study.is_progress_line(epoch_done_line(0, stats, RunEta(2).progress(0, 1.0)))
     monkeypatch.setattr(study, 'ECHO_EVERY_S', 3600.0)
     study.run([str(script)], log)
     assert len(capsys.readouterr().out.splitlines()) == 2 and len(log.read_text().splitlines()) == 10
+
+
+def test_the_best_config_line_shows_every_score_and_says_why_it_is_the_best(capsys):
+    """The best config by kNN + linear (scores compared as printed); a tie names the other config;
+    a choice recorded by an earlier invocation is kept, and the line says so."""
+    import argparse
+    import study
+
+    class Recorder:  # stands in for study.Study: pretrain returns the scores given
+        def __init__(self, scores, best=None):
+            self.scores, self.results = scores, ({'best': best} if best else {})
+
+        def pretrain(self, name, flags, seed):
+            return {'knn_top1': self.scores[name], 'linprobe_top1': 50.0} if name in self.scores else None
+
+        def finetune(self, key):
+            pass
+
+        def save(self):
+            pass
+
+    args = argparse.Namespace(seeds=[0, 1], no_finetune=True, quick=True, rerun=False)
+    a, b = study.QUICK_CONFIGS
+    study.run_study(Recorder({a: 60.0, b: 70.0}), args)
+    assert f'best FreezeOut config by 20-NN + linear accuracy: {b} ({b} 120.00, {a} 110.00)' in capsys.readouterr().out
+    study.run_study(Recorder({a: 60.001, b: 60.0}), args)
+    assert f': {a} ({a} 110.00, {b} 110.00; tied with {b}: the first in the study\'s order is taken)' \
+        in capsys.readouterr().out
+    recorder = Recorder({a: 60.0, b: 70.0}, best=a)
+    study.run_study(recorder, args)
+    assert f': {a} ({b} 120.00, {a} 110.00; chosen by an earlier invocation of the study and kept)' \
+        in capsys.readouterr().out and recorder.results['best'] == a

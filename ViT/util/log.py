@@ -69,6 +69,12 @@ class RunEta:
         per_cost = sum(s for _, s in window) / max(sum(self.costs[e] for e, _ in window), 1e-30)
         return per_cost * sum(self.costs[epoch + 1:])
 
+    def progress(self, epoch: int, seconds: float) -> str:
+        """Records `epoch`'s time; the console's '6 of 10 epochs done, run eta 0:01:02' (no eta after the last)."""
+        left = self.seconds_left(epoch, seconds)
+        done = f'{epoch + 1} of {len(self.costs)} epochs done'
+        return done + (f', run eta {format_seconds(left)}' if epoch + 1 < len(self.costs) else '')
+
 
 def require_tensorboard() -> type:
     """torch's SummaryWriter class, or one `error:` line when tensorboard is missing (torch does not
