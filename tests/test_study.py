@@ -436,3 +436,22 @@ def test_the_best_config_line_shows_every_score_and_says_why_it_is_the_best(caps
     study.run_study(recorder, args)
     assert f': {a} ({b} 120.00, {a} 110.00; chosen by an earlier invocation of the study and kept)' \
         in capsys.readouterr().out and recorder.results['best'] == a
+
+
+def test_an_interrupted_study_stops_its_run(tmp_path, monkeypatch):
+    """Ctrl-C reaching the study alone (or any error while it relays the run's output) stops the run
+    too: it must not go on holding the GPU and its folder."""
+    import os
+    import study
+    script = tmp_path / 'slow_run.py'
+    script.write_text("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(120)\n")
+    pids = []
+
+    def interrupt_at_first_line(line):
+        pids.append(int(line))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(study, 'is_progress_line', interrupt_at_first_line)
+    with pytest.raises(KeyboardInterrupt):
+        study.run([str(script)], tmp_path / 'study_log.txt')
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[0], 0)  # killed and reaped
