@@ -163,6 +163,21 @@ def _terminate_main_process(main_pid: int) -> Callable[[int, Any], None]:
     return handler
 
 
+_SIGTERM_HANDLER_CODE = _terminate_main_process(0).__code__
+
+
+def _raised_in_sigterm_handler(error: BaseException) -> bool:
+    """Whether `error` came out of the SIGTERM handler above: torch's SIGCHLD handler, its signal
+    pending too, can run at the handler's very first instruction (CPython checks for signals on
+    entering a frame) and report the loader workers' death by the same SIGTERM as an error."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is _SIGTERM_HANDLER_CODE:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 # what a collective raises when another rank died first (gloo; NCCL's watchdog)
 _PEER_FAILED = ('Connection closed by peer', 'Connection reset by peer', 'remote process exited')
 
@@ -224,6 +239,10 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
             sys.exit(2)
         print_usage_and_exit(message)
 
+    def stop_interrupted(terminated: bool) -> NoReturn:
+        what = 'terminated (SIGTERM)' if terminated else 'interrupted'
+        _stop(f'{what}{resume_hint(args) if resumable else ""}', 143 if terminated else 130)
+
     parser.error = flag_error
     startup.imports_done()  # util.startup's Ctrl-C handler is for the imports only
     args = parser.parse_args()
@@ -234,8 +253,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
     try:
         main(args)
     except (KeyboardInterrupt, Terminated) as e:
-        what = 'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'
-        _stop(f'{what}{resume_hint(args) if resumable else ""}', 143 if isinstance(e, Terminated) else 130)
+        stop_interrupted(isinstance(e, Terminated))
     except UnreadableImage as e:
         text = str(e)  # from a worker: its whole traceback, ending with our message
         _stop('error: ' + text[text.rfind('cannot decode'):].splitlines()[0], 1)
@@ -247,6 +265,9 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
             tell_launcher(f'exit status {e.code}: see this rank\'s output above')
         raise
     except Exception as e:
+        if _raised_in_sigterm_handler(e):
+            signal.signal(signal.SIGCHLD, lambda *_: None)  # as the handler would have, had it run
+            stop_interrupted(terminated=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             # checkpoints are written by rename (util.checkpoint.save_atomic): the last one saved is whole
             _stop(f'error: no space left (disk or quota full) to write {e.filename or "a file"}: free some space'
