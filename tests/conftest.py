@@ -27,3 +27,9 @@ def demo_data(tmp_path_factory) -> Path:
     from util.demo_data import make_demo_dataset
     return make_demo_dataset(tmp_path_factory.getbasetemp() / 'eval_demo_data', num_classes=4,
                              images_per_class=8, size=64)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The long end-to-end runs (@pytest.mark.long, 30-150 s each here) first: with -n 2 they then
+    share the two workers with the short tests instead of ending the session on one worker."""
+    items.sort(key=lambda item: item.get_closest_marker('long') is None)  # stable: file order otherwise

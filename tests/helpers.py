@@ -2,11 +2,9 @@
 as a subprocess with cwd=ViT, on a small real-photo ImageFolder made once per session."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from script_server import WarmInterpreter, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = ROOT / 'ViT'
@@ -56,28 +56,57 @@ class Result:
 
 def run_cmd(cmd: list[str], timeout: float = 180, cwd: Path = VIT, env: dict | None = None) -> Result:
     """Runs cmd in its own process group; on timeout the whole group (launcher and workers) is
-    killed and the test fails (a hang is a failure, not a stuck test session)."""
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env or subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # SIGTERM first: torchrun then stops its workers, which run in sessions of their own (a
-        # SIGKILL to the group would orphan them, and they would hold the pipes open)
-        out = err = ''
-        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                out, err = proc.communicate(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+    killed and the test fails (a hang is a failure, not a stuck test session). `python script.py
+    ...` runs in a child of the warm interpreter (tests/script_server.py) where it can."""
+    cmd = [str(c) for c in cmd]
+    env = env or subprocess_env()
+    if warm_interpreter_fits(cmd, env):
+        code, out, err = WARM.run(cmd[1:], timeout, cwd, env)
+    else:
+        code, out, err = run_fresh(cmd, timeout, cwd, env)
+    if code is None:
         import pytest
-        pytest.fail(f'timed out after {timeout}s (hang?): {" ".join(map(str, cmd))}\n'
-                    f'{Result(-9, out, err).describe()}')
-    return Result(proc.returncode, out, err)
+        pytest.fail(f'timed out after {timeout}s (hang?): {" ".join(cmd)}\n{Result(-9, out, err).describe()}')
+    return Result(code, out, err)
+
+
+def run_fresh(cmd: list[str], timeout: float, cwd: Path, env: dict) -> tuple[int | None, str, str]:
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    outputs = ['', '']
+
+    def ended(within: float) -> bool:
+        try:
+            outputs[:] = proc.communicate(timeout=within)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    if not ended(timeout):
+        stop_group(proc.pid, ended)
+        return None, *outputs
+    return proc.returncode, *outputs
+
+
+# Environment variables read when the interpreter or its libraries start: a run whose value of
+# one differs from the warm interpreter's needs a fresh interpreter. Not the inductor's cache
+# folder: inductor reads it when it compiles, and sets it in a process that compiled in-process.
+STARTUP_VARS = ('PYTHON', 'OMP_', 'MKL_', 'KMP_', 'OPENBLAS', 'LD_', 'MALLOC', 'TORCH', 'CUDA', 'LC_', 'LANG')
+READ_LATER = {'TORCHINDUCTOR_CACHE_DIR'}
+
+
+def warm_interpreter_fits(cmd: list[str], env: dict[str, str]) -> bool:
+    """`python script.py ...` whose environment differs from the warm interpreter's in nothing
+    read at start-up; TESTS_FRESH_INTERPRETERS=1 turns the warm interpreter off."""
+    if os.environ.get('TESTS_FRESH_INTERPRETERS') or len(cmd) < 2 or cmd[0] != sys.executable:
+        return False
+    if not cmd[1].endswith('.py') or not WARM.available():
+        return False
+    changed = {k for k in WARM.env.keys() | env.keys() if WARM.env.get(k) != env.get(k)}
+    return not any(k.startswith(STARTUP_VARS) for k in changed - READ_LATER)
+
+
+WARM = WarmInterpreter(subprocess_env())
 
 
 def run_pretrain(*flags: str, timeout: float = 180, script: str = 'run_pretrain.py',

@@ -1,9 +1,12 @@
 """demo.py, the README's first command (shortened)."""
 import sys
 
+import pytest
+
 from helpers import VIT, run_cmd
 
 
+@pytest.mark.long
 def test_demo_runs_plain_and_freezeout(tmp_path):
     stale = tmp_path / 'demo' / 'plain' / 'checkpoint-7.pth'  # an earlier demo's: the rerun starts clean
     stale.parent.mkdir(parents=True)

@@ -104,6 +104,7 @@ def check_run(res, out: Path, dumps: Path, epochs: int, steps_per_epoch: int) ->
     return sched
 
 
+@pytest.mark.long
 def test_launch_with_accumulation_and_freezeout(data, tmp_path):
     """torch.distributed.launch (passes --local-rank), accum_iter 2: freeze events only at
     optimizer-step boundaries, some at epoch starts and some inside an epoch."""
@@ -131,6 +132,7 @@ def test_launch_with_accumulation_and_freezeout(data, tmp_path):
     assert_same_tensors(again['model'], rank1['model'], 'resumed: rank 0 vs rank 1')
 
 
+@pytest.mark.long
 def test_torchrun_freeze_events_mid_epoch_no_hang(data, tmp_path):
     """torchrun; every freeze event (layers and LocalMIM taps) falls inside an epoch, so the
     DDP wrapper is rebuilt between two iterations on both ranks. A hang is a timeout failure."""
@@ -225,6 +227,7 @@ KILLED_RANK = dict(when="os.environ['RANK'] == '0' and os.environ['TORCHELASTIC_
                    stop='os.kill(os.getpid(), signal.SIGKILL)')
 
 
+@pytest.mark.long
 def test_torchrun_max_restarts_brings_the_group_back_and_it_resumes(data, tmp_path):
     """torchrun --max-restarts=1 after a worker dies: the restarted group gets a fresh store
     (util.dist.restart_safe_store; torch's own rendezvous hands it the dead attempt's keys and

@@ -10,6 +10,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
 import numpy as np
 from PIL import Image
 
@@ -38,6 +39,7 @@ def measure(out: Path, **env: str):
                    env=subprocess_env(QUICK='1', **env))
 
 
+@pytest.mark.long
 def test_quick_run_packs_every_stage(tmp_path):
     data = stand_in_data(tmp_path / 'data')
     out = tmp_path / 'out'
@@ -76,6 +78,7 @@ def test_quick_run_packs_every_stage(tmp_path):
         assert any(n.endswith('study_log.txt') for n in tar.getnames())
 
 
+@pytest.mark.long
 def test_only_study_runs_the_study_stage_alone(tmp_path):
     """ONLY_STUDY=1: no benchmark stage, the study continues the results JSON in out/study/."""
     data = stand_in_data(tmp_path / 'data')

@@ -13,6 +13,7 @@ import pytest
 from helpers import VIT, make_demo_data, run_cmd, subprocess_env
 
 
+@pytest.mark.long
 def test_quick_study_end_to_end(tmp_path):
     data = make_demo_data(tmp_path)
     results = tmp_path / 'results' / 'study_results.json'

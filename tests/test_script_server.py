@@ -1,0 +1,120 @@
+"""The warm interpreter that runs the end-to-end tests' `python script.py` (tests/script_server.py,
+client in helpers.py): a script run there must see and do what it would in a fresh interpreter."""
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+import helpers
+from helpers import run_cmd, subprocess_env
+
+PROBE = '''
+import atexit, json, os, sys, threading, time
+print(json.dumps({
+    'torch_already_imported': 'torch' in sys.modules,
+    'name': __name__, 'file': __file__, 'package': __package__, 'spec': repr(__spec__), 'cached': __cached__,
+    'loader': type(__loader__).__name__, 'main_is_this': sys.modules['__main__'].__dict__ is globals(),
+    'argv': sys.argv, 'cwd': os.getcwd(), 'path0': sys.path[0],
+    'probe_var': os.environ.get('PROBE_VAR'), 'stdin': sys.stdin.read(),
+    'own_session': os.getsid(0) == os.getpid()}), flush=True)
+print('to stderr', file=sys.stderr)
+atexit.register(lambda: print('atexit ran', flush=True))
+threading.Thread(target=lambda: (time.sleep(0.3), print('thread joined', flush=True))).start()
+how = sys.argv[1]
+if how == 'raise':
+    raise ValueError('boom')
+if how == 'ctrl-c':
+    raise KeyboardInterrupt
+if how == 'term':
+    os.kill(os.getpid(), 15)
+    time.sleep(5)
+sys.exit(int(how))
+'''
+
+
+@pytest.fixture
+def probe(tmp_path):
+    folder = tmp_path / 'scripts'
+    folder.mkdir()
+    (folder / 'probe.py').write_text(PROBE)
+    return folder / 'probe.py'
+
+
+def run_probe(probe, how: str, fresh: bool, monkeypatch, env: dict | None = None) -> helpers.Result:
+    if fresh:
+        monkeypatch.setenv('TESTS_FRESH_INTERPRETERS', '1')
+    else:
+        monkeypatch.delenv('TESTS_FRESH_INTERPRETERS', raising=False)
+    # a relative script path from another folder, as the tests run ViT/ scripts from ViT/
+    return run_cmd([sys.executable, os.path.join('scripts', 'probe.py'), how], cwd=probe.parent.parent,
+                   env=env, timeout=60)
+
+
+def test_a_script_sees_and_does_what_it_would_in_a_fresh_interpreter(probe, monkeypatch):
+    env = subprocess_env(PROBE_VAR='set for this run')
+    for how, code in (('0', 0), ('3', 3), ('raise', 1), ('ctrl-c', -signal.SIGINT), ('term', -signal.SIGTERM)):
+        warm = run_probe(probe, how, False, monkeypatch, env)
+        fresh = run_probe(probe, how, True, monkeypatch, env)
+        first_warm, first_fresh = (json.loads(r.stdout.splitlines()[0]) for r in (warm, fresh))
+        # the warm run did go through the server, which has torch imported already
+        assert first_warm.pop('torch_already_imported') and not first_fresh.pop('torch_already_imported')
+        assert first_warm == first_fresh, how
+        assert first_warm['name'] == '__main__' and first_warm['argv'] == ['scripts/probe.py', how]
+        assert first_warm['main_is_this'] and first_warm['file'] == str(probe)
+        assert first_warm['cwd'] == str(probe.parent.parent) and first_warm['path0'] == str(probe.parent)
+        assert first_warm['probe_var'] == 'set for this run' and first_warm['stdin'] == ''
+        assert first_warm['own_session']
+        assert warm.returncode == fresh.returncode == code, (how, warm.describe(), fresh.describe())
+        # exit as a fresh interpreter ends: non-daemon threads joined, then atexit hooks
+        assert warm.stdout.splitlines()[1:] == fresh.stdout.splitlines()[1:], how
+        if how != 'term':
+            assert warm.stdout.splitlines()[1:] == ['thread joined', 'atexit ran'], how
+        assert warm.stderr.startswith('to stderr\n') and fresh.stderr.startswith('to stderr\n')
+        if how == 'raise':
+            assert 'ValueError: boom' in warm.stderr and 'Traceback' in warm.stderr
+
+
+def test_a_changed_startup_variable_gets_a_fresh_interpreter(probe, monkeypatch):
+    monkeypatch.delenv('TESTS_FRESH_INTERPRETERS', raising=False)
+    res = run_probe(probe, '0', False, monkeypatch, subprocess_env(OMP_NUM_THREADS='2'))
+    assert res.returncode == 0, res.describe()
+    assert not json.loads(res.stdout.splitlines()[0])['torch_already_imported']
+    assert not helpers.warm_interpreter_fits([sys.executable, '-c', 'pass'], subprocess_env())
+
+
+@pytest.mark.parametrize('fresh', [False, True])
+def test_a_hang_is_killed_with_its_process_group_and_fails_the_test(fresh, tmp_path, monkeypatch):
+    if fresh:
+        monkeypatch.setenv('TESTS_FRESH_INTERPRETERS', '1')
+    else:
+        monkeypatch.delenv('TESTS_FRESH_INTERPRETERS', raising=False)
+    pid_file = tmp_path / 'pids'
+    script = tmp_path / 'hang.py'
+    # the script and a child of it in its process group both write their pids, then sleep
+    script.write_text('import os, subprocess, sys, time\n'
+                      'child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])\n'
+                      f'open({str(pid_file)!r}, "w").write(f"{{os.getpid()}} {{child.pid}}")\n'
+                      'time.sleep(60)\n')
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match='timed out after 3s'):
+        run_cmd([sys.executable, script], timeout=3, cwd=tmp_path)
+    assert time.monotonic() - start < 30
+    for pid in map(int, pid_file.read_text().split()):
+        for _ in range(100):  # the server reaps its child within 50 ms; the grandchild goes to init
+            if not running(pid):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f'process {pid} still runs')
+
+
+def running(pid: int) -> bool:
+    """Neither gone nor a zombie (an orphan's zombie stays until init reaps it)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
