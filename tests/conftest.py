@@ -33,3 +33,13 @@ def pytest_collection_modifyitems(items: list) -> None:
     """The long end-to-end runs (@pytest.mark.long, 30-150 s each here) first: with -n 2 they then
     share the two workers with the short tests instead of ending the session on one worker."""
     items.sort(key=lambda item: item.get_closest_marker('long') is None)  # stable: file order otherwise
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's, absent under -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+    """-n without --dist: work stealing, so that a worker left with a queue of tests (the long
+    ones above) hands some to an idle one."""
+    if config.getvalue('dist') == 'load' and not any(a.startswith('--dist') for a in config.invocation_params.args):
+        from xdist.scheduler import WorkStealingScheduling
+        return WorkStealingScheduling(config, log)
+    return None

@@ -71,8 +71,8 @@ def run_cmd(cmd: list[str], timeout: float = 180, cwd: Path = VIT, env: dict | N
 
 
 def run_fresh(cmd: list[str], timeout: float, cwd: Path, env: dict) -> tuple[int | None, str, str]:
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     outputs = ['', '']
 
     def ended(within: float) -> bool:
@@ -91,7 +91,8 @@ def run_fresh(cmd: list[str], timeout: float, cwd: Path, env: dict) -> tuple[int
 # Environment variables read when the interpreter or its libraries start: a run whose value of
 # one differs from the warm interpreter's needs a fresh interpreter. Not the inductor's cache
 # folder: inductor reads it when it compiles, and sets it in a process that compiled in-process.
-STARTUP_VARS = ('PYTHON', 'OMP_', 'MKL_', 'KMP_', 'OPENBLAS', 'LD_', 'MALLOC', 'TORCH', 'CUDA', 'LC_', 'LANG')
+STARTUP_VARS = ('PYTHON', 'OMP_', 'MKL_', 'KMP_', 'OPENBLAS', 'LD_', 'MALLOC', 'TORCH', 'PYTORCH_', 'CUDA', 'HF_',
+                'LC_', 'LANG', 'HOME', 'XDG_')
 READ_LATER = {'TORCHINDUCTOR_CACHE_DIR'}
 
 
@@ -124,11 +125,9 @@ def run_ok(*flags: str, **kwargs) -> Result:
 
 def make_demo_data(base: Path) -> Path:
     """<base>/demo/train/<class>/*.jpg (4 classes x 8 images of 64 px) and .../val; idempotent."""
+    from util.demo_data import make_demo_dataset  # in this process: 0.6 s, against 6 s in a fresh one
     root = base / 'demo'
-    code = ('import sys; from util.demo_data import make_demo_dataset; '
-            f'make_demo_dataset(sys.argv[1], {NUM_CLASSES}, {IMAGES_PER_CLASS}, {IMAGE_SIZE})')
-    res = run_cmd([sys.executable, '-c', code, str(root)], timeout=120)
-    assert res.returncode == 0, res.describe()
+    make_demo_dataset(root, NUM_CLASSES, IMAGES_PER_CLASS, IMAGE_SIZE)
     classes = sorted(p for p in (root / 'train').iterdir() if p.is_dir())
     assert len(classes) == NUM_CLASSES
     assert sum(len(list(c.glob('*.jpg'))) for c in classes) == NUM_IMAGES

@@ -2,9 +2,13 @@
 torch, torchvision and timm once, then forks one child per script run. Each run then skips the
 6-7 s of CPU that a fresh `python script.py` spends on those imports on the 2-core VM (most of
 the suite's time), and otherwise runs as that command would: its own session, cwd, environment,
-stdin from /dev/null, stdout and stderr on the caller's pipes, `sys.argv`, `sys.path[0]` and
-`__main__` as for a script, the usual interpreter exit (atexit hooks, threads joined, exit
-status). Project modules are never imported here, so each run imports the code under test afresh.
+stdin from /dev/null, stdout and stderr on the caller's pipes, `sys.argv`, `sys.orig_argv`,
+`sys.path[0]` and `__main__` as for a script, fresh random states, the usual interpreter exit
+(threads joined, atexit hooks, exit status). Project modules are never imported here, so each
+run imports the code under test afresh. What still differs: those three packages (and what
+they import) are in `sys.modules` before the script imports them; tracebacks start with two
+frames of this file; the str hash seed is the server's, which is why the client keeps two
+servers and takes them in turn.
 
 Protocol, one Unix-socket connection per run: the client sends one JSON line
 {"argv": [script, *args], "cwd": ..., "env": {...}} with its stdout and stderr pipe ends attached
@@ -26,6 +30,7 @@ import importlib.machinery
 import io
 import json
 import os
+import random
 import select
 import shutil
 import signal
@@ -41,9 +46,9 @@ from contextlib import redirect_stderr
 from typing import Callable
 
 
-# what the entry scripts import first (tensorboard: where installed)
-HEAVY_MODULES = ('numpy', 'PIL.Image', 'torch', 'torch.distributed', 'torchvision.datasets', 'torchvision.transforms',
-                 'timm', 'torch.utils.tensorboard')
+# what every entry script imports, and nothing more (a submodule imported here and not in a
+# script, e.g. torch.utils.tensorboard, would hide a missing import; each costs a fresh run too)
+HEAVY_MODULES = ('torch', 'torchvision', 'timm')
 
 
 def import_heavy_modules() -> str:
@@ -52,11 +57,7 @@ def import_heavy_modules() -> str:
     with warnings.catch_warnings(record=True) as caught, redirect_stderr(printed):
         warnings.simplefilter('always')
         for name in HEAVY_MODULES:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                if name != 'torch.utils.tensorboard':
-                    raise
+            importlib.import_module(name)
     return '; '.join([str(w.message) for w in caught] + [printed.getvalue().strip()]).strip('; ')
 
 
@@ -88,7 +89,11 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
             return None  # the test process has gone
         if listener in readable:
             conn, _ = listener.accept()
-            request, fds = read_request(conn)
+            try:
+                request, fds = read_request(conn)
+            except (OSError, ValueError):  # a client that went away mid-request: not this server's end
+                conn.close()
+                continue
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
@@ -97,7 +102,8 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
                 return request, fds
             for fd in fds:
                 os.close(fd)
-            conn.sendall(f'{pid}\n'.encode())
+            with contextlib.suppress(OSError):
+                conn.sendall(f'{pid}\n'.encode())
             running[pid] = conn
         while running:  # reap; a single thread, so forking stays safe
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -124,6 +130,12 @@ def become_script(request: dict, fds: list[int]) -> None:
     os.environ.clear()
     os.environ.update(request['env'])
     sys.argv = list(request['argv'])
+    sys.orig_argv = [sys.executable, *sys.argv]
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    # fresh random states, as a fresh interpreter draws them (a forked child has the server's)
+    random.seed()
+    sys.modules['numpy'].random.seed()
+    sys.modules['torch'].seed()
     path = os.path.abspath(sys.argv[0])
     sys.path[0] = os.path.dirname(os.path.realpath(path))
     # a fresh `__main__` as `python script.py` makes it (runpy's would also make sys.argv[0]
@@ -131,7 +143,7 @@ def become_script(request: dict, fds: list[int]) -> None:
     main = types.ModuleType('__main__')
     main.__dict__.update(__file__=path, __builtins__=builtins, __package__=None, __spec__=None, __cached__=None,
                          __loader__=importlib.machinery.SourceFileLoader('__main__', path), __annotations__={})
-    sys.modules['__main__'] = main
+    sys.modules['__main__'] = sys.modules['__mp_main__'] = main  # multiprocessing aliases it on import
     with io.open_code(path) as f:
         code = compile(f.read(), path, 'exec')
     exec(code, main.__dict__)
@@ -151,46 +163,60 @@ def stop_group(pid: int, ended: Callable[[float], bool]) -> None:
 
 
 class WarmInterpreter:
-    """Starts the server on first use (one per test process) and runs scripts in it."""
+    """Starts the servers on first use (per test process) and runs scripts in them, in turn. Two
+    servers: the str hash seed is fixed when an interpreter starts, so that a test's consecutive
+    runs (a run, then its resume) see different seeds, as fresh interpreters would."""
+    SERVERS = 2
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.env = env  # the server's, which its children start from
-        self.server: subprocess.Popen | None = None
+        self.env = env  # the servers', which their children start from
+        self.servers: list[tuple[subprocess.Popen, str]] = []  # (process, socket path)
         self.unfit = ''
-        self.folder = ''
+        self.turn = 0
+        self.lock = threading.Lock()
 
     def available(self) -> bool:
-        if self.server is None and not self.unfit:
-            self.start()
-        return self.server is not None and self.server.poll() is None
+        with self.lock:
+            if not self.servers and not self.unfit:
+                self.start()
+            return bool(self.servers) and all(process.poll() is None for process, _ in self.servers)
 
     def start(self) -> None:
-        self.folder = tempfile.mkdtemp(prefix='script_server_')
-        atexit.register(shutil.rmtree, self.folder, True)
-        self.server = subprocess.Popen([sys.executable, __file__, os.path.join(self.folder, 'socket')],
-                                       env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        first_line = self.server.stdout.readline().strip()
-        if first_line != 'ready':
-            self.unfit = first_line or f'the server exited with {self.server.wait()}'
-            self.server.kill()
-            self.server = None
+        folder = tempfile.mkdtemp(prefix='script_server_')
+        atexit.register(shutil.rmtree, folder, True)
+        sockets = [os.path.join(folder, f'socket{i}') for i in range(self.SERVERS)]
+        started = [(subprocess.Popen([sys.executable, __file__, path], env=self.env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True), path) for path in sockets]
+        for process, _ in started:
+            first_line = process.stdout.readline().strip()
+            if first_line != 'ready' and not self.unfit:
+                self.unfit = first_line or f'a script server exited with {process.wait()}'
+        if self.unfit:
+            for process, _ in started:
+                process.kill()
             print(f'tests: a fresh interpreter for every script run ({self.unfit})', file=sys.stderr)
+        else:
+            self.servers = started
 
     def run(self, argv: list[str], timeout: float, cwd: os.PathLike,
             env: dict[str, str]) -> tuple[int | None, str, str]:
-        """As subprocess.run(..., text=True) gives them: exit code (None: timed out, and
-        stopped), stdout, stderr."""
+        """As subprocess's communicate(timeout) with text=True gives them: exit code (None: not
+        ended, pipes included, within the timeout; the run's group is then stopped), stdout, stderr."""
+        with self.lock:
+            path = self.servers[self.turn % len(self.servers)][1]
+            self.turn += 1
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        outputs: dict[int, bytes] = {}
+        outputs: dict[int, list[bytes]] = {out_r: [], err_r: []}
 
         def drain(fd: int) -> None:
             with open(fd, 'rb') as pipe:
-                outputs[fd] = pipe.read()
+                while chunk := pipe.read1(1 << 16):
+                    outputs[fd].append(chunk)
 
-        readers = [threading.Thread(target=drain, args=(fd,), daemon=True) for fd in (out_r, err_r)]
+        readers = [threading.Thread(target=drain, args=(fd,), daemon=True) for fd in outputs]
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(os.path.join(self.folder, 'socket'))
+            conn.connect(path)
             request = json.dumps({'argv': argv, 'cwd': str(cwd), 'env': env}).encode() + b'\n'
             socket.send_fds(conn, [request], [out_w, err_w])
             os.close(out_w)
@@ -198,13 +224,32 @@ class WarmInterpreter:
             for t in readers:
                 t.start()
             replies = LineReader(conn)
-            pid = int(replies.line(60))
-            code = replies.line(timeout)
-            if code is None:
-                stop_group(pid, lambda grace: replies.line(grace) is not None)
-            for t in readers:
-                t.join()
-        return None if code is None else int(code), text(outputs[out_r]), text(outputs[err_r])
+            pid = replies.line(60)
+            if pid is None:
+                raise ConnectionError(f'the script server {path} did not start the run within 60 s')
+            pid = int(pid)
+            code: list[str | None] = [None]
+
+            def ended(within: float) -> bool:
+                """The exit code and the pipes' end (a process in another session may hold
+                them), within `within` seconds."""
+                until = time.monotonic() + within
+                if code[0] is None:
+                    code[0] = replies.line(within)
+                for t in readers:
+                    t.join(max(0.0, until - time.monotonic()))
+                return code[0] is not None and not any(t.is_alive() for t in readers)
+
+            try:
+                in_time = ended(timeout)
+                if not in_time:
+                    stop_group(pid, ended)
+            except ConnectionError:  # the server died: its child may still run
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                raise
+        out, err = (text(b''.join(outputs[fd])) for fd in (out_r, err_r))
+        return (int(code[0]) if in_time else None), out, err
 
 
 class LineReader:

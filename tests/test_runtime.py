@@ -262,8 +262,17 @@ def test_a_loader_worker_death_reported_inside_the_sigterm_handler_still_ends_as
         finally:
             sys.settrace(None)
 
+    def wrapped(args):  # as the DataLoader's wait for a batch re-raises it
+        try:
+            main(args)
+        except RuntimeError as e:
+            raise RuntimeError('DataLoader worker (pid(s) 1234) exited unexpectedly') from e
+
     def other_error(args):
-        raise RuntimeError('DataLoader worker (pid 1234) is killed by signal: Terminated. ')
+        try:
+            raise KeyError('x')
+        except KeyError as e:
+            raise RuntimeError('DataLoader worker (pid 1234) is killed by signal: Terminated. ') from e
 
     run_parser = parser()
     run_parser.add_argument('--output_dir', default=str(tmp_path))
@@ -271,11 +280,12 @@ def test_a_loader_worker_death_reported_inside_the_sigterm_handler_still_ends_as
     monkeypatch.delenv('WORLD_SIZE', raising=False)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGCHLD)}  # run_main sets both
     try:
-        with pytest.raises(SystemExit) as e:
-            runtime.run_main(main, run_parser)
-        assert e.value.code == 143
-        assert capsys.readouterr().err.splitlines() == [
-            'terminated (SIGTERM); no checkpoint was saved yet: the same command starts again']
+        for stopped_by_sigterm in (main, wrapped):
+            with pytest.raises(SystemExit) as e:
+                runtime.run_main(stopped_by_sigterm, run_parser)
+            assert e.value.code == 143
+            assert capsys.readouterr().err.splitlines() == [
+                'terminated (SIGTERM); no checkpoint was saved yet: the same command starts again']
         with pytest.raises(RuntimeError):  # the same error raised elsewhere keeps its traceback
             runtime.run_main(other_error, run_parser)
     finally:

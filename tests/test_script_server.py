@@ -17,7 +17,7 @@ print(json.dumps({
     'torch_already_imported': 'torch' in sys.modules,
     'name': __name__, 'file': __file__, 'package': __package__, 'spec': repr(__spec__), 'cached': __cached__,
     'loader': type(__loader__).__name__, 'main_is_this': sys.modules['__main__'].__dict__ is globals(),
-    'argv': sys.argv, 'cwd': os.getcwd(), 'path0': sys.path[0],
+    'argv': sys.argv, 'orig_argv': sys.orig_argv, 'cwd': os.getcwd(), 'path0': sys.path[0],
     'probe_var': os.environ.get('PROBE_VAR'), 'stdin': sys.stdin.read(),
     'own_session': os.getsid(0) == os.getpid()}), flush=True)
 print('to stderr', file=sys.stderr)
@@ -118,3 +118,38 @@ def running(pid: int) -> bool:
             return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
     except FileNotFoundError:
         return False
+
+
+def test_a_process_in_another_session_holding_the_output_open_is_a_timeout_too(tmp_path, monkeypatch):
+    """As communicate(timeout) counts the pipes' end: a run that exits at once but leaves a process
+    of another session (out of reach of the group's kill) writing to its stdout for 8 s."""
+    script = tmp_path / 'leaves_a_writer.py'
+    script.write_text('import subprocess, sys\n'
+                      'subprocess.Popen([sys.executable, "-c", "import time; time.sleep(8)"],\n'
+                      '                 start_new_session=True)\n')
+    for fresh in (False, True):
+        if fresh:
+            monkeypatch.setenv('TESTS_FRESH_INTERPRETERS', '1')
+        else:
+            monkeypatch.delenv('TESTS_FRESH_INTERPRETERS', raising=False)
+        with pytest.raises(pytest.fail.Exception, match='timed out after 3s'):
+            run_cmd([sys.executable, script], timeout=3, cwd=tmp_path)
+
+
+def test_consecutive_warm_runs_start_from_different_random_states(tmp_path, monkeypatch):
+    """Each run draws its own random states and, in turn from two servers, its own str hash seed:
+    two runs of a test that should differ (an unseeded draw) do, as in fresh interpreters. A
+    changed TMPDIR is read again."""
+    monkeypatch.delenv('TESTS_FRESH_INTERPRETERS', raising=False)
+    script = tmp_path / 'draws.py'
+    script.write_text('import json, random, sys, tempfile\n'
+                      'warm = "torch" in sys.modules\n'
+                      'import numpy, torch\n'
+                      'print(json.dumps([warm, random.random(), float(numpy.random.rand()), torch.rand(1).item(),'
+                      ' hash("x"), tempfile.gettempdir()]))\n')
+    (tmp_path / 'tmp').mkdir()
+    runs = [json.loads(run_cmd([sys.executable, script], cwd=tmp_path,
+                               env=subprocess_env(TMPDIR=str(tmp_path / 'tmp'))).stdout) for _ in range(2)]
+    assert runs[0][0] and runs[1][0]  # both warm
+    assert all(a != b for a, b in zip(runs[0][1:5], runs[1][1:5])), runs
+    assert runs[0][5] == runs[1][5] == str(tmp_path / 'tmp')

@@ -167,14 +167,19 @@ _SIGTERM_HANDLER_CODE = _terminate_main_process(0).__code__
 
 
 def _raised_in_sigterm_handler(error: BaseException) -> bool:
-    """Whether `error` came out of the SIGTERM handler above: torch's SIGCHLD handler, its signal
-    pending too, can run at the handler's very first instruction (CPython checks for signals on
-    entering a frame) and report the loader workers' death by the same SIGTERM as an error."""
-    tb = error.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code is _SIGTERM_HANDLER_CODE:
-            return True
-        tb = tb.tb_next
+    """Whether `error`, or an error it was raised from or during, came out of the SIGTERM handler
+    above: torch's SIGCHLD handler, its signal pending too, can run at the handler's very first
+    instruction (CPython checks for signals on entering a frame) and report the loader workers'
+    death by the same SIGTERM as an error, which the DataLoader may wrap in one of its own."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is _SIGTERM_HANDLER_CODE:
+                return True
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
     return False
 
 
