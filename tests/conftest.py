@@ -30,7 +30,7 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    """The long end-to-end runs (@pytest.mark.long, 30-150 s each here) first: with -n 2 they then
+    """The long end-to-end runs (@pytest.mark.long, 30-180 s each here) first: with -n 2 they then
     share the two workers with the short tests instead of ending the session on one worker."""
     items.sort(key=lambda item: item.get_closest_marker('long') is None)  # stable: file order otherwise
 
