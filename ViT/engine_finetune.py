@@ -164,19 +164,24 @@ def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], data_loade
 
 # ---- the epoch loop of fine-tuning and linear probing ------------------------------------------
 
-def best_accuracy_so_far(output_dir: str | None, before_epoch: int) -> float:
-    """Highest test_acc1 of the epochs already in log.txt (for a resumed run's best checkpoint)."""
-    best = 0.0
+def logged_accuracies(output_dir: str | None) -> dict[int, float]:
+    """test_acc1 of each epoch that has a line in log.txt (--eval lines have no epoch)."""
     path = Path(output_dir or '') / 'log.txt'
+    accuracies: dict[int, float] = {}
     if output_dir and path.is_file():
         for line in path.read_text(encoding='utf-8').splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(rec, dict) and 'test_acc1' in rec and rec.get('epoch', before_epoch) < before_epoch:
-                best = max(best, float(rec['test_acc1']))
-    return best
+            if isinstance(rec, dict) and 'test_acc1' in rec and isinstance(rec.get('epoch'), int):
+                accuracies[rec['epoch']] = float(rec['test_acc1'])
+    return accuracies
+
+
+def best_accuracy_so_far(output_dir: str | None, before_epoch: int) -> float:
+    """Highest test_acc1 of the epochs already in log.txt (for a resumed run's best checkpoint)."""
+    return max((acc for epoch, acc in logged_accuracies(output_dir).items() if epoch < before_epoch), default=0.0)
 
 
 def broadcast_buffers(module: nn.Module) -> None:
@@ -191,29 +196,31 @@ def broadcast_buffers(module: nn.Module) -> None:
 def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, optimizer, schedule, loss_scaler,
         device: torch.device, args: argparse.Namespace, start_epoch: int, n_parameters: int,
         save_checkpoint: Callable, mixup_fn: Callable | None = None, log_writer=None,
-        checkpoint_extra: dict | None = None) -> dict[str, float]:
-    """Train from start_epoch to args.epochs; after each epoch: evaluation, one log.txt line,
-    checkpoint-last.pth (via `save_checkpoint(args, model, optimizer, loss_scaler, epoch, extra=...)`,
-    which says whether it saved this epoch), checkpoint-best.pth when top-1 improved. Returns the
-    last epoch's log record. `checkpoint_extra`: more top-level checkpoint entries (the classes)."""
+        checkpoint_extra: dict | None = None, unevaluated: tuple[Path, dict] | None = None) -> dict[str, float]:
+    """Train from start_epoch to args.epochs. After each epoch: checkpoint-last.pth (via
+    `save_checkpoint(args, model, optimizer, loss_scaler, epoch, extra=...)`, which says whether it
+    saved this epoch) with the epoch's training record, then evaluation, one log.txt line, and
+    checkpoint-best.pth when top-1 improved. The checkpoint comes first so that a run stopped during
+    the evaluation (Ctrl-C, a val image that cannot be decoded) keeps the epoch's training; resumed,
+    it passes `unevaluated` = (that checkpoint, its training record) and the epoch is evaluated
+    first. Returns the last epoch's log record. `checkpoint_extra`: more top-level checkpoint
+    entries (the classes)."""
     sharded = args.dist_eval and dist.get_world_size() > 1
+    out = Path(args.output_dir) if args.output_dir else None
     max_accuracy = best_accuracy_so_far(args.output_dir, start_epoch)
-    record: dict[str, float] = {}
-    print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
-    run_start = time.time()
     eta = RunEta(args.epochs)
-    for epoch in range(start_epoch, args.epochs):
-        epoch_start = time.time()
-        train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(handle, criterion, train_loader, optimizer, device, epoch, loss_scaler,
-                                      schedule, args, mixup_fn, log_writer)
-        broadcast_buffers(handle.module)
+
+    def close_epoch(epoch: int, train_stats: dict, saved_at: Path | None, epoch_start: float | None) -> dict:
+        """Evaluation, console line, tensorboard, log.txt line and checkpoint-best.pth of a trained
+        epoch; `saved_at`: its checkpoint file (None: not saved, the best is written from memory)."""
+        nonlocal max_accuracy
         test_stats = evaluate(handle.module, val_loader, device, args.amp, sharded)
         improved = test_stats['acc1'] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats['acc1'])
-        progress = eta.progress(epoch, time.time() - epoch_start)  # training and evaluation
+        timing = ('evaluated on resume' if epoch_start is None
+                  else eta.progress(epoch, time.time() - epoch_start))  # training and evaluation
         print(f'Accuracy of the network on the {test_stats["num_samples"]} test images: {test_stats["acc1"]:.1f}%  '
-              f'(max {max_accuracy:.2f}%); {progress}')
+              f'(max {max_accuracy:.2f}%); {timing}')
         if log_writer is not None:
             # on the training curves' epoch_1000x axis, at the epoch's last step (upstream used the epoch
             # number), so a resumed run's purge_step hides exactly the epochs it redoes
@@ -223,19 +230,35 @@ def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, opti
         record = {**{f'train_{k}': v for k, v in train_stats.items()},
                   **{f'test_{k}': v for k, v in test_stats.items()},
                   'max_accuracy': max_accuracy, 'epoch': epoch, 'n_parameters': n_parameters}
-        # the log line before the checkpoint that marks the epoch done: an interruption between the
-        # two redoes the epoch (its line is set aside on resume) instead of losing its evaluation
         append_json_line(args.output_dir, record)
-        saved = save_checkpoint(args, handle.module, optimizer, loss_scaler, epoch, extra=checkpoint_extra)
-        if args.output_dir and dist.is_main_process():
-            out = Path(args.output_dir)
+        if out is not None and dist.is_main_process():
             best = out / 'checkpoint-best.pth'
             if improved or not best.is_file():
-                if saved:
-                    checkpoint.keep_copy(out / 'checkpoint-last.pth', best)
+                if saved_at is not None:
+                    checkpoint.keep_copy(saved_at, best)
                 else:  # --save_last_freq skipped this epoch: from memory (with rank 0's RNG state only)
                     checkpoint.save_atomic(checkpoint.checkpoint_state(args, handle.module, optimizer, loss_scaler,
                                                                        epoch, [checkpoint.rng_state()],
                                                                        checkpoint_extra), best)
+        return record
+
+    record: dict[str, float] = {}
+    if unevaluated is not None:
+        print(f'epoch {start_epoch - 1} was saved, but the run stopped before its evaluation was logged: '
+              f'evaluating {unevaluated[0]} first')
+        record = close_epoch(start_epoch - 1, unevaluated[1], unevaluated[0], None)
+    if start_epoch >= args.epochs:  # only the last epoch's evaluation was left
+        return record
+    print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
+    run_start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        epoch_start = time.time()
+        train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(handle, criterion, train_loader, optimizer, device, epoch, loss_scaler,
+                                      schedule, args, mixup_fn, log_writer)
+        broadcast_buffers(handle.module)
+        saved = save_checkpoint(args, handle.module, optimizer, loss_scaler, epoch,
+                                extra={**(checkpoint_extra or {}), 'train_stats': train_stats})
+        record = close_epoch(epoch, train_stats, out / 'checkpoint-last.pth' if saved and out else None, epoch_start)
     print(f'Training time {format_seconds(time.time() - run_start)}')
     return record

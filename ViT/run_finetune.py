@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 import models_vit
-from engine_finetune import evaluate, fit
+from engine_finetune import evaluate, fit, logged_accuracies
 from engine_pretrain import ModelHandle
 from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util.cli import ArgumentParser
@@ -33,7 +34,7 @@ from util.data import (DEFAULT_NUM_WORKERS, DataLayoutError, build_classificatio
 from util.encoder_loading import load_pretrained_encoder
 from util.log import append_json_line, make_writer
 from util.lr_decay import describe_groups, param_groups_lrd
-from util.lr_sched import PlainSchedule
+from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch
 from util.optim import build_adamw
 
 HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
@@ -370,13 +371,22 @@ def _encoder_file(path: str | None) -> str:
     return str(Path(path).resolve()) if path else 'none (random init)'
 
 
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """Where a run starts: the epoch, the checkpoint loaded (None: a new run) and that checkpoint's
+    record of its epoch's training (None for checkpoints that predate it)."""
+    start_epoch: int
+    path: Path | None = None
+    train_stats: dict | None = None
+
+
 def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_scaler,
-           classes: Sequence[str]) -> tuple[int, Path | None]:
-    """Load --resume (or the newest checkpoint in --output_dir). Returns (start epoch, path).
+           classes: Sequence[str]) -> Resumed:
+    """Load --resume (or the newest checkpoint in --output_dir).
     `classes`: the data's class names, checked against those the checkpoint's head was trained on."""
     path = find_resume_checkpoint(args)
     if path is None:
-        return args.start_epoch, None
+        return Resumed(args.start_epoch)
     ckpt = checkpoint.load(path)
     if 'model' not in ckpt:
         raise checkpoint.CheckpointError(f'{path} has no "model" entry; not a checkpoint of this script')
@@ -419,7 +429,8 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
             'with this script\'s own checkpoint, or pass the weights as --finetune')
     epoch = int(ckpt.get('epoch', -1))
     print(f'{"evaluating" if args.eval else "resumed from"} {path} (epoch {epoch})')
-    return epoch + 1, path
+    stats = ckpt.get('train_stats')
+    return Resumed(epoch + 1, path, stats if isinstance(stats, dict) else None)
 
 
 def evaluate_only(args: argparse.Namespace, model: torch.nn.Module, val_loader, device: torch.device,
@@ -438,15 +449,14 @@ def evaluate_only(args: argparse.Namespace, model: torch.nn.Module, val_loader, 
 
 def optimizer_and_resume(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
                          make_optimizer: Callable[[], torch.optim.Optimizer], classes: Sequence[str]) -> tuple:
-    """(optimizer, loss scaler, start epoch, checkpoint resumed from); with --eval no optimizer
+    """(optimizer, loss scaler, Resumed); with --eval no optimizer
     is built and only the weights are resumed. Shared by fine-tuning and linear probing.
     `classes`: the data's class names (resume checks them)."""
     optimizer = loss_scaler = None
     if not args.eval:
         optimizer = make_optimizer()
         loss_scaler = grad_scaler(args, device)
-    start_epoch, loaded_from = resume(args, model, optimizer, loss_scaler, classes)
-    return optimizer, loss_scaler, start_epoch, loaded_from
+    return optimizer, loss_scaler, resume(args, model, optimizer, loss_scaler, classes)
 
 
 def start_run(args: argparse.Namespace) -> torch.device:
@@ -472,9 +482,7 @@ def grad_scaler(args: argparse.Namespace, device: torch.device) -> torch.amp.Gra
 
 
 def make_schedule(args: argparse.Namespace, optimizer, train_loader) -> PlainSchedule:
-    steps_per_epoch = len(train_loader) // args.accum_iter
-    if steps_per_epoch == 0:
-        raise SystemExit(f'error: {len(train_loader)} batches per epoch is fewer than --accum_iter {args.accum_iter}')
+    optimizer_steps_per_epoch(len(train_loader), args.accum_iter)
     return PlainSchedule(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs, len(train_loader),
                          args.accum_iter)
 
@@ -520,23 +528,28 @@ def main(args: argparse.Namespace) -> dict:
         print('parameter groups:\n' + describe_groups(groups))
         return build_adamw(groups, args.lr, device, betas=(0.9, 0.999))
 
-    optimizer, loss_scaler, start_epoch, loaded_from = optimizer_and_resume(args, model, device, make_optimizer,
-                                                                            val_loader.dataset.classes)
+    optimizer, loss_scaler, resumed = optimizer_and_resume(args, model, device, make_optimizer,
+                                                           val_loader.dataset.classes)
     if args.eval:
-        return evaluate_only(args, model, val_loader, device, loaded_from)
+        return evaluate_only(args, model, val_loader, device, resumed.path)
 
     criterion = build_criterion(args)
     print(f'criterion: {type(criterion).__name__}' + ('  (mixup/cutmix on)' if mixup_active(args) else ''))
     return train_and_finish(args, model, criterion, train_loader, val_loader, optimizer, loss_scaler, device,
-                            start_epoch, loaded_from, n_parameters, build_mixup(args))
+                            resumed, n_parameters, build_mixup(args))
 
 
 def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion, train_loader, val_loader,
-                     optimizer: torch.optim.Optimizer, loss_scaler, device: torch.device, start_epoch: int,
-                     loaded_from: Path | None, n_parameters: int, mixup_fn=None) -> dict:
+                     optimizer: torch.optim.Optimizer, loss_scaler, device: torch.device, resumed: Resumed,
+                     n_parameters: int, mixup_fn=None) -> dict:
     """The epochs (engine_finetune.fit) with tensorboard, then the closing lines; shared by
     fine-tuning and linear probing."""
-    if start_epoch >= args.epochs:  # a finished run relaunched (e.g. requeued): nothing to train
+    start_epoch, loaded_from = resumed.start_epoch, resumed.path
+    unevaluated = None  # this folder's checkpoint of an epoch whose evaluation did not reach log.txt
+    if (resumed.train_stats is not None and checkpoint.continues_folder(args.output_dir, loaded_from)
+            and dist.on_main(lambda: start_epoch - 1 not in logged_accuracies(args.output_dir))):
+        unevaluated = (loaded_from, resumed.train_stats)
+    if start_epoch >= args.epochs and unevaluated is None:  # a finished run relaunched (e.g. requeued)
         print(f'all {args.epochs} epochs are done (checkpoint {loaded_from}); raise --epochs to train more, or use '
               f'another --output_dir for a new run')
         dist.destroy()
@@ -546,11 +559,13 @@ def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion
     log_writer = make_writer(args.log_dir, start_epoch if continues else None)
     record = fit(ModelHandle(model, ddp_wrapper(args, device)), criterion, train_loader, val_loader, optimizer,
                  make_schedule(args, optimizer, train_loader), loss_scaler, device, args, start_epoch, n_parameters,
-                 save_checkpoint, mixup_fn, log_writer, checkpoint_extra={'classes': list(val_loader.dataset.classes)})
+                 save_checkpoint, mixup_fn, log_writer, checkpoint_extra={'classes': list(val_loader.dataset.classes)},
+                 unevaluated=unevaluated)
     if log_writer is not None:
         log_writer.close()
     if dist.is_main_process() and args.output_dir:
-        print(f'outputs: {Path(args.output_dir).resolve()} (log.txt, checkpoint-last.pth, checkpoint-best.pth)')
+        print(f'outputs: {Path(args.output_dir).resolve()} (log.txt, checkpoint-best.pth, checkpoint-last.pth, '
+              f'checkpoint-<epoch>.pth every --save_freq {args.save_freq} epochs)')
     dist.destroy()
     return record
 

@@ -87,15 +87,15 @@ def main(args: argparse.Namespace) -> dict:
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'trainable params (head): {n_parameters}')
 
-    optimizer, loss_scaler, start_epoch, loaded_from = optimizer_and_resume(
+    optimizer, loss_scaler, resumed = optimizer_and_resume(
         args, model, device, lambda: torch.optim.SGD(param_groups_weight_decay(model, args.weight_decay),
                                                      lr=args.lr, momentum=args.momentum),
         val_loader.dataset.classes)
     if args.eval:
-        return evaluate_only(args, model, val_loader, device, loaded_from)
+        return evaluate_only(args, model, val_loader, device, resumed.path)
 
     return train_and_finish(args, model, nn.CrossEntropyLoss(), train_loader, val_loader, optimizer, loss_scaler,
-                            device, start_epoch, loaded_from, n_parameters)
+                            device, resumed, n_parameters)
 
 
 if __name__ == '__main__':

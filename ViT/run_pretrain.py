@@ -25,7 +25,7 @@ from util.data import DEFAULT_NUM_WORKERS
 from util.gpu_data import (BACKENDS, GPU_RESAMPLE_CHOICES, build_loader, check_cpu_decode_share,
                            input_bound_hint)
 from util.log import RunEta, append_json_line, format_seconds, make_writer
-from util.lr_sched import PlainSchedule
+from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch
 from util.optim import build_adamw, param_groups_weight_decay
 from util.runtime import allow_recompiles, run_main, set_lr, setup
 
@@ -255,9 +255,7 @@ def main(args: argparse.Namespace) -> dict:
                           args.num_workers, args.pin_mem and device.type == 'cuda', world, rank, device,
                           args.cache_size, args.decode_ahead, args.cpu_decode_share, args.gpu_resample)
     print(f'data: {loader.dataset.root}: {len(loader.dataset)} images, {len(loader)} batches per process')
-    steps_per_epoch = len(loader) // args.accum_iter
-    if steps_per_epoch == 0:
-        raise SystemExit(f'error: {len(loader)} batches per epoch is fewer than --accum_iter {args.accum_iter}')
+    steps_per_epoch = optimizer_steps_per_epoch(len(loader), args.accum_iter)
 
     print(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accum_iter: {args.accum_iter}  '
           f'effective batch: {eff_batch}  amp: {args.amp}  device: {device}')

@@ -170,7 +170,8 @@ def run(cmd: list[str], log: Path) -> float:
             f.seek(written_before)
             this_run = f.read().splitlines()
         unreadable = next((line for line in this_run if line.startswith('error: cannot decode ')), None)
-        if unreadable:
+        if unreadable:  # without the script's own advice (util.runtime.run_main's): the study gives its own
+            unreadable = unreadable.split('; replace or remove that file')[0]
             raise UnreadableData(f'{unreadable} (stopped {cmd[0]}; its log: {log})')
         tail = log.read_text().splitlines()[-15:]
         raise RunFailed(f'{cmd[0]} failed (exit {proc.returncode}); last lines of {log}:\n' + '\n'.join(tail))

@@ -209,7 +209,8 @@ FAILING_RANK = dict(when="os.environ['RANK'] == '1' and epoch == 1",
 
 def test_the_launchers_summary_names_the_rank_that_failed_and_why(data, tmp_path):
     """Without an error file, torchrun's closing "Root Cause" shows only a link to its docs, and
-    the failing rank's traceback is buried above the other ranks' output."""
+    the failing rank's traceback is buried above the other ranks' output (and under the traceback
+    of the rank that lost its peer)."""
     wrapper = tmp_path / 'failing_rank.py'
     wrapper.write_text(STOPPING_RANK.format(vit=str(VIT), **FAILING_RANK))
     res = run_cmd([*launcher('torchrun', free_port()), str(wrapper), *COMMON, '--data_path', str(data),
@@ -219,6 +220,8 @@ def test_the_launchers_summary_names_the_rank_that_failed_and_why(data, tmp_path
     assert 'rank      : 1 (local_rank: 1)' in root_cause, res.describe()
     assert 'RuntimeError: simulated failure on rank 1' in root_cause, res.describe()
     assert 'To enable traceback' not in res.output, res.describe()
+    # rank 0, left in the all-reduce (unless the launcher's SIGTERM came first), says so in one line
+    assert 'Connection closed' not in res.output and 'GLHF' not in res.output, res.describe()
 
 
 # in the launcher's first attempt rank 0 dies (SIGKILL: no handler, no error file) as its third

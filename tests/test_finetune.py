@@ -441,10 +441,56 @@ def test_best_checkpoint_is_the_best_epoch_when_last_is_saved_rarely(tmp_path, d
     assert [json.loads(line)['max_accuracy'] for line in (out / 'log.txt').read_text().splitlines()] == [10, 30, 30]
 
 
-def test_an_interruption_after_the_log_line_redoes_the_epoch(tmp_path, demo_data, monkeypatch):
-    """fit writes an epoch's log line (with its evaluation) before the checkpoint that marks the
-    epoch done: interrupted in between, the rerun redoes the epoch and sets the line aside,
-    instead of skipping an epoch that was never evaluated in the log."""
+def _log_epochs(out: Path) -> list[int]:
+    log = out / 'log.txt'
+    return [json.loads(line)['epoch'] for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+@pytest.mark.parametrize('stopped_at', [0, 1])
+def test_a_run_stopped_during_evaluation_keeps_the_epoch(tmp_path, demo_data, monkeypatch, capsys, stopped_at):
+    """fit saves an epoch's checkpoint (with its training record) before evaluating it: a run stopped
+    during the evaluation keeps the epoch's training, and the rerun evaluates that epoch first (also
+    when it was the last one), then goes on. Its log and best checkpoint end as a straight run's."""
+    import engine_finetune
+    import run_finetune
+    argv = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4', '--num_workers', '0',
+            '--device', 'cpu', '--data_path', str(demo_data), '--epochs', '2', '--warmup_epochs', '0']
+
+    def run(out: Path) -> None:
+        run_finetune.main(run_finetune.get_args_parser().parse_args([*argv, '--output_dir', str(out)]))
+    straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
+    run(straight)
+    real_evaluate, evaluated = engine_finetune.evaluate, []
+
+    def stopped_in_evaluation(*a, **k):
+        evaluated.append(None)
+        if len(evaluated) == stopped_at + 1:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+    monkeypatch.setattr(engine_finetune, 'evaluate', stopped_in_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        run(stopped)
+    assert torch.load(stopped / 'checkpoint-last.pth', weights_only=True)['epoch'] == stopped_at
+    assert _log_epochs(stopped) == list(range(stopped_at))
+    monkeypatch.setattr(engine_finetune, 'evaluate', real_evaluate)
+    capsys.readouterr()
+    run(stopped)  # the same process: its lock is its own
+    assert (f'epoch {stopped_at} was saved, but the run stopped before its evaluation was logged: evaluating '
+            f'{stopped / "checkpoint-last.pth"} first') in capsys.readouterr().out
+    timing = {'train_epoch_time', 'train_images_per_s', 'train_data_wait_s'}
+    lines = [[{k: v for k, v in json.loads(line).items() if k not in timing}
+              for line in (out / 'log.txt').read_text().splitlines()] for out in (straight, stopped)]
+    assert [rec['epoch'] for rec in lines[1]] == [0, 1]
+    assert lines[0] == lines[1]  # train records from the checkpoint, the same evaluation, the same best so far
+    for name in ('checkpoint-last.pth', 'checkpoint-best.pth'):
+        a, b = (torch.load(out / name, weights_only=True) for out in (straight, stopped))
+        assert a['epoch'] == b['epoch'] and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert not list(stopped.glob('previous-*')), 'nothing of the stopped run was set aside'
+
+
+def test_an_interruption_before_the_checkpoint_redoes_the_epoch(tmp_path, demo_data, monkeypatch):
+    """Stopped while writing an epoch's checkpoint (before its evaluation and log line), the rerun
+    trains the epoch again from the previous checkpoint; the log has each epoch once."""
     import run_finetune
     out = tmp_path / 'ft'
     argv = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4', '--num_workers', '0',
@@ -459,13 +505,35 @@ def test_an_interruption_after_the_log_line_redoes_the_epoch(tmp_path, demo_data
     monkeypatch.setattr(run_finetune, 'save_checkpoint', interrupted_at_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         run_finetune.main(run_finetune.get_args_parser().parse_args(argv))
-    assert [json.loads(l)['epoch'] for l in (out / 'log.txt').read_text().splitlines()] == [0, 1]
+    assert _log_epochs(out) == [0]
     monkeypatch.setattr(run_finetune, 'save_checkpoint', real_save)
-    run_finetune.main(run_finetune.get_args_parser().parse_args(argv))  # the same process: its lock is its own
-    assert [json.loads(l)['epoch'] for l in (out / 'log.txt').read_text().splitlines()] == [0, 1]
+    run_finetune.main(run_finetune.get_args_parser().parse_args(argv))
+    assert _log_epochs(out) == [0, 1]
     assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 1
-    aside = next(out.glob('previous-*'))
-    assert [json.loads(l)['epoch'] for l in (aside / 'log.txt').read_text().splitlines()] == [1]
+
+
+def test_a_val_image_that_cannot_be_decoded_stops_with_the_way_on(tmp_path, demo_data, pretrain_ckpt):
+    """Found only when the first epoch is evaluated: the error names the file and says the rerun
+    resumes; with the file replaced, the same command evaluates the saved epoch and finishes."""
+    data = tmp_path / 'data'
+    shutil.copytree(demo_data, data)
+    victim = sorted((data / 'val').rglob('*.jpg'))[1]
+    good = victim.read_bytes()
+    victim.write_bytes(b'not an image')
+    out = tmp_path / 'ft'
+    cmd = ['run_finetune.py', '--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4',
+           '--num_workers', '1', '--device', 'cpu', '--data_path', str(data), '--finetune', str(pretrain_ckpt),
+           '--output_dir', str(out), '--epochs', '2', '--warmup_epochs', '0']
+    res = run_script(cmd)
+    assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(f'error: cannot decode {victim}: '), res.stderr[-2000:]
+    assert res.stderr.strip().endswith(f'; replace or remove that file; the same command resumes from '
+                                       f'{out / "checkpoint-last.pth"}'), res.stderr[-2000:]
+    victim.write_bytes(good)
+    res = run_script(cmd)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert 'epoch 0 was saved, but the run stopped before its evaluation was logged' in res.stdout
+    assert _log_epochs(out) == [0, 1]
 
 
 def test_fine_tuning_into_the_encoders_own_folder_is_refused(tmp_path, pretrain_ckpt):
@@ -533,18 +601,25 @@ def test_finetune_two_processes_distributed_launch(tmp_path, demo_data, pretrain
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     out = tmp_path / 'ftd'
-    res = run_script(['-m', 'torch.distributed.launch', '--nproc_per_node=2', f'--master_port={port}',
-                      'run_finetune.py', '--world_size', '2', '--accum_iter', '2', '--batch_size', '4',
-                      '--model', 'vit_tiny_patch16', '--input_size', '32', '--finetune', str(pretrain_ckpt),
-                      '--epochs', '1', '--warmup_epochs', '0', '--lr', '4e-3', '--layer_decay', '0.75',
-                      '--drop_path', '0.1', '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0', '--dist_eval',
-                      '--data_path', str(demo_data), '--output_dir', str(out), '--log_dir', str(out),
-                      '--num_workers', '0', '--device', 'cpu'])
+    cmd = ['-m', 'torch.distributed.launch', '--nproc_per_node=2', f'--master_port={port}',
+           'run_finetune.py', '--world_size', '2', '--accum_iter', '2', '--batch_size', '4',
+           '--model', 'vit_tiny_patch16', '--input_size', '32', '--finetune', str(pretrain_ckpt),
+           '--epochs', '1', '--warmup_epochs', '0', '--lr', '4e-3', '--layer_decay', '0.75',
+           '--drop_path', '0.1', '--reprob', '0.25', '--mixup', '0.8', '--cutmix', '1.0', '--dist_eval',
+           '--data_path', str(demo_data), '--output_dir', str(out), '--log_dir', str(out),
+           '--num_workers', '0', '--device', 'cpu']
+    res = run_script(cmd)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert 'distributed init (rank 0/2' in res.stdout
     line = json.loads((out / 'log.txt').read_text().splitlines()[-1])
     assert line['epoch'] == 0 and line['test_num_samples'] == 8  # every val image once over both ranks
     assert (out / 'checkpoint-best.pth').is_file()
+    # as if stopped during the last evaluation: the rerun evaluates the saved epoch on both ranks, trains nothing
+    (out / 'log.txt').write_text('')
+    res = run_script(cmd)
+    assert res.returncode == 0 and 'evaluated on resume' in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert 'Start training' not in res.stdout
+    assert [json.loads(text) for text in (out / 'log.txt').read_text().splitlines()] == [line]
 
 
 def test_randaugment_posterize_at_full_magnitude_does_not_crash():

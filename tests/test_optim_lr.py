@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import models_mim
-from util.lr_sched import PlainSchedule, adjust_learning_rate, warmup_cosine_lr
+from util.lr_sched import PlainSchedule, adjust_learning_rate, optimizer_steps_per_epoch, warmup_cosine_lr
 from util.optim import param_groups_weight_decay
 
 WD = 0.05
@@ -178,3 +178,13 @@ def test_adjust_learning_rate_honours_lr_scale():
         lr = adjust_learning_rate(opt, epoch, args)
         assert lr == pytest.approx(my_schedule(epoch), rel=1e-12)
         assert [g['lr'] for g in opt.param_groups] == pytest.approx([lr, lr * 0.5, lr * 2.0], rel=1e-12)
+
+
+def test_optimizer_steps_per_epoch_says_what_is_skipped(capsys):
+    assert optimizer_steps_per_epoch(8, 4) == 2 and capsys.readouterr().out == ''
+    assert optimizer_steps_per_epoch(8, 3) == 2
+    assert capsys.readouterr().out == ('note: 8 batches per epoch make 2 optimizer steps of --accum_iter 3; '
+                                       'the last 2 batches are skipped each epoch\n')
+    assert optimizer_steps_per_epoch(9, 4) == 2 and 'the last batch is skipped' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='^error: 2 batches per epoch is fewer than --accum_iter 3$'):
+        optimizer_steps_per_epoch(2, 3)

@@ -193,8 +193,8 @@ def test_an_image_that_cannot_be_decoded_stops_the_study_at_once(tmp_path, monke
     naming the file, instead of failing every config in turn."""
     import study
     real_run, started = study.run, []
-    failing = ['-c', 'import sys; print("error: cannot decode /data/train/a/1.jpg: truncated", file=sys.stderr); '
-               'sys.exit(1)']  # what run_main prints for such a file, and its exit status
+    failing = ['-c', 'import sys; print("error: cannot decode /data/train/a/1.jpg: truncated; replace or remove that '
+               'file; the same command resumes from x.pth", file=sys.stderr); sys.exit(1)']  # run_main's line and status
 
     def decode_error(cmd, log):
         started.append(cmd[0])

@@ -375,6 +375,12 @@ def _lock(folder: str) -> str | None:
     return None
 
 
+def continues_folder(output_dir: str | None, resumed_from: str | Path | None) -> bool:
+    """Whether a run resumed from `resumed_from` continues --output_dir's own run (the checkpoint is in it)."""
+    return bool(output_dir and resumed_from is not None
+                and Path(resumed_from).resolve().parent == Path(output_dir).resolve())
+
+
 def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: int, resumed_from: Path | None,
                      keep: tuple = ()) -> bool:
     """Every rank, once a training script knows where its run starts, before it writes anything.
@@ -390,8 +396,7 @@ def start_run_folder(output_dir: str | None, log_dir: str | None, start_epoch: i
     cannot pick the earlier run's checkpoint-<N>.pth and the runs' lines never mix. Set aside
     means moved to previous-<time>/ beside them; nothing is deleted, and no path in `keep` (the
     checkpoint resumed from, the --finetune encoder) is moved."""
-    continues = bool(output_dir and resumed_from is not None
-                     and Path(resumed_from).resolve().parent == Path(output_dir).resolve())
+    continues = continues_folder(output_dir, resumed_from)
     if dist.is_dist():  # no rank may still be reading a file that rank 0 moves
         torch.distributed.barrier()
     if not output_dir or not dist.is_main_process():

@@ -16,6 +16,20 @@ def warmup_cosine_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: floa
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def optimizer_steps_per_epoch(batches: int, accum_iter: int) -> int:
+    """batches // accum_iter: the micro-batches left over at an epoch's end cannot complete a step
+    and are skipped (said once here, as the epoch lines count only those trained); a stop with a
+    message when not even one step fits."""
+    steps, left_over = divmod(batches, accum_iter)
+    if steps == 0:
+        raise SystemExit(f'error: {batches} batches per epoch is fewer than --accum_iter {accum_iter}')
+    if left_over:
+        last = f'the last {left_over} batches are' if left_over > 1 else 'the last batch is'
+        print(f'note: {batches} batches per epoch make {steps} optimizer steps of --accum_iter {accum_iter}; '
+              f'{last} skipped each epoch')
+    return steps
+
+
 def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group gets lr, times its 'lr_scale' where it has one (layer-wise decay)."""
     for group in optimizer.param_groups:

@@ -210,8 +210,8 @@ def tell_launcher(message: str, after_a_peer: bool = False) -> bool:
     return True
 
 
-def _stop(message: str, status: int) -> NoReturn:
-    if not _told_launcher_quietly(message):
+def _stop(message: str, status: int, after_a_peer: bool = False) -> NoReturn:
+    if not _told_launcher_quietly(message, after_a_peer):
         # not print: util.dist silences it on ranks other than 0, and a launcher without an error
         # file (RANK / WORLD_SIZE set by a script or a cluster's operator) would show this line nowhere
         sys.stderr.write(message + '\n')
@@ -219,11 +219,11 @@ def _stop(message: str, status: int) -> NoReturn:
     sys.exit(status)
 
 
-def _told_launcher_quietly(message: str) -> bool:
+def _told_launcher_quietly(message: str, after_a_peer: bool = False) -> bool:
     """tell_launcher, and whether this rank may then stay silent: a rank other than 0 whose
     message reached the launcher's closing summary (written, and no restart left to hide the
     summary). Every rank usually stops on the same check, and rank 0's line says it once."""
-    told = tell_launcher(message)
+    told = tell_launcher(message, after_a_peer)
     last_attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == os.environ.get('TORCHELASTIC_MAX_RESTARTS',
                                                                                         '0')
     return told and last_attempt and os.environ.get('RANK', '0') != '0'
@@ -234,9 +234,10 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
     """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, SIGTERM (one
     process only), a data file that cannot be decoded (raised in a DataLoader worker, whose
     traceback would bury the file's name) and a full disk end with one line instead of a
-    traceback; all but the data file say how to continue. Under a launcher, whatever stops a
+    traceback that says how to continue. Under a launcher, whatever stops a
     rank (those, an `error:` exit, a bad flag, a traceback) is also what the launcher's summary
-    shows (`tell_launcher`)."""
+    shows (`tell_launcher`); a rank whose collective broke because another rank died first says
+    that in one line."""
     print_usage_and_exit = parser.error
 
     def flag_error(message: str) -> NoReturn:
@@ -261,7 +262,8 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
         stop_interrupted(isinstance(e, Terminated))
     except UnreadableImage as e:
         text = str(e)  # from a worker: its whole traceback, ending with our message
-        _stop('error: ' + text[text.rfind('cannot decode'):].splitlines()[0], 1)
+        line = text[text.rfind('cannot decode'):].splitlines()[0]
+        _stop(f'error: {line}; replace or remove that file{resume_hint(args) if resumable else ""}', 1)
     except SystemExit as e:  # an `error:` line (its text is the code), or a status
         if isinstance(e.code, str):
             if _told_launcher_quietly(e.code):
@@ -277,5 +279,11 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
             # checkpoints are written by rename (util.checkpoint.save_atomic): the last one saved is whole
             _stop(f'error: no space left (disk or quota full) to write {e.filename or "a file"}: free some space'
                   f'{resume_hint(args) if resumable else ", then rerun"}', 1)
-        tell_launcher(traceback.format_exc(), after_a_peer=any(text in str(e) for text in _PEER_FAILED))
+        lost_peer = next((text for text in _PEER_FAILED if text in str(e)), None)
+        if lost_peer and dist.is_dist() and not isinstance(e, OSError):  # not a socket error of the data's file system
+            # a consequence: the process that failed first says why (its line, or the launcher's summary of a
+            # process killed without one); this one's traceback would only bury that
+            _stop(f'error: stopped because another process of this run failed first ({lost_peer}); the launcher\'s '
+                  f'closing summary names it{resume_hint(args) if resumable else ""}', 1, after_a_peer=True)
+        tell_launcher(traceback.format_exc(), after_a_peer=lost_peer is not None)
         raise
