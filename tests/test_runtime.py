@@ -80,32 +80,43 @@ def test_a_rank_that_failed_because_a_peer_died_is_not_the_root_cause(tmp_path, 
 
 
 def test_a_rank_that_lost_its_peer_in_a_distributed_run_stops_with_one_line(tmp_path, monkeypatch, capsys):
-    """In a process group, the broken connection is a consequence: one line saying so (dated after
-    the cause in the launcher's summary), not a traceback that buries the cause. A socket error
-    (OSError) is not taken for one: it may be the data's network file system."""
+    """In a process group of several, the broken connection is a consequence: one line saying so
+    (dated after the cause in the launcher's summary), not a traceback that buries the cause. The
+    same words elsewhere keep their traceback: in a group of one, in an OSError, or not from the
+    communication library (a data loader's socket error)."""
     import json
     import time
+    world = {'size': 2}
     monkeypatch.setattr(runtime.dist, 'is_dist', lambda: True)
+    monkeypatch.setattr(runtime.dist, 'get_world_size', lambda: world['size'])
     monkeypatch.setattr(sys, 'argv', ['run_x.py'])
     error_file = tmp_path / 'error.json'
     monkeypatch.setenv('TORCHELASTIC_ERROR_FILE', str(error_file))
 
-    def peer_died(args):
-        raise RuntimeError('[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:16101. GLHF')
+    def raising(error: Exception):
+        def main(args):
+            raise error
+        return main
+    gloo = RuntimeError('[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer '
+                        '[127.0.0.1]:16101. This is typically caused by a remote worker crashing. GLHF')
     before = int(time.time())
     with pytest.raises(SystemExit) as stop:
-        runtime.run_main(peer_died, parser(), resumable=False)
-    line = ("error: stopped because another process of this run failed first (Connection closed by peer); "
-            "the launcher's closing summary names it")
+        runtime.run_main(raising(gloo), parser(), resumable=False)
+    line = ("error: stopped because another process of this run failed first (Connection closed by peer "
+            "[127.0.0.1]:16101); the launcher's closing summary names it")
     assert stop.value.code == 1 and capsys.readouterr().err == line + '\n'  # rank 0 (RANK unset) prints it
     recorded = json.loads(error_file.read_text())['message']
     assert recorded['message'] == line and int(recorded['extraInfo']['timestamp']) - before in (1, 2)
     assert line in launcher_summary(error_file)
 
-    def socket_reset(args):
-        raise ConnectionResetError(104, 'Connection reset by peer')
-    with pytest.raises(ConnectionResetError):
-        runtime.run_main(socket_reset, parser(), resumable=False)
+    for error in (ConnectionResetError(104, 'Connection reset by peer'),
+                  RuntimeError("Caught ProtocolError in DataLoader worker process 0: ('Connection aborted.', "
+                               "ConnectionResetError(104, 'Connection reset by peer'))")):
+        with pytest.raises(type(error)):
+            runtime.run_main(raising(error), parser(), resumable=False)
+    world['size'] = 1
+    with pytest.raises(RuntimeError):
+        runtime.run_main(raising(gloo), parser(), resumable=False)
 
 
 def test_nothing_is_written_on_success_or_outside_a_launcher(tmp_path, monkeypatch):

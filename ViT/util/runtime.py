@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -185,6 +186,19 @@ def _raised_in_sigterm_handler(error: BaseException) -> bool:
 
 # what a collective raises when another rank died first (gloo; NCCL's watchdog)
 _PEER_FAILED = ('Connection closed by peer', 'Connection reset by peer', 'remote process exited')
+_COMMUNICATION_LIBRARIES = ('gloo', 'NCCL', 'nccl', 'ProcessGroup')
+
+
+def _peer_lost(e: BaseException) -> str | None:
+    """'Connection closed by peer [10.0.0.2]:5432' when `e` is a collective that broke because
+    another process of a group of several died first, else None. Only from the communication
+    library: a data loader's socket error quoting the same words (or an OSError) is no such thing."""
+    text = str(e)
+    phrase = next((p for p in _PEER_FAILED if p in text), None)
+    from_library = isinstance(e, torch.distributed.DistError) or any(lib in text for lib in _COMMUNICATION_LIBRARIES)
+    if phrase is None or isinstance(e, OSError) or not from_library or not dist.is_dist() or dist.get_world_size() < 2:
+        return None
+    return re.search(re.escape(phrase) + r'( \[[^\]]*\]:\d+)?', text).group(0)  # with the peer's address
 
 
 def tell_launcher(message: str, after_a_peer: bool = False) -> bool:
@@ -279,11 +293,11 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
             # checkpoints are written by rename (util.checkpoint.save_atomic): the last one saved is whole
             _stop(f'error: no space left (disk or quota full) to write {e.filename or "a file"}: free some space'
                   f'{resume_hint(args) if resumable else ", then rerun"}', 1)
-        lost_peer = next((text for text in _PEER_FAILED if text in str(e)), None)
-        if lost_peer and dist.is_dist() and not isinstance(e, OSError):  # not a socket error of the data's file system
+        lost_peer = _peer_lost(e)
+        if lost_peer:
             # a consequence: the process that failed first says why (its line, or the launcher's summary of a
             # process killed without one); this one's traceback would only bury that
             _stop(f'error: stopped because another process of this run failed first ({lost_peer}); the launcher\'s '
                   f'closing summary names it{resume_hint(args) if resumable else ""}', 1, after_a_peer=True)
-        tell_launcher(traceback.format_exc(), after_a_peer=lost_peer is not None)
+        tell_launcher(traceback.format_exc(), after_a_peer=any(text in str(e) for text in _PEER_FAILED))
         raise
