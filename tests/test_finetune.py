@@ -329,6 +329,8 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
         assert 0 <= l['test_acc1'] <= l['test_acc5'] <= 100 and l['test_num_samples'] == 8
     for name in ('checkpoint-last.pth', 'checkpoint-best.pth', 'checkpoint-1.pth'):
         assert (out / name).is_file(), name
+    assert (f'outputs: {out.resolve()} (log.txt, checkpoint-best.pth, checkpoint-last.pth, checkpoint-<epoch>.pth '
+            'every --save_freq 20 epochs)') in res.stdout, res.stdout[-2000:]
     assert list(out.glob('events.out.tfevents.*'))
     best = torch.load(out / 'checkpoint-best.pth', weights_only=True)
     best_line = lines[best['epoch']]
