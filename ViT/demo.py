@@ -4,7 +4,8 @@ photos (made from scikit-image's bundled pictures), plain and with FreezeOut, si
     python ViT/demo.py            # one to two minutes on 2 CPU cores
 
 Prints both runs' wall and training-loop times, the FreezeOut schedule, and where the logs and
-checkpoints are.
+checkpoints are. The runs start with this interpreter, or the command in $VIT_PYTHON (split on
+spaces).
 """
 from __future__ import annotations
 
@@ -21,19 +22,19 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from util.cli import ArgumentParser  # noqa: E402
+from util.cli import ArgumentParser, python_command  # noqa: E402
 from util.demo_data import make_demo_dataset  # noqa: E402
 
 
 def run(name: str, flags: list[str], out: Path) -> float:
-    cmd = [sys.executable, str(HERE / 'run_pretrain.py'), *flags, '--output_dir', str(out),
-           '--log_dir', str(out), '--no_auto_resume']
-    print(f'\n=== {name}: {" ".join(cmd[1:])}', flush=True)
+    script = [str(HERE / 'run_pretrain.py'), *flags, '--output_dir', str(out), '--log_dir', str(out),
+              '--no_auto_resume']
+    print(f'\n=== {name}: {" ".join(script)}', flush=True)
     if out.exists():  # the demo's own folder: a rerun starts clean (no previous-*/ piles)
         print(f'(replacing the previous demo run in {out})')
         shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=HERE, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    proc = subprocess.run([*python_command(), *script], cwd=HERE, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     if proc.returncode != 0:
         raise SystemExit(f'error: the {name} run failed (exit {proc.returncode}); its output is above')
     return time.perf_counter() - start
@@ -77,6 +78,7 @@ def main() -> None:
     if args.epochs < 2:  # checked before any run: the first epoch is warmup, which no layer may freeze in
         raise SystemExit('error: --epochs must be at least 2 (1 warmup epoch; FreezeOut cubic t_0 = 0.8 freezes '
                          'its first layer at 51% of the run)')
+    python_command()  # a VIT_PYTHON that cannot start: the error now, not after the data is made
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

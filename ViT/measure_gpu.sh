@@ -25,8 +25,9 @@
 #      (fills one device call: e.g. STUDY_UNTIL=560 under a 590 s limit).
 # The device tool returns at most 8 files: everything is packed after every stage into
 # <out>/measure_gpu.tgz, and the console goes in full to <out>/console.txt, so a run cut short
-# keeps what it measured. DATA=<folder> replaces data/; QUICK=1 shrinks everything to a CPU-sized
-# smoke run of this script (tests/test_measure_gpu.py; the GPU tests skip there).
+# keeps what it measured. DATA=<folder> replaces data/; VIT_PYTHON=<command> starts the scripts
+# (default python3; e.g. `numactl --cpunodebind=0 python3`); QUICK=1 shrinks everything to a
+# CPU-sized smoke run of this script (tests/test_measure_gpu.py; the GPU tests skip there).
 set -uo pipefail
 here=$(realpath "$(dirname "$0")")
 out=$(realpath -m "${1:-${OUT:-$here/../gpu_measure_out}}")
@@ -58,6 +59,12 @@ if [ -n "${STUDY_MINUTES:-}" ]; then
   if ! study_s=$(python3 -c 'import sys; m = float(sys.argv[1]); assert m >= 0; print(max(1, round(m * 60)) if m else 0)' "$STUDY_MINUTES" 2>/dev/null); then
     echo "error: STUDY_MINUTES must be a number of minutes, got '$STUDY_MINUTES'"; exit 2
   fi
+fi
+# the runs' interpreter command, as demo.py and study.py read it (util/cli.py's python_command)
+read -ra python <<< "${VIT_PYTHON:-}"
+[ ${#python[@]} = 0 ] && python=(python3)  # unset or blank
+if ! command -v "${python[0]}" >/dev/null; then
+  echo "error: VIT_PYTHON='$VIT_PYTHON': ${python[0]} is not a command that can be started"; exit 2
 fi
 if [ "${QUICK:-0}" = 1 ]; then
   dev=cpu; model=MIM_vit_tiny_patch16; size=64; batch=8; steps="--steps 2 --warmup 1"; repeat=2; workers=2
@@ -97,34 +104,34 @@ PY
 } 2>&1 | tee "$work/env.txt"
 
 stage "1. step: upstream reference vs project step with k frozen (cubic 0.8); loaders alone and feeding the step"
-$cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
+$cap "${python[@]}" benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
   --how_scale cubic --t_0 0.8 --data_path "$data/imagenet-sample-40" --repeat $repeat --num_workers $workers \
   --cpu_decode_shares 0 0.25 0.5 --out "$work/b16_224"
 pack
 
 stage "2. Imagenette-128: synthetic-input step vs a real run_pretrain.py run with $backend"
-$cap python3 benchmark.py --device $dev --model $model --input_size 128 --batch_size $small_batch $steps \
+$cap "${python[@]}" benchmark.py --device $dev --model $model --input_size 128 --batch_size $small_batch $steps \
   --ks 0 --skip_reference --out "$work/imagenette_step"
-$cap python3 run_pretrain.py --device $dev --model $model --input_size 128 --batch_size $small_batch \
+$cap "${python[@]}" run_pretrain.py --device $dev --model $model --input_size 128 --batch_size $small_batch \
   --epochs $epochs --warmup_epochs 1 --data_backend $backend --data_path "$data/imagenette-128" \
   --output_dir "$work/imagenette_run" --no_auto_resume --print_freq 1000 --num_workers $small_workers
 pack
 
 if [ "${COMPILE:-1}" != 0 ]; then
   stage "3. the project step under torch.compile (k = 0, 4, 8, 12)"
-  $cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
+  $cap "${python[@]}" benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
     --how_scale cubic --t_0 0.8 --skip_reference $compile_flags --out "$work/b16_224_compile"
   pack
 fi
 
 stage "4. gpu backend decoding on the training thread (--decode_ahead 0), for comparison"
-$cap python3 benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
+$cap "${python[@]}" benchmark.py --device $dev --model $model --input_size $size --batch_size $batch $steps \
   --ks 0 --skip_reference --backends gpu --decode_ahead 0 --e2e_ks 0 --data_path "$data/imagenet-sample-40" \
   --repeat $repeat --num_workers $workers --out "$work/b16_224_decode_inline"
 pack
 
 stage "5. targets"
-python3 benchmark.py --check_targets "$work" | tee "$work/summary.md"
+"${python[@]}" benchmark.py --check_targets "$work" | tee "$work/summary.md"
 pack
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then
@@ -159,7 +166,7 @@ if [ "$study_s" != 0 ]; then
   # a run may outlast --max_minutes' estimate: stop it in time to pack the logs (STUDY_UNTIL is a hard end)
   limit=$(( study_s + 120 ))
   [ -n "${STUDY_UNTIL:-}" ] && limit=$(( STUDY_UNTIL + 15 - SECONDS ))
-  timeout -k 5 $limit python3 study.py $study_flags --data_path "$data/imagenette-128" \
+  timeout -k 5 $limit "${python[@]}" study.py $study_flags --data_path "$data/imagenette-128" \
     --out "$runs" --results "$out/study/study_results.json" --max_minutes "$STUDY_MINUTES"
   tar czf "$out/study_logs.tgz" -C "$(dirname "$runs")" --exclude='*.pth' --exclude='events.out.*' \
     "$(basename "$runs")"

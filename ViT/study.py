@@ -14,7 +14,9 @@ already there are skipped unless --rerun), rendered as a markdown table and a pl
 order of importance; --max_minutes stops before a run that would not finish in time, so a
 study can be spread over several GPU sessions by repeating the same command. A run that fails is
 reported and left out, the others go on, and the study exits with an error listing the failures; an
-image that cannot be decoded stops the study at once (every run would fail on it).
+image that cannot be decoded stops the study at once (every run would fail on it). Each run is
+`python <script>` with this interpreter, or the command in $VIT_PYTHON (split on spaces), e.g.
+VIT_PYTHON='numactl --cpunodebind=0 python3'.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ sys.path.insert(0, str(HERE))
 
 from util import flops  # noqa: E402
 from util.checkpoint import write_text_atomic  # noqa: E402
-from util.cli import USABLE_CPUS, ArgumentParser, check_output_folder  # noqa: E402
+from util.cli import USABLE_CPUS, ArgumentParser, check_output_folder, python_command  # noqa: E402
 
 FREEZEOUT_CONFIGS = {
     'cubic0.8': ['--how_scale', 'cubic', '--t_0', '0.8'],
@@ -154,7 +156,7 @@ def run(cmd: list[str], log: Path) -> float:
     start = last_echo = time.perf_counter()
     with open(log, 'a', buffering=1) as f:  # line-buffered: `tail -f` on the log follows the run
         written_before = f.tell()  # the log holds earlier runs' output too
-        with subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        with subprocess.Popen([*python_command(), *cmd], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, errors='replace', env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as proc:
             try:
                 for line in proc.stdout:
@@ -483,6 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f'error: --results {args.results} is a folder; give the JSON file, e.g. '
                          f'{Path(args.results) / "study_results.json"}')
     check_output_folder(Path(args.results).parent, f'the folder of --results {args.results}')
+    python_command()  # a VIT_PYTHON that cannot start: the error now, not from the first run
     study = Study(args)
     try:
         run_study(study, args)

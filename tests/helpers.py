@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from script_server import WarmInterpreter, stop_group
+from script_server import WarmInterpreter, startup_env_differs, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = ROOT / 'ViT'
@@ -88,14 +88,6 @@ def run_fresh(cmd: list[str], timeout: float, cwd: Path, env: dict) -> tuple[int
     return proc.returncode, *outputs
 
 
-# Environment variables read when the interpreter or its libraries start: a run whose value of
-# one differs from the warm interpreter's needs a fresh interpreter. Not the inductor's cache
-# folder: inductor reads it when it compiles, and sets it in a process that compiled in-process.
-STARTUP_VARS = ('PYTHON', 'OMP_', 'MKL_', 'KMP_', 'OPENBLAS', 'LD_', 'MALLOC', 'TORCH', 'PYTORCH_', 'CUDA', 'HF_',
-                'LC_', 'LANG', 'HOME', 'XDG_')
-READ_LATER = {'TORCHINDUCTOR_CACHE_DIR'}
-
-
 def warm_interpreter_fits(cmd: list[str], env: dict[str, str]) -> bool:
     """`python script.py ...` whose environment differs from the warm interpreter's in nothing
     read at start-up; TESTS_FRESH_INTERPRETERS=1 turns the warm interpreter off."""
@@ -103,11 +95,18 @@ def warm_interpreter_fits(cmd: list[str], env: dict[str, str]) -> bool:
         return False
     if not cmd[1].endswith('.py') or not WARM.available():
         return False
-    changed = {k for k in WARM.env.keys() | env.keys() if WARM.env.get(k) != env.get(k)}
-    return not any(k.startswith(STARTUP_VARS) for k in changed - READ_LATER)
+    return not startup_env_differs(WARM.env, env)
 
 
 WARM = WarmInterpreter(subprocess_env())
+
+
+def warm_nested_runs(env: dict[str, str]) -> dict[str, str]:
+    """env, plus the variables that send a tool script's own runs (study.py's, demo.py's,
+    measure_gpu.sh's) to the warm interpreter too, where it is on; a VIT_PYTHON in env stays."""
+    if os.environ.get('TESTS_FRESH_INTERPRETERS') or 'VIT_PYTHON' in env:
+        return env
+    return {**env, **WARM.nested_env()}
 
 
 def run_pretrain(*flags: str, timeout: float = 180, script: str = 'run_pretrain.py',

@@ -18,6 +18,15 @@ its stdin closes (the test process has gone). Its first stdout line is "ready" o
 imports printed a warning that a fresh interpreter would print to each run, "unfit: <why>"; the
 client then starts fresh interpreters instead. Both sides live here: the server (this file run as
 a script) and the client, WarmInterpreter, which tests/helpers.py's run_cmd uses.
+
+The tool scripts' own runs (study.py, demo.py and measure_gpu.sh start each script with the command
+in $VIT_PYTHON) come here too when a test sets WarmInterpreter.nested_env(): VIT_PYTHON is then
+`python script_server.py --run`, a thin client that stands in for the script's process. It passes
+its stdout and stderr, cwd and environment to a server, forwards SIGINT / SIGTERM / SIGHUP to the
+run, and ends as the run ended (exit code, or the same signal); a client killed outright closes its
+connection, and the server kills the run's process group. A run whose environment differs from the
+server's in a variable read at start-up gets a fresh interpreter instead (the server answers
+"fresh").
 """
 from __future__ import annotations
 
@@ -44,6 +53,20 @@ import types
 import warnings
 from contextlib import redirect_stderr
 from typing import Callable
+
+
+# Environment variables read when the interpreter or its libraries start: a run whose value of
+# one differs from the warm interpreter's needs a fresh interpreter. Not the inductor's cache
+# folder: inductor reads it when it compiles, and sets it in a process that compiled in-process.
+STARTUP_VARS = ('PYTHON', 'OMP_', 'MKL_', 'KMP_', 'OPENBLAS', 'LD_', 'MALLOC', 'TORCH', 'PYTORCH_', 'CUDA', 'HF_',
+                'LC_', 'LANG', 'HOME', 'XDG_')
+READ_LATER = {'TORCHINDUCTOR_CACHE_DIR'}
+SERVERS_VAR = 'TESTS_SCRIPT_SERVERS'  # the servers' socket paths, for the --run client
+
+
+def startup_env_differs(a: dict[str, str], b: dict[str, str]) -> bool:
+    changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    return any(k.startswith(STARTUP_VARS) for k in changed - READ_LATER)
 
 
 # what every entry script imports, and nothing more (a submodule imported here and not in a
@@ -73,6 +96,7 @@ def read_request(conn: socket.socket) -> tuple[dict, list[int]]:
 
 def serve(path: str) -> tuple[dict, list[int]] | None:
     """Runs in the server; returns only in a forked child, with the request it is to run."""
+    own_env = dict(os.environ)
     unfit = import_heavy_modules()
     # the imported modules' objects out of the collector's reach: a child's collections, above
     # all the last one as it exits, then neither walk them (1.9 s -> 0.5 s per exit here) nor
@@ -82,11 +106,18 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
     listener.bind(path)
     listener.listen(16)
     print(f'unfit: {unfit}' if unfit else 'ready', flush=True)
-    running: dict[int, socket.socket] = {}  # child pid -> its client's connection
+    running: dict[int, socket.socket | None] = {}  # child pid -> its client's connection (None: gone)
     while True:
-        readable, _, _ = select.select([listener, sys.stdin], [], [], 0.05)
+        connections = [conn for conn in running.values() if conn is not None]
+        readable, _, _ = select.select([listener, sys.stdin, *connections], [], [], 0.05)
         if sys.stdin in readable and not os.read(sys.stdin.fileno(), 1024):
             return None  # the test process has gone
+        for pid, conn in running.items():
+            if conn in readable and client_gone(conn):  # before its run ended: as a killed process's child
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                conn.close()
+                running[pid] = None
         if listener in readable:
             conn, _ = listener.accept()
             try:
@@ -94,10 +125,17 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
             except (OSError, ValueError):  # a client that went away mid-request: not this server's end
                 conn.close()
                 continue
+            if request.get('fresh_if_env_differs') and startup_env_differs(own_env, request['env']):
+                for fd in fds:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    conn.sendall(b'fresh\n')
+                conn.close()
+                continue
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
-                for sock in (listener, conn, *running.values()):
+                for sock in (listener, conn, *filter(None, running.values())):
                     sock.close()
                 return request, fds
             for fd in fds:
@@ -110,11 +148,22 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
             if pid == 0:
                 break
             conn = running.pop(pid)
+            if conn is None:
+                continue
             try:
                 conn.sendall(f'{os.waitstatus_to_exitcode(status)}\n'.encode())
             except OSError:
                 pass  # the client gave up on it (a timeout)
             conn.close()
+
+
+def client_gone(conn: socket.socket) -> bool:
+    """A readable connection of a running run: clients send nothing after the request, so this is
+    its end."""
+    try:
+        return not conn.recv(1)
+    except OSError:
+        return True
 
 
 def become_script(request: dict, fds: list[int]) -> None:
@@ -198,6 +247,16 @@ class WarmInterpreter:
         else:
             self.servers = started
 
+    def nested_env(self) -> dict[str, str]:
+        """Variables that send the tool scripts' own runs (VIT_PYTHON) to these servers; none when
+        they are off or the paths would not survive VIT_PYTHON's split on spaces."""
+        if not self.available():
+            return {}
+        command = [sys.executable, os.path.abspath(__file__), '--run']
+        if any(len(word.split()) != 1 for word in command):
+            return {}
+        return {'VIT_PYTHON': ' '.join(command), SERVERS_VAR: os.pathsep.join(path for _, path in self.servers)}
+
     def run(self, argv: list[str], timeout: float, cwd: os.PathLike,
             env: dict[str, str]) -> tuple[int | None, str, str]:
         """As subprocess's communicate(timeout) with text=True gives them: exit code (None: not
@@ -280,7 +339,50 @@ def text(raw: bytes) -> str:
     """As subprocess's text mode decodes it: universal newlines."""
     return raw.decode(errors='replace').replace('\r\n', '\n').replace('\r', '\n')
 
+# ---- the nested-run client (`python script_server.py --run script.py args...`) ------------------
+
+def run_as_client(argv: list[str]) -> None:
+    """Runs `python script.py args` (argv) in a server child and ends as that run ended; where no
+    server can take it, execs a fresh interpreter on it."""
+    paths = [p for p in os.environ.get(SERVERS_VAR, '').split(os.pathsep) if p]
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not paths:
+            raise ConnectionError(f'no {SERVERS_VAR}')
+        conn.connect(paths[os.getpid() % len(paths)])  # either server: their str hash seeds differ
+        request = {'argv': argv, 'cwd': os.getcwd(), 'env': dict(os.environ), 'fresh_if_env_differs': True}
+        socket.send_fds(conn, [json.dumps(request).encode() + b'\n'], [1, 2])
+        replies = LineReader(conn)
+        first = replies.line(60)
+    except OSError:  # the servers are gone (their test process ended): a run still runs
+        first = 'fresh'
+    if first is None or first == 'fresh':
+        conn.close()
+        os.execv(sys.executable, [sys.executable, *argv])
+    pid = int(first)
+
+    def forward(signum: int, frame) -> None:  # as a terminal's Ctrl-C reaches the run's whole group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    code = None
+    try:
+        while code is None:
+            code = replies.line(3600)
+    except OSError as e:  # the server has gone; the run, orphaned, may still be running
+        raise SystemExit(f'script_server.py --run: lost the server during {argv[0]} ({e})') from None
+    code = int(code)
+    if code < 0:  # killed by a signal: this process ends the same way
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code if code >= 0 else 128 - code)
+
+
 if __name__ == '__main__':
+    if sys.argv[1] == '--run':
+        run_as_client(sys.argv[2:])
     job = serve(sys.argv[1])
     if job is not None:
         # at the top level, so that the child ends as the script's own interpreter would

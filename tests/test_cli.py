@@ -186,3 +186,31 @@ def test_an_output_folder_behind_a_folder_that_cannot_be_entered_is_an_error_lin
     monkeypatch.setattr(pathlib.Path, 'exists', no_entry)
     with pytest.raises(SystemExit, match=r'^error: cannot create --out .*: Permission denied$'):
         check_output_folder(tmp_path / 'locked' / 'out', f'--out {tmp_path / "locked" / "out"}')
+
+
+def test_vit_python_sets_the_command_the_tools_start_their_runs_with(tmp_path, monkeypatch):
+    """study.py's (and demo.py's) runs start with $VIT_PYTHON split on spaces; unset or blank: this
+    interpreter; a first word that is no command: one error line."""
+    import sys
+
+    import study
+    from util.cli import python_command
+    wrapper = tmp_path / 'wrapped'
+    wrapper.write_text(f'#!/bin/sh\necho "$1 $2" >> {tmp_path / "calls"}\nshift\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    for blank in (None, '', '  '):
+        if blank is None:
+            monkeypatch.delenv('VIT_PYTHON', raising=False)
+        else:
+            monkeypatch.setenv('VIT_PYTHON', blank)
+        assert python_command() == [sys.executable]
+    monkeypatch.setenv('VIT_PYTHON', f'{wrapper} --tag')
+    assert python_command() == [str(wrapper), '--tag']
+    (tmp_path / 'hello.py').write_text('print("hello from the run")\n')
+    study.run([str(tmp_path / 'hello.py')], tmp_path / 'log.txt')
+    assert (tmp_path / 'calls').read_text() == f'--tag {tmp_path / "hello.py"}\n'
+    assert (tmp_path / 'log.txt').read_text() == 'hello from the run\n'
+    monkeypatch.setenv('VIT_PYTHON', 'no-such-python3 -X dev')
+    with pytest.raises(SystemExit, match=r"^error: VIT_PYTHON='no-such-python3 -X dev': no-such-python3 is not a "
+                                         r"command that can be started; unset VIT_PYTHON"):
+        python_command()

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from helpers import VIT, run_cmd
+from helpers import VIT, run_cmd, subprocess_env, warm_nested_runs
 
 
 @pytest.mark.long
@@ -11,7 +11,8 @@ def test_demo_runs_plain_and_freezeout(tmp_path):
     stale = tmp_path / 'demo' / 'plain' / 'checkpoint-7.pth'  # an earlier demo's: the rerun starts clean
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b'old')
-    res = run_cmd([sys.executable, VIT / 'demo.py', '--epochs', '2', '--out', tmp_path / 'demo'], timeout=300)
+    res = run_cmd([sys.executable, VIT / 'demo.py', '--epochs', '2', '--out', tmp_path / 'demo'], timeout=300,
+                  env=warm_nested_runs(subprocess_env()))
     assert res.returncode == 0, res.describe()
     assert 'Traceback' not in res.output, res.describe()
     import json

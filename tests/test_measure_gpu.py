@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 import benchmark
-from helpers import ROOT, run_cmd, subprocess_env
+from helpers import ROOT, run_cmd, subprocess_env, warm_nested_runs
 
 
 def stand_in_data(base: Path) -> Path:
@@ -36,7 +36,7 @@ def stand_in_data(base: Path) -> Path:
 
 def measure(out: Path, **env: str):
     return run_cmd(['bash', ROOT / 'ViT' / 'measure_gpu.sh', out], timeout=400, cwd=ROOT,
-                   env=subprocess_env(QUICK='1', **env))
+                   env=warm_nested_runs(subprocess_env(QUICK='1', **env)))
 
 
 @pytest.mark.long
@@ -122,6 +122,9 @@ def test_missing_data_and_bad_study_minutes_are_clear_errors(tmp_path):
         assert res.returncode == 2 and f"STUDY_UNTIL must be whole seconds after the start, got '{bad}'" in res.output
     res = measure(tmp_path / 'out4', DATA=str(tmp_path / 'data'), STUDY_UNTIL='500', STUDY_MINUTES='3')
     assert res.returncode == 2 and 'give STUDY_MINUTES or STUDY_UNTIL, not both' in res.output
+    res = measure(tmp_path / 'out5', DATA=str(tmp_path / 'data'), VIT_PYTHON='no-such-python3 -u')
+    assert res.returncode == 2 and "error: VIT_PYTHON='no-such-python3 -u': no-such-python3 is not a command" in res.output
+    assert '== ' not in res.output  # before the first stage
 
 
 def write_json(path: Path, data: dict) -> None:

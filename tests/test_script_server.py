@@ -3,6 +3,7 @@ client in helpers.py): a script run there must see and do what it would in a fre
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -153,3 +154,71 @@ def test_consecutive_warm_runs_start_from_different_random_states(tmp_path, monk
     assert runs[0][0] and runs[1][0]  # both warm
     assert all(a != b for a, b in zip(runs[0][1:5], runs[1][1:5])), runs
     assert runs[0][5] == runs[1][5] == str(tmp_path / 'tmp')
+
+
+# ---- the tool scripts' own runs: VIT_PYTHON = `python script_server.py --run` --------------------
+
+def nested(env: dict[str, str]) -> list[str]:
+    """The command a tool script would start its runs with, under helpers.warm_nested_runs(env)."""
+    nested_env = helpers.warm_nested_runs(env)
+    assert nested_env['VIT_PYTHON'].split()[1:] == [str(helpers.ROOT / 'tests' / 'script_server.py'), '--run']
+    env.clear()
+    env.update(nested_env)
+    return nested_env['VIT_PYTHON'].split()
+
+
+def test_a_nested_run_through_the_client_does_what_a_fresh_one_does(probe, monkeypatch):
+    monkeypatch.delenv('TESTS_FRESH_INTERPRETERS', raising=False)
+    env = subprocess_env(PROBE_VAR='nested')
+    client = nested(env)
+    for how, code in (('0', 0), ('3', 3), ('raise', 1), ('ctrl-c', -signal.SIGINT), ('term', -signal.SIGTERM)):
+        runs = [subprocess.run([*command, os.path.join('scripts', 'probe.py'), how], cwd=probe.parent.parent,
+                               env=env, capture_output=True, text=True, timeout=60)
+                for command in (client, [sys.executable])]
+        firsts = [json.loads(r.stdout.splitlines()[0]) for r in runs]
+        assert firsts[0].pop('torch_already_imported') and not firsts[1].pop('torch_already_imported')
+        assert firsts[0].pop('own_session') and not firsts[1].pop('own_session')  # the server's child: setsid
+        assert firsts[0] == firsts[1], how
+        assert runs[0].returncode == runs[1].returncode == code, (how, runs)
+        assert [r.stdout.splitlines()[1:] for r in runs] == [runs[1].stdout.splitlines()[1:]] * 2
+        assert all(r.stderr.startswith('to stderr\n') for r in runs), how
+
+
+def test_the_client_forwards_ctrl_c_and_a_killed_client_takes_its_run_along(tmp_path, monkeypatch):
+    monkeypatch.delenv('TESTS_FRESH_INTERPRETERS', raising=False)
+    env = subprocess_env()
+    client = nested(env)
+    script = tmp_path / 'waits.py'
+    script.write_text('import os, sys, time\n'
+                      'print(os.getpid(), "torch" in sys.modules, flush=True)\n'
+                      'try:\n'
+                      '    time.sleep(60)\n'
+                      'except KeyboardInterrupt:\n'
+                      '    print("interrupted", flush=True)\n'
+                      '    sys.exit(130)\n')
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        proc = subprocess.Popen([*client, script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+        pid, warm = proc.stdout.readline().split()
+        assert warm == 'True'
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+        if sig == signal.SIGINT:  # the run's own handling, and its exit code as the client's
+            assert out == 'interrupted\n' and proc.returncode == 130
+        for _ in range(200):  # SIGKILL: the server saw the connection close and killed the run
+            if not running(int(pid)):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f'the run {pid} of a killed client still runs')
+
+
+def test_the_client_runs_a_fresh_interpreter_where_the_warm_one_does_not_fit(probe, monkeypatch):
+    """A changed start-up variable (the server says "fresh"), or no server to ask."""
+    monkeypatch.delenv('TESTS_FRESH_INTERPRETERS', raising=False)
+    env = subprocess_env()
+    client = nested(env)
+    for changed in ({'OMP_NUM_THREADS': '2'}, {'TESTS_SCRIPT_SERVERS': ''}):
+        res = subprocess.run([*client, probe, '3'], cwd=probe.parent, env={**env, **changed},
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 3, (changed, res)
+        assert not json.loads(res.stdout.splitlines()[0])['torch_already_imported'], changed

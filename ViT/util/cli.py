@@ -5,12 +5,31 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 # the cores this process may use (the CPU affinity that Slurm / cgroups / taskset set, as the
 # DataLoader's own warning counts them), not the machine's
 USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+# the command the tool scripts (demo.py, study.py, measure_gpu.sh) start each training or
+# evaluation script with, split on spaces: a wrapper such as `numactl --cpunodebind=0 python3`
+PYTHON_VAR = 'VIT_PYTHON'
+
+
+def python_command() -> list[str]:
+    """$VIT_PYTHON split on spaces, or this interpreter when it is unset or empty; a first word that
+    is no command is one `error:` line (the tools call this before their first run)."""
+    words = os.environ.get(PYTHON_VAR, '').split()
+    if not words:
+        return [sys.executable]
+    if shutil.which(words[0]) is None:
+        raise SystemExit(f'error: {PYTHON_VAR}={os.environ[PYTHON_VAR]!r}: {words[0]} is not a command that can be '
+                         f'started; unset {PYTHON_VAR} to run the scripts with {sys.executable}')
+    return words
 
 
 class ArgumentParser(argparse.ArgumentParser):
