@@ -25,13 +25,18 @@
 #      (fills one device call: e.g. STUDY_UNTIL=560 under a 590 s limit).
 # The device tool returns at most 8 files: everything is packed after every stage into
 # <out>/measure_gpu.tgz, and the console goes in full to <out>/console.txt, so a run cut short
-# keeps what it measured. DATA=<folder> replaces data/; VIT_PYTHON=<command> starts the scripts
-# (default python3; e.g. `numactl --cpunodebind=0 python3`); QUICK=1 shrinks everything to a
+# keeps what it measured. DATA=<folder> replaces data/; VIT_PYTHON=<command> starts every Python
+# it runs (default python3; e.g. `numactl --cpunodebind=0 python3`); QUICK=1 shrinks everything to a
 # CPU-sized smoke run of this script (tests/test_measure_gpu.py; the GPU tests skip there).
 set -uo pipefail
 here=$(realpath "$(dirname "$0")")
 out=$(realpath -m "${1:-${OUT:-$here/../gpu_measure_out}}")
 data=$(realpath -m "${DATA:-$here/../data}")
+# what starts every Python this script runs, as demo.py and study.py read it (util/cli.py's
+# python_command); a relative path is resolved before the cd
+read -ra python <<< "${VIT_PYTHON:-}"
+[ ${#python[@]} = 0 ] && python=(python3)  # unset or blank
+[[ ${python[0]} == */* ]] && python[0]=$(realpath -m "${python[0]}")
 cd "$here"
 work=$(mktemp -d "${TMPDIR:-/tmp}/measure_gpu.XXXXXX")
 mkdir -p "$out"
@@ -45,6 +50,9 @@ for d in "${needed[@]}"; do
     echo "error: $d is missing; copy the shared data first (see the top of $0)"; exit 2
   fi
 done
+if ! command -v "${python[0]}" >/dev/null; then
+  echo "error: VIT_PYTHON='${VIT_PYTHON:-}': ${python[0]} is not a command that can be started"; exit 2
+fi
 study_s=0
 if [ "${ONLY_STUDY:-0}" = 1 ] && [ -z "${STUDY_MINUTES:-}${STUDY_UNTIL:-}" ]; then
   echo "error: ONLY_STUDY=1 needs STUDY_MINUTES=N or STUDY_UNTIL=S (how long the study may run)"; exit 2
@@ -56,15 +64,9 @@ if [ -n "${STUDY_UNTIL:-}" ] && ! [[ "$STUDY_UNTIL" =~ ^(0|[1-9][0-9]*)$ ]]; the
   echo "error: STUDY_UNTIL must be whole seconds after the start, got '$STUDY_UNTIL'"; exit 2
 fi
 if [ -n "${STUDY_MINUTES:-}" ]; then
-  if ! study_s=$(python3 -c 'import sys; m = float(sys.argv[1]); assert m >= 0; print(max(1, round(m * 60)) if m else 0)' "$STUDY_MINUTES" 2>/dev/null); then
+  if ! study_s=$("${python[@]}" -c 'import sys; m = float(sys.argv[1]); assert m >= 0; print(max(1, round(m * 60)) if m else 0)' "$STUDY_MINUTES" 2>/dev/null); then
     echo "error: STUDY_MINUTES must be a number of minutes, got '$STUDY_MINUTES'"; exit 2
   fi
-fi
-# the runs' interpreter command, as demo.py and study.py read it (util/cli.py's python_command)
-read -ra python <<< "${VIT_PYTHON:-}"
-[ ${#python[@]} = 0 ] && python=(python3)  # unset or blank
-if ! command -v "${python[0]}" >/dev/null; then
-  echo "error: VIT_PYTHON='$VIT_PYTHON': ${python[0]} is not a command that can be started"; exit 2
 fi
 if [ "${QUICK:-0}" = 1 ]; then
   dev=cpu; model=MIM_vit_tiny_patch16; size=64; batch=8; steps="--steps 2 --warmup 1"; repeat=2; workers=2
@@ -86,9 +88,9 @@ if [ "${ONLY_STUDY:-0}" != 1 ]; then  # stages 0-6; ONLY_STUDY=1 goes straight t
 stage "0. environment"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   echo "cpus: $(nproc); open files: $(ulimit -n); /dev/shm: $(df -h /dev/shm 2>/dev/null | awk 'NR==2 {print $2 " total, " $4 " free"}')"
-  python3 -c 'import torch, torchvision, timm; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)'
+  "${python[@]}" -c 'import torch, torchvision, timm; print("torch", torch.__version__, "torchvision", torchvision.__version__, "timm", timm.__version__)'
   if [ "$dev" = cuda ]; then  # does nvjpeg decode here? a refusal would make the gpu backend a CPU decoder
-    python3 - "$data/imagenet-sample-40" <<'PY'
+    "${python[@]}" - "$data/imagenet-sample-40" <<'PY'
 import glob, sys
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
@@ -136,7 +138,7 @@ pack
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then
   stage "6. GPU integration tests"
-  (cd .. && timeout -k 10 420 python3 -m pytest -q -rs --tb=short --durations=0 tests/test_gpu_paths.py) 2>&1 \
+  (cd .. && timeout -k 10 420 "${python[@]}" -m pytest -q -rs --tb=short --durations=0 tests/test_gpu_paths.py) 2>&1 \
     | tee "$work/gpu_tests.txt"
   pack
 fi
@@ -147,7 +149,7 @@ if [ -n "${STUDY_UNTIL:-}" ]; then
   if [ "$study_s" -lt 30 ]; then
     echo; echo "== no time left for the study (STUDY_UNTIL=$STUDY_UNTIL, now +${SECONDS}s)"; study_s=0
   fi
-  STUDY_MINUTES=$(python3 -c "print(round($study_s / 60, 2))")
+  STUDY_MINUTES=$("${python[@]}" -c "print(round($study_s / 60, 2))")
 fi
 if [ "${ONLY_STUDY:-0}" = 1 ] && [ "$study_s" = 0 ]; then
   echo "error: ONLY_STUDY=1 but no time for the study (STUDY_MINUTES=${STUDY_MINUTES:-}, STUDY_UNTIL=${STUDY_UNTIL:-})"

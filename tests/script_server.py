@@ -94,7 +94,7 @@ def read_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(data), fds
 
 
-def serve(path: str) -> tuple[dict, list[int]] | None:
+def serve(path: str) -> tuple[dict, list[int], socket.socket] | None:
     """Runs in the server; returns only in a forked child, with the request it is to run."""
     own_env = dict(os.environ)
     unfit = import_heavy_modules()
@@ -111,11 +111,11 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
         connections = [conn for conn in running.values() if conn is not None]
         readable, _, _ = select.select([listener, sys.stdin, *connections], [], [], 0.05)
         if sys.stdin in readable and not os.read(sys.stdin.fileno(), 1024):
-            return None  # the test process has gone
+            stop_runs(list(running))  # the test process has gone (killed, perhaps): its runs go too
+            return None
         for pid, conn in running.items():
             if conn in readable and client_gone(conn):  # before its run ended: as a killed process's child
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+                kill_run(pid, signal.SIGKILL)
                 conn.close()
                 running[pid] = None
         if listener in readable:
@@ -135,14 +135,12 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
-                for sock in (listener, conn, *filter(None, running.values())):
+                for sock in (listener, *filter(None, running.values())):
                     sock.close()
-                return request, fds
+                return request, fds, conn
             for fd in fds:
                 os.close(fd)
-            with contextlib.suppress(OSError):
-                conn.sendall(f'{pid}\n'.encode())
-            running[pid] = conn
+            running[pid] = conn  # the child sends its pid once it leads its own group (become_script)
         while running:  # reap; a single thread, so forking stays safe
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -157,6 +155,29 @@ def serve(path: str) -> tuple[dict, list[int]] | None:
             conn.close()
 
 
+def kill_run(pid: int, sig: int) -> None:
+    """Signals a run's process group, or the run alone if it has not called setsid yet (its pid
+    cannot be reused before this server reaps it)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def stop_runs(pids: list[int]) -> None:
+    """SIGTERM to each run's group (torchrun then stops its workers), SIGKILL to what is left
+    after 10 s."""
+    for pid in pids:
+        kill_run(pid, signal.SIGTERM)
+    until = time.monotonic() + 10
+    while pids and time.monotonic() < until:
+        pids = [pid for pid in pids if os.waitpid(pid, os.WNOHANG)[0] == 0]
+        time.sleep(0.05)
+    for pid in pids:
+        kill_run(pid, signal.SIGKILL)
+
+
 def client_gone(conn: socket.socket) -> bool:
     """A readable connection of a running run: clients send nothing after the request, so this is
     its end."""
@@ -166,9 +187,13 @@ def client_gone(conn: socket.socket) -> bool:
         return True
 
 
-def become_script(request: dict, fds: list[int]) -> None:
+def become_script(request: dict, fds: list[int], conn: socket.socket) -> None:
     """In the forked child: set up the process as `python script args...` would be, then run it."""
     os.setsid()
+    # the pid only now: a client that signals the run's group, or goes away, from then on reaches it
+    with contextlib.suppress(OSError):
+        conn.sendall(f'{os.getpid()}\n'.encode())
+    conn.close()
     stdin = os.open(os.devnull, os.O_RDONLY)
     os.dup2(stdin, 0)
     os.dup2(fds[0], 1)
@@ -347,16 +372,22 @@ def run_as_client(argv: list[str]) -> None:
     paths = [p for p in os.environ.get(SERVERS_VAR, '').split(os.pathsep) if p]
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if not paths:
-            raise ConnectionError(f'no {SERVERS_VAR}')
-        conn.connect(paths[os.getpid() % len(paths)])  # either server: their str hash seeds differ
+        if not paths or not argv or argv[0].startswith('-'):  # no server, or `-c code`, `-m module`, stdin
+            raise ConnectionRefusedError
+        conn.connect(paths[os.getpid() % len(paths)])  # either server (their str hash seeds differ)
         request = {'argv': argv, 'cwd': os.getcwd(), 'env': dict(os.environ), 'fresh_if_env_differs': True}
         socket.send_fds(conn, [json.dumps(request).encode() + b'\n'], [1, 2])
-        replies = LineReader(conn)
-        first = replies.line(60)
-    except OSError:  # the servers are gone (their test process ended): a run still runs
+    except OSError:  # not for a server, or the servers are gone (their test process ended)
         first = 'fresh'
-    if first is None or first == 'fresh':
+    else:
+        replies = LineReader(conn)
+        try:
+            first = replies.line(60)
+        except OSError:
+            first = 'fresh'  # the server went away before it forked the run
+        if first is None:  # the request is the server's now: a fresh run could only double it
+            raise SystemExit(f'script_server.py --run: no server started {argv[0]} within 60 s')
+    if first == 'fresh':
         conn.close()
         os.execv(sys.executable, [sys.executable, *argv])
     pid = int(first)
@@ -375,7 +406,8 @@ def run_as_client(argv: list[str]) -> None:
         raise SystemExit(f'script_server.py --run: lost the server during {argv[0]} ({e})') from None
     code = int(code)
     if code < 0:  # killed by a signal: this process ends the same way
-        signal.signal(-code, signal.SIG_DFL)
+        with contextlib.suppress(OSError):  # SIGKILL's disposition cannot be set (nor needs to be)
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     sys.exit(code if code >= 0 else 128 - code)
 

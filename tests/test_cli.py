@@ -204,7 +204,8 @@ def test_vit_python_sets_the_command_the_tools_start_their_runs_with(tmp_path, m
         else:
             monkeypatch.setenv('VIT_PYTHON', blank)
         assert python_command() == [sys.executable]
-    monkeypatch.setenv('VIT_PYTHON', f'{wrapper} --tag')
+    monkeypatch.setenv('VIT_PYTHON', './wrapped --tag')  # from the caller's folder, though the runs start in ViT/
+    monkeypatch.chdir(tmp_path)
     assert python_command() == [str(wrapper), '--tag']
     (tmp_path / 'hello.py').write_text('print("hello from the run")\n')
     study.run([str(tmp_path / 'hello.py')], tmp_path / 'log.txt')

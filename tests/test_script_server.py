@@ -3,6 +3,7 @@ client in helpers.py): a script run there must see and do what it would in a fre
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 
 import helpers
+import script_server
 from helpers import run_cmd, subprocess_env
 
 PROBE = '''
@@ -32,6 +34,8 @@ if how == 'ctrl-c':
 if how == 'term':
     os.kill(os.getpid(), 15)
     time.sleep(5)
+if how == 'kill':
+    os.kill(os.getpid(), 9)
 sys.exit(int(how))
 '''
 
@@ -171,7 +175,8 @@ def test_a_nested_run_through_the_client_does_what_a_fresh_one_does(probe, monke
     monkeypatch.delenv('TESTS_FRESH_INTERPRETERS', raising=False)
     env = subprocess_env(PROBE_VAR='nested')
     client = nested(env)
-    for how, code in (('0', 0), ('3', 3), ('raise', 1), ('ctrl-c', -signal.SIGINT), ('term', -signal.SIGTERM)):
+    for how, code in (('0', 0), ('3', 3), ('raise', 1), ('ctrl-c', -signal.SIGINT), ('term', -signal.SIGTERM),
+                      ('kill', -signal.SIGKILL)):
         runs = [subprocess.run([*command, os.path.join('scripts', 'probe.py'), how], cwd=probe.parent.parent,
                                env=env, capture_output=True, text=True, timeout=60)
                 for command in (client, [sys.executable])]
@@ -189,27 +194,73 @@ def test_the_client_forwards_ctrl_c_and_a_killed_client_takes_its_run_along(tmp_
     env = subprocess_env()
     client = nested(env)
     script = tmp_path / 'waits.py'
-    script.write_text('import os, sys, time\n'
-                      'print(os.getpid(), "torch" in sys.modules, flush=True)\n'
+    # the run and a child in its process group (as DataLoader workers are) both get the signal
+    script.write_text('import os, subprocess, sys, time\n'
+                      'child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])\n'
                       'try:\n'
+                      '    print(os.getpid(), child.pid, "torch" in sys.modules, flush=True)\n'
                       '    time.sleep(60)\n'
                       'except KeyboardInterrupt:\n'
                       '    print("interrupted", flush=True)\n'
                       '    sys.exit(130)\n')
     for sig in (signal.SIGINT, signal.SIGKILL):
         proc = subprocess.Popen([*client, script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
-        pid, warm = proc.stdout.readline().split()
+        *pids, warm = proc.stdout.readline().split()
         assert warm == 'True'
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=30)
         if sig == signal.SIGINT:  # the run's own handling, and its exit code as the client's
             assert out == 'interrupted\n' and proc.returncode == 130
-        for _ in range(200):  # SIGKILL: the server saw the connection close and killed the run
-            if not running(int(pid)):
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail(f'the run {pid} of a killed client still runs')
+        # SIGKILL: the server saw the connection close and killed the run's group
+        assert all_gone(map(int, pids)), (sig, pids)
+
+
+def all_gone(pids, within: float = 10) -> bool:
+    until = time.monotonic() + within
+    pids = list(pids)
+    while any(running(pid) for pid in pids):
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_client_gone_right_after_its_run_started_takes_the_run_along(tmp_path, monkeypatch):
+    """The server sends the pid once the run leads its own group: a client that goes away at any
+    moment after that (killed by study.py or `timeout -k`) reaches the run."""
+    monkeypatch.delenv('TESTS_FRESH_INTERPRETERS', raising=False)
+    env = subprocess_env()
+    nested(env)
+    script = tmp_path / 'late.py'
+    script.write_text('import sys, time\ntime.sleep(1.5)\nopen(sys.argv[1], "w").close()\n')
+    path = env[script_server.SERVERS_VAR].split(os.pathsep)[0]
+    with open(os.devnull, 'w') as devnull:
+        for i in range(10):  # as a client killed at once: the request, the pid, gone
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.connect(path)
+                request = {'argv': [str(script), str(tmp_path / f'ran{i}')], 'cwd': str(tmp_path), 'env': env}
+                socket.send_fds(conn, [json.dumps(request).encode() + b'\n'], [devnull.fileno()] * 2)
+                assert script_server.LineReader(conn).line(30).isdigit()
+    time.sleep(3)
+    assert not list(tmp_path.glob('ran*'))
+
+
+def test_a_server_whose_test_process_ended_stops_its_runs(tmp_path):
+    """A test process killed outright (its servers' stdin closes) leaves no run behind."""
+    server = script_server.WarmInterpreter(subprocess_env())
+    server.SERVERS = 1
+    env = {**subprocess_env(), **server.nested_env()}
+    script = tmp_path / 'sleeps.py'
+    script.write_text('import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)\n')
+    client = subprocess.Popen([*env['VIT_PYTHON'].split(), script], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = int(client.stdout.readline())
+    process, _ = server.servers[0]
+    process.stdin.close()
+    assert process.wait(timeout=30) == 0
+    assert all_gone([pid])
+    out, err = client.communicate(timeout=30)
+    assert client.returncode == 1 and 'lost the server during' in err
 
 
 def test_the_client_runs_a_fresh_interpreter_where_the_warm_one_does_not_fit(probe, monkeypatch):

@@ -21,15 +21,17 @@ PYTHON_VAR = 'VIT_PYTHON'
 
 
 def python_command() -> list[str]:
-    """$VIT_PYTHON split on spaces, or this interpreter when it is unset or empty; a first word that
-    is no command is one `error:` line (the tools call this before their first run)."""
+    """$VIT_PYTHON split on spaces, its first word as the absolute path it names from here (the
+    runs start in ViT/), or this interpreter when it is unset or blank; a first word that is no
+    command is one `error:` line (the tools call this before their first run)."""
     words = os.environ.get(PYTHON_VAR, '').split()
     if not words:
         return [sys.executable]
-    if shutil.which(words[0]) is None:
+    found = shutil.which(words[0])
+    if found is None:
         raise SystemExit(f'error: {PYTHON_VAR}={os.environ[PYTHON_VAR]!r}: {words[0]} is not a command that can be '
                          f'started; unset {PYTHON_VAR} to run the scripts with {sys.executable}')
-    return words
+    return [os.path.abspath(found), *words[1:]]
 
 
 class ArgumentParser(argparse.ArgumentParser):
