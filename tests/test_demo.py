@@ -44,6 +44,13 @@ def test_demo_out_that_cannot_be_created_is_a_clear_error(tmp_path):
     assert 'Traceback' not in res.output
 
 
+def test_demo_with_a_vit_python_that_cannot_start_is_a_clear_error(tmp_path):
+    res = run_cmd([sys.executable, VIT / 'demo.py', '--out', tmp_path / 'demo'], timeout=120,
+                  env=subprocess_env(VIT_PYTHON='no-such-python3'))
+    assert res.returncode != 0 and "error: VIT_PYTHON='no-such-python3': no-such-python3 is not a command" in res.stderr
+    assert 'Traceback' not in res.output and not (tmp_path / 'demo').exists(), res.describe()
+
+
 def test_summary_words_a_slower_freezeout_run_and_a_busy_machine():
     """A negative saving reads as "more", not "saved -41%"; epochs that froze nothing at very
     different paces (the machine was busy) get a note; the loss shown is the scale both runs train."""

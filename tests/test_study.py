@@ -136,6 +136,17 @@ def test_missing_data_is_a_clear_error(tmp_path):
     assert r.returncode != 0 and 'error' in r.stderr and 'Traceback' not in r.stderr
 
 
+def test_a_vit_python_that_cannot_start_is_an_error_before_the_first_run(tmp_path):
+    data = make_demo_data(tmp_path)
+    r = run_cmd([sys.executable, 'study.py', '--quick', '--device', 'cpu', '--data_path', str(data),
+                 '--out', str(tmp_path / 'runs'), '--results', str(tmp_path / 'r.json')],
+                env=subprocess_env(VIT_PYTHON='no-such-python3 -u'))
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        f"error: VIT_PYTHON='no-such-python3 -u': no-such-python3 is not a command that can be started; unset "
+        f"VIT_PYTHON to run the scripts with {sys.executable}"], r.describe()
+    assert not (tmp_path / 'runs' / 'regular').exists() and '$ ' not in r.stdout
+
+
 def no_run(cmd, log):
     raise AssertionError(f'{cmd[0]} was started before the study checked its paths and data')
 
