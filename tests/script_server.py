@@ -12,11 +12,11 @@ servers and takes them in turn.
 
 Protocol, one Unix-socket connection per run: the client sends one JSON line
 {"argv": [script, *args], "cwd": ..., "env": {...}} with its stdout and stderr pipe ends attached
-(SCM_RIGHTS); the server answers "<pid>\\n" once the child is forked and "<exit code>\\n" (negative:
-killed by that signal, as subprocess reports it) when the child has ended. The server stops when
-its stdin closes (the test process has gone). Its first stdout line is "ready" or, when the
-imports printed a warning that a fresh interpreter would print to each run, "unfit: <why>"; the
-client then starts fresh interpreters instead. Both sides live here: the server (this file run as
+(SCM_RIGHTS); the child answers "<pid>\\n" once it leads its own process group, the server
+"<exit code>\\n" (negative: killed by that signal, as subprocess reports it) when the child has
+ended. The server stops when its stdin closes (the test process has gone), and its runs with it.
+Its first stdout line is "ready" or, when the imports printed a warning that a fresh interpreter
+would print to each run, "unfit: <why>"; the client then starts fresh interpreters instead. Both sides live here: the server (this file run as
 a script) and the client, WarmInterpreter, which tests/helpers.py's run_cmd uses.
 
 The tool scripts' own runs (study.py, demo.py and measure_gpu.sh start each script with the command
@@ -363,6 +363,7 @@ class LineReader:
 def text(raw: bytes) -> str:
     """As subprocess's text mode decodes it: universal newlines."""
     return raw.decode(errors='replace').replace('\r\n', '\n').replace('\r', '\n')
+
 
 # ---- the nested-run client (`python script_server.py --run script.py args...`) ------------------
 
