@@ -16,8 +16,9 @@ Protocol, one Unix-socket connection per run: the client sends one JSON line
 "<exit code>\\n" (negative: killed by that signal, as subprocess reports it) when the child has
 ended. The server stops when its stdin closes (the test process has gone), and its runs with it.
 Its first stdout line is "ready" or, when the imports printed a warning that a fresh interpreter
-would print to each run, "unfit: <why>"; the client then starts fresh interpreters instead. Both sides live here: the server (this file run as
-a script) and the client, WarmInterpreter, which tests/helpers.py's run_cmd uses.
+would print to each run, "unfit: <why>"; the client then starts fresh interpreters instead.
+Both sides live here: the server (this file run as a script) and the client, WarmInterpreter,
+which tests/helpers.py's run_cmd uses.
 
 The tool scripts' own runs (study.py, demo.py and measure_gpu.sh start each script with the command
 in $VIT_PYTHON) come here too when a test sets WarmInterpreter.nested_env(): VIT_PYTHON is then
