@@ -1,4 +1,5 @@
 """Shared test setup: the ViT/ code is imported as top-level modules (`import models_mim`)."""
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import torch
 # two threads, spinning while the other worker's subprocesses hold the cores, slowed in-process
 # tests up to 30x (2 s alone, 65 s in the full run).
 torch.set_num_threads(1)
+
+# A suite started in the background of a script (`pytest ... &`, job control off) inherits Ctrl-C
+# ignored, and so would every run it starts: the Ctrl-C tests need the default, as at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / 'ViT') not in sys.path:
