@@ -114,3 +114,13 @@ def test_ctrl_c_in_a_tool_script_is_one_line(tmp_path):
     assert proc.returncode == 130, stdout[-2000:] + stderr[-3000:]
     assert 'Traceback' not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == 'interrupted', stderr[-3000:]
+
+
+def test_a_suite_started_with_ctrl_c_ignored_gives_its_runs_the_default(tmp_path):
+    """tests/conftest.py: pytest started in a script's background (`pytest ... &`, Ctrl-C ignored)
+    still runs the Ctrl-C tests against the product's own handling."""
+    proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:xdist', '-p', 'no:cacheprovider',
+                           str(VIT.parent / 'tests' / 'test_interrupt.py'), '-k', 'keeps_its_own_ctrl_c_handler'],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 0 and '1 passed' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
