@@ -114,7 +114,8 @@ def test_vit_python_starts_its_pythons_and_a_relative_one_is_found_from_the_call
     wrapper.write_text(f'#!/bin/sh\necho "$1" >> {tmp_path / "calls"}\nexec python3 "$@"\n')
     wrapper.chmod(0o755)
     res = run_cmd(['bash', ROOT / 'ViT' / 'measure_gpu.sh', tmp_path / 'out'], timeout=60, cwd=tmp_path,
-                  env=subprocess_env(QUICK='1', DATA=str(data), ONLY_STUDY='1', STUDY_UNTIL='5', VIT_PYTHON='./wrap'))
+                  env=subprocess_env(QUICK='1', DATA=str(data), ONLY_STUDY='1', STUDY_UNTIL='5',
+                                     VIT_PYTHON='./wrap'))
     assert res.returncode == 2 and 'no time left for the study' in res.output, res.describe()
     assert (tmp_path / 'calls').read_text() == '-c\n'  # the minutes left, worked out by VIT_PYTHON
 
