@@ -136,7 +136,8 @@ def test_missing_data_and_bad_study_minutes_are_clear_errors(tmp_path):
     res = measure(tmp_path / 'out4', DATA=str(tmp_path / 'data'), STUDY_UNTIL='500', STUDY_MINUTES='3')
     assert res.returncode == 2 and 'give STUDY_MINUTES or STUDY_UNTIL, not both' in res.output
     res = measure(tmp_path / 'out5', DATA=str(tmp_path / 'data'), VIT_PYTHON='no-such-python3 -u')
-    assert res.returncode == 2 and "error: VIT_PYTHON='no-such-python3 -u': no-such-python3 is not a command" in res.output
+    assert res.returncode == 2, res.describe()
+    assert "error: VIT_PYTHON='no-such-python3 -u': no-such-python3 is not a command" in res.output
     assert '== ' not in res.output  # before the first stage
 
 
