@@ -50,7 +50,8 @@ from util.checkpoint import write_text_atomic
 from util.cli import ArgumentParser, check_output_folder
 from util import freezeout as fo
 from util.data import IMAGE_EXTENSIONS, class_folders, is_hidden, resolve_image_folder
-from util.gpu_data import BACKENDS, GPU_RESAMPLE_CHOICES, build_loader
+from util.flags import BACKENDS, GPU_RESAMPLE_CHOICES
+from util.gpu_data import build_loader
 from util.lr_sched import set_group_lrs, warmup_cosine_lr
 from util.optim import build_adamw, param_groups_weight_decay
 from util.runtime import allow_recompiles, check_number_flags, resolve_device_and_amp

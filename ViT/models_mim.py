@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block, PatchEmbed
 
+from util.flags import MIM_MODELS
 from util.hog import HOGLayer, multi_scale_hog
 from util.pos_embed import get_2d_sincos_pos_embed
 
@@ -331,7 +332,7 @@ def MIM_vit_huge_patch14(**kwargs):
     return _mim(14, 1280, 32, 16, **kwargs)
 
 
-MODELS = {name: fn for name, fn in globals().items() if name.startswith('MIM_vit_')}
+MODELS = {name: globals()[name] for name in MIM_MODELS}  # the names --model offers (util.flags)
 
 
 def check_model(name: str, img_size: int = 224) -> None:

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import timm.models.vision_transformer
 
+from util.flags import VIT_MODELS
+
 
 class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
     """timm ViT with MAE's read-out (see the module docstring)."""
@@ -80,7 +82,7 @@ def vit_huge_patch14(**kwargs) -> VisionTransformer:
     return _vit(14, 1280, 32, 16, **kwargs)
 
 
-MODELS = {name: fn for name, fn in list(globals().items()) if name.startswith('vit_')}
+MODELS = {name: globals()[name] for name in VIT_MODELS}  # the names --model offers (util.flags)
 
 
 def check_model(name: str, img_size: int = 224) -> None:

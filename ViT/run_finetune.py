@@ -14,114 +14,10 @@ from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
-import dataclasses
-import math
-import re
-from pathlib import Path
-from typing import Callable, Sequence
 
-import torch
-
-import models_vit
-from engine_finetune import evaluate, fit, logged_accuracies
-from engine_pretrain import ModelHandle
-from util.checkpoint import find_resume_checkpoint, save_checkpoint
 from util.cli import ArgumentParser
-from util.runtime import run_main, set_lr, setup
-from util import checkpoint, dist
-from util.data import (DEFAULT_NUM_WORKERS, DataLayoutError, build_classification_datasets, build_eval_loader,
-                       build_train_loader, eval_transform, finetune_train_transform)
-from util.encoder_loading import load_pretrained_encoder
-from util.log import append_json_line, make_writer
-from util.lr_decay import describe_groups, param_groups_lrd
-from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch
-from util.optim import build_adamw
-
-HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
-
-
-# ---- flags ------------------------------------------------------------------------------------
-
-def add_run_args(parser: argparse.ArgumentParser, output_dir: str, trains: bool = True) -> None:
-    """Data, output and process flags common to fine-tuning, linear probing and kNN (trains=False:
-    the help says what they mean for a feature pass without a trained head)."""
-    g = parser.add_argument_group('data, output, run')
-    g.add_argument('--data_path', default='./dataset/ImageNet/', type=str,
-                   help='dataset root with labelled splits: <path>/train/<class>/... and <path>/val/<class>/..., '
-                        'or <path>/train/image_folders/<class>/... and <path>/val/image_folders/<class>/...')
-    g.add_argument('--nb_classes', default=None, type=int,
-                   help=('number of outputs of the head' if trains else 'classes the votes and the linear classifier '
-                         'range over') + '; unset: the number of class folders in the train split')
-    g.add_argument('--output_dir', default=output_dir,
-                   help='folder for log.txt and checkpoints; empty for none' if trains else
-                   'folder for log.txt (one JSON line per result) and, with --dump_features, knn_features.pth; '
-                   'empty for none')
-    g.add_argument('--device', default=None, help='cuda or cpu; unset: cuda when available')
-    g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
-                   help='mixed precision: auto = bf16 on GPUs that support it, none on CPU; fp16 uses a GradScaler'
-                   if trains else 'precision of the encoder\'s forward pass: auto = bf16 on GPUs that support it, '
-                   'none on CPU (the linear classifier is fitted in float32)')
-    g.add_argument('--seed', default=0, type=int,
-                   help='random seed (each process adds its rank)' if trains else
-                   'seed of the randomly initialised encoder evaluated without --finetune (the same on every '
-                   'process; the linear classifier is always seeded with 0)')
-    g.add_argument('--num_workers', default=DEFAULT_NUM_WORKERS, type=int,
-                   help='data-loading processes per training process (default: 10, or the usable CPUs if fewer)')
-    g.add_argument('--pin_mem', action='store_true', default=True,
-                   help='pinned host memory for faster copies to the GPU (default on)')
-    g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='turn --pin_mem off')
-    dist.add_dist_args(parser)
-
-
-def add_batch_args(parser: argparse.ArgumentParser, batch_size: int, epochs: int) -> None:
-    """Batch, epochs and accumulation flags of the trained protocols (fine-tuning, linear probe)."""
-    parser.add_argument('--batch_size', default=batch_size, type=int,
-                        help='batch size per process (effective batch = batch_size * accum_iter * processes)')
-    parser.add_argument('--epochs', default=epochs, type=int, help='training epochs')
-    parser.add_argument('--accum_iter', default=1, type=int,
-                        help='micro-batches accumulated per optimizer step (raises the effective batch)')
-
-
-def add_training_run_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the trained protocols (fine-tuning, linear probe): logging, resume, evaluation."""
-    g = parser.add_argument_group('logging, checkpoints, evaluation')
-    g.add_argument('--log_dir', default=None, help='tensorboard folder; unset: --output_dir')
-    g.add_argument('--resume', default='',
-                   help='checkpoint of this script to resume from (or to evaluate with --eval)')
-    g.add_argument('--auto_resume', dest='auto_resume', action='store_true', default=True,
-                   help='resume from checkpoint-last.pth / the newest checkpoint-N.pth in --output_dir '
-                        '(default on)')
-    g.add_argument('--no_auto_resume', dest='auto_resume', action='store_false', help='turn --auto_resume off')
-    g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
-    checkpoint.add_save_flags(g, 20, '; checkpoint-best.pth holds the best top-1 epoch')
-    g.add_argument('--print_freq', default=50, type=int, help='console/tensorboard line every N iterations')
-    g.add_argument('--eval', action='store_true',
-                   help='only evaluate the checkpoint given by --resume (or found in --output_dir) on the val split')
-    g.add_argument('--dist_eval', action='store_true', default=False,
-                   help='split evaluation over the processes (each image once); otherwise every process '
-                        'evaluates the whole val split')
-
-
-def add_readout_args(parser: argparse.ArgumentParser, global_pool_default: bool) -> None:
-    g = parser.add_argument_group('read-out').add_mutually_exclusive_group()  # both: refused, not "last wins"
-    pool_default, cls_default = (' (default)', '') if global_pool_default else ('', ' (default)')
-    g.add_argument('--global_pool', action='store_true', default=global_pool_default,
-                   help='classify the mean of the patch tokens, normalised by its own fc_norm (the final norm '
-                        f'is not used){pool_default}')
-    g.add_argument('--cls_token', action='store_false', dest='global_pool', default=argparse.SUPPRESS,
-                   help=f'classify the cls token after the final norm{cls_default}')
-
-
-def add_model_args(parser: argparse.ArgumentParser, default: str, what: str,
-                   finetune_help: str) -> argparse._ArgumentGroup:
-    """--model, --input_size and --finetune (the pretraining checkpoint) of the evaluation scripts;
-    returns the group for script-specific model flags."""
-    g = parser.add_argument_group('model')
-    g.add_argument('--model', default=default, type=str,
-                   help=f'{what}: one of {", ".join(models_vit.MODELS)} (the encoder of MIM_vit_X is vit_X)')
-    g.add_argument('--input_size', default=224, type=int, help='image side in pixels')
-    g.add_argument('--finetune', default='', help=finetune_help)
-    return g
+from util.flags import (add_batch_args, add_model_args, add_readout_args, add_run_args, add_training_run_args,
+                        answer_before_imports, check_save_flags)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -179,6 +75,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+if __name__ == '__main__':
+    answer_before_imports(get_args_parser())
+
+# the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
+# --help and a refused flag are answered without them
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+import models_vit
+from engine_finetune import evaluate, fit, logged_accuracies
+from engine_pretrain import ModelHandle
+from util.checkpoint import find_resume_checkpoint, save_checkpoint
+from util.runtime import run_main, set_lr, setup
+from util import checkpoint, dist
+from util.data import (DataLayoutError, build_classification_datasets, build_eval_loader, build_train_loader,
+                       eval_transform, finetune_train_transform)
+from util.encoder_loading import load_pretrained_encoder
+from util.log import append_json_line, make_writer
+from util.lr_decay import describe_groups, param_groups_lrd
+from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch
+from util.optim import build_adamw
+
+HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
+
+
 def check_common_args(args: argparse.Namespace) -> None:
     counts = ['--' + flag for flag in ('batch_size', 'accum_iter', 'epochs') if hasattr(args, flag)]
     if any(getattr(args, flag[2:]) < 1 for flag in counts):
@@ -189,7 +115,7 @@ def check_common_args(args: argparse.Namespace) -> None:
     if args.nb_classes is not None and args.nb_classes < 1:
         raise SystemExit('error: --nb_classes must be at least 1')
     if hasattr(args, 'save_freq'):  # the scripts that train
-        checkpoint.check_save_flags(args)
+        check_save_flags(args)
     # before the data folders are scanned, which takes minutes on ImageNet over a network file system
     models_vit.check_model(args.model, args.input_size)
     for flag in ('finetune', 'resume'):

@@ -19,6 +19,40 @@ from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
+
+from util.cli import ArgumentParser
+from util.flags import add_model_args, add_readout_args, add_run_args, answer_before_imports
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description='Weighted kNN evaluation of a pretrained ViT encoder')
+    parser.add_argument('--batch_size', default=128, type=int, help='images per forward pass per process')
+    add_model_args(parser, 'vit_base_patch16', 'encoder',
+                   'pretraining checkpoint whose encoder is evaluated (ours or LocalMIM\'s release); '
+                   'without it a randomly initialised encoder is evaluated (a baseline)')
+    add_readout_args(parser, global_pool_default=False)
+    g = parser.add_argument_group('kNN')
+    g.add_argument('--nb_knn', default=[20], type=int, nargs='+',
+                   help='number of neighbours k; several values give one result each')
+    g.add_argument('--temperature', default=0.07, type=float,
+                   help='T in the vote weight exp(cos_sim / T); at least 0.0125 (float32 range)')
+    g.add_argument('--chunk_size', default=256, type=int,
+                   help='val images compared with all train features at once (memory: chunk x train images)')
+    g.add_argument('--linear_epochs', default=0, type=int,
+                   help='also fit a linear classifier for N epochs (0: none) on the same frozen, unaugmented '
+                        'features (standardised, SGD): a fast stand-in for run_linprobe.py, logged as mode "linear"')
+    g.add_argument('--dump_features', action='store_true',
+                   help='also save the features and labels of both splits (dataset order) to '
+                        '<output_dir>/knn_features.pth')
+    add_run_args(parser, output_dir='./output_knn', trains=False)
+    return parser
+
+
+if __name__ == '__main__':
+    answer_before_imports(get_args_parser())
+
+# the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
+# --help and a refused flag are answered without them
 import time
 from pathlib import Path
 
@@ -27,8 +61,7 @@ import torch.nn.functional as F
 
 import models_vit
 from engine_finetune import extract_features, gather_in_dataset_order
-from run_finetune import add_model_args, add_readout_args, add_run_args, check_common_args
-from util.cli import ArgumentParser
+from run_finetune import check_common_args
 from util.runtime import run_main, setup
 from util import dist
 from util.data import build_classification_datasets, build_eval_loader, eval_transform
@@ -99,30 +132,6 @@ def knn_correct(scores: torch.Tensor, labels: torch.Tensor, top: int = 5) -> tup
     top = scores.topk(min(top, scores.shape[1]), dim=1).indices
     hit = top.eq(labels[:, None])
     return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description='Weighted kNN evaluation of a pretrained ViT encoder')
-    parser.add_argument('--batch_size', default=128, type=int, help='images per forward pass per process')
-    add_model_args(parser, 'vit_base_patch16', 'encoder',
-                   'pretraining checkpoint whose encoder is evaluated (ours or LocalMIM\'s release); '
-                   'without it a randomly initialised encoder is evaluated (a baseline)')
-    add_readout_args(parser, global_pool_default=False)
-    g = parser.add_argument_group('kNN')
-    g.add_argument('--nb_knn', default=[20], type=int, nargs='+',
-                   help='number of neighbours k; several values give one result each')
-    g.add_argument('--temperature', default=0.07, type=float,
-                   help='T in the vote weight exp(cos_sim / T); at least 0.0125 (float32 range)')
-    g.add_argument('--chunk_size', default=256, type=int,
-                   help='val images compared with all train features at once (memory: chunk x train images)')
-    g.add_argument('--linear_epochs', default=0, type=int,
-                   help='also fit a linear classifier for N epochs (0: none) on the same frozen, unaugmented '
-                        'features (standardised, SGD): a fast stand-in for run_linprobe.py, logged as mode "linear"')
-    g.add_argument('--dump_features', action='store_true',
-                   help='also save the features and labels of both splits (dataset order) to '
-                        '<output_dir>/knn_features.pth')
-    add_run_args(parser, output_dir='./output_knn', trains=False)
-    return parser
 
 
 def accuracy_record(scores: torch.Tensor, labels: torch.Tensor, device: torch.device, top: int = 5) -> dict:

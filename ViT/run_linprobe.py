@@ -17,20 +17,9 @@ from __future__ import annotations
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
 
-import torch
-import torch.nn as nn
-
-import models_vit
-from run_finetune import (add_batch_args, add_model_args, add_readout_args, add_run_args, add_training_run_args,
-                          build_data, check_common_args, encoder_to_load, evaluate_only, optimizer_and_resume,
-                          start_run, train_and_finish)
 from util.cli import ArgumentParser
-from util.runtime import run_main
-from util.data import eval_transform, linprobe_train_transform
-from util.encoder_loading import load_pretrained_encoder
-from util.optim import param_groups_weight_decay
-
-HEAD_INIT_STD = 0.01  # MAE's linear-probe head init (MoCo v3)
+from util.flags import (add_batch_args, add_model_args, add_readout_args, add_run_args, add_training_run_args,
+                        answer_before_imports)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,6 +42,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_run_args(parser, output_dir='./output_linprobe')
     add_training_run_args(parser)
     return parser
+
+
+if __name__ == '__main__':
+    answer_before_imports(get_args_parser())
+
+# the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
+# --help and a refused flag are answered without them
+import torch
+import torch.nn as nn
+
+import models_vit
+from run_finetune import (build_data, check_common_args, encoder_to_load, evaluate_only, optimizer_and_resume,
+                          start_run, train_and_finish)
+from util.runtime import run_main
+from util.data import eval_transform, linprobe_train_transform
+from util.encoder_loading import load_pretrained_encoder
+from util.optim import param_groups_weight_decay
+
+HEAD_INIT_STD = 0.01  # MAE's linear-probe head init (MoCo v3)
 
 
 def build_probe(args: argparse.Namespace) -> models_vit.VisionTransformer:

@@ -8,26 +8,11 @@ from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
-import dataclasses
-import time
-from collections.abc import Sequence
-from pathlib import Path
 
-import torch
-
-import models_mim
-from engine_pretrain import SCALE_NAMES, ModelHandle, epoch_done_line, train_one_epoch
-from util import checkpoint, dist, flops
-from util.checkpoint import find_resume_checkpoint, save_checkpoint
-from util.cli import ArgumentParser
 from util import freezeout as fo
-from util.data import DEFAULT_NUM_WORKERS
-from util.gpu_data import (BACKENDS, GPU_RESAMPLE_CHOICES, build_loader, check_cpu_decode_share,
-                           input_bound_hint)
-from util.log import RunEta, append_json_line, format_seconds, make_writer
-from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch
-from util.optim import build_adamw, param_groups_weight_decay
-from util.runtime import allow_recompiles, run_main, set_lr, setup
+from util.cli import ArgumentParser
+from util.flags import (BACKENDS, DEFAULT_NUM_WORKERS, GPU_RESAMPLE_CHOICES, MIM_MODELS, add_dist_args, add_save_flags,
+                        answer_before_imports, check_save_flags)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,7 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('model')
     g.add_argument('--model', default='MIM_vit_base_patch16', type=str,
-                   help=f'one of: {", ".join(sorted(models_mim.MODELS))}')
+                   help=f'one of: {", ".join(sorted(MIM_MODELS))}')
     g.add_argument('--input_size', default=224, type=int, help='image side; the token grid must be even')
     g.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
     g.add_argument('--hog_nbins', default=9, type=int, help='orientation bins of the HOG targets')
@@ -89,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='start afresh even when --output_dir holds checkpoints (an earlier run\'s files are moved '
                         'to previous-<time>/ there)')
     g.add_argument('--start_epoch', default=0, type=int, help='first epoch when not resuming')
-    checkpoint.add_save_flags(g, 50)
+    add_save_flags(g, 50)
     g.add_argument('--print_freq', default=50, type=int, help='console/tensorboard line every N iterations')
     g.add_argument('--num_workers', default=DEFAULT_NUM_WORKERS, type=int,
                    help='DataLoader worker processes per training process (default: 10, or the usable CPUs if fewer)')
@@ -118,8 +103,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--pin_mem', action='store_true', default=True,
                    help='pinned host memory for faster copies to the GPU')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin host memory')
-    dist.add_dist_args(parser)
+    add_dist_args(parser)
     return parser
+
+
+if __name__ == '__main__':
+    answer_before_imports(get_args_parser())
+
+# the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
+# --help and a refused flag are answered without them
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import models_mim
+from engine_pretrain import SCALE_NAMES, ModelHandle, epoch_done_line, train_one_epoch
+from util import checkpoint, dist, flops
+from util.checkpoint import find_resume_checkpoint, save_checkpoint
+from util.gpu_data import build_loader, check_cpu_decode_share, input_bound_hint
+from util.log import RunEta, append_json_line, format_seconds, make_writer
+from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch
+from util.optim import build_adamw, param_groups_weight_decay
+from util.runtime import allow_recompiles, run_main, set_lr, setup
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -134,7 +142,7 @@ def check_args(args: argparse.Namespace) -> None:
                          f'--input_size {args.input_size}; a ratio below {1 - 1 / tokens:.4g} keeps one')
     if args.hog_nbins < 1:
         raise SystemExit(f'error: --hog_nbins must be at least 1, got {args.hog_nbins}')
-    checkpoint.check_save_flags(args)
+    check_save_flags(args)
     if args.print_freq < 1:
         raise SystemExit('error: --print_freq must be at least 1')
     if args.decode_ahead < 0:

@@ -39,7 +39,6 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from util import flops  # noqa: E402
-from util.checkpoint import write_text_atomic  # noqa: E402
 from util.cli import USABLE_CPUS, ArgumentParser, check_output_folder, python_command  # noqa: E402
 
 FREEZEOUT_CONFIGS = {
@@ -252,6 +251,7 @@ class Study:
         print(f'FAILED {what}: {error}\n(the study goes on without it)', flush=True)
 
     def save(self) -> None:
+        from util.checkpoint import write_text_atomic  # imports torch: not before the flags are parsed
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.results_path, json.dumps(self.results, indent=1))
         render(self.results, self.results_path.parent)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from util import checkpoint
+from util import checkpoint, flags
 
 
 def test_save_last_freq_and_save_freq(tmp_path, monkeypatch):
@@ -24,13 +24,13 @@ def test_save_last_freq_and_save_freq(tmp_path, monkeypatch):
 
 def test_save_flags_are_checked():
     parser = argparse.ArgumentParser()
-    checkpoint.add_save_flags(parser, 20)
+    flags.add_save_flags(parser, 20)
     args = parser.parse_args([])
     assert (args.save_freq, args.save_last_freq) == (20, 1)
-    checkpoint.check_save_flags(args)
-    for flags in (['--save_freq', '0'], ['--save_last_freq', '0']):
+    flags.check_save_flags(args)
+    for given in (['--save_freq', '0'], ['--save_last_freq', '0']):
         with pytest.raises(SystemExit, match='at least 1'):
-            checkpoint.check_save_flags(parser.parse_args(flags))
+            flags.check_save_flags(parser.parse_args(given))
 
 
 def test_write_text_atomic_replaces_whole_and_leaves_no_temp(tmp_path):

@@ -1,7 +1,10 @@
 """Every script's --help: each flag says what it does, and its default appears once, never as
-"(default: True)" after an off switch."""
+"(default: True)" after an off switch; --help and a refused flag come before torch is imported."""
 import importlib
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -215,3 +218,45 @@ def test_vit_python_sets_the_command_the_tools_start_their_runs_with(tmp_path, m
     with pytest.raises(SystemExit, match=r"^error: VIT_PYTHON='no-such-python3 -X dev': no-such-python3 is not a "
                                          r"command that can be started; unset VIT_PYTHON"):
         python_command()
+
+
+# ---- --help and a refused flag without torch ----------------------------------------------------
+
+HEAVY = ('torch', 'torchvision', 'timm')
+ENTRY_SCRIPTS = ['run_pretrain', 'run_finetune', 'run_linprobe', 'run_knn', 'study']
+
+
+def _imported_modules(importtime_stderr: str) -> set[str]:
+    """Top-level names of the modules in `python -X importtime`'s report."""
+    return {line.split('|')[-1].strip().split('.')[0] for line in importtime_stderr.splitlines()
+            if line.startswith('import time:')}
+
+
+@pytest.mark.parametrize('name', ENTRY_SCRIPTS)
+@pytest.mark.parametrize('flags,status,shown', [
+    (['--help'], 0, 'usage: '),
+    (['--epochs_typo', '3'], 2, 'error: unrecognized arguments: --epochs_typo 3'),
+    (['--batch_size', 'x'], 2, "error: argument --batch_size: invalid int value: 'x'"),
+], ids=['help', 'unknown', 'bad_value'])
+def test_help_and_flag_errors_are_answered_before_torch_loads(name, flags, status, shown):
+    """A fresh interpreter (the warm one has torch loaded): the answer comes without importing
+    torch, timm or torchvision, which take seconds."""
+    from helpers import VIT, subprocess_env
+    done = subprocess.run([sys.executable, '-X', 'importtime', f'{name}.py', *flags], cwd=VIT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == status, done.stderr[-3000:]
+    assert shown in done.stdout + done.stderr
+    assert not _imported_modules(done.stderr) & set(HEAVY), sorted(_imported_modules(done.stderr) & set(HEAVY))
+
+
+def test_under_a_launcher_a_refused_flag_still_reaches_the_launchers_summary(tmp_path):
+    """The early answer stands aside under torchrun: run_main writes the flag error to the file
+    whose contents the launcher's closing summary shows, and a rank other than 0 stays silent."""
+    from helpers import VIT, subprocess_env
+    error_file = tmp_path / 'error.json'
+    done = subprocess.run([sys.executable, 'run_pretrain.py', '--epochs_typo', '3'], cwd=VIT, capture_output=True,
+                          env=subprocess_env(TORCHELASTIC_ERROR_FILE=str(error_file), RANK='1'), text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert 'unrecognized arguments: --epochs_typo 3' in json.loads(error_file.read_text())['message']['message']
+    assert 'error' not in done.stderr

@@ -59,10 +59,15 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 @pytest.mark.parametrize('script', ['run_pretrain.py', 'run_knn.py', 'study.py', 'estimate_speedup.py'])
 def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, script):
+    """(A real command: --help no longer imports torch.) The study imports it after parsing, under
+    run_tool's handler; the others before, under util.startup's."""
     (tmp_path / 'sitecustomize.py').write_text(SLOW_TORCH_IMPORT)
     marker = tmp_path / 'importing_torch'
     env = subprocess_env(PYTHONPATH=str(tmp_path), IMPORTING_TORCH=str(marker))
-    proc = start([script, '--help'], env)
+    out = tmp_path / 'out'  # nothing is written there: the Ctrl-C comes first
+    flags = {'run_pretrain.py': ['--output_dir', out], 'run_knn.py': ['--output_dir', out],
+             'study.py': ['--out', out, '--results', out / 'results.json'], 'estimate_speedup.py': ['--t_0', '0.8']}
+    proc = start([script, '--device', 'cpu', '--data_path', tmp_path / 'data', *flags[script]], env)
     wait_for(marker, proc)
     out, err = ctrl_c(proc)
     assert proc.returncode == 130, (out, err)

@@ -490,6 +490,18 @@ def test_constructors(name, patch, dim, depth, heads):
     assert model.norm[0].eps == 1e-6
 
 
+def test_every_constructor_is_offered_and_has_a_flop_shape():
+    """--model's names come from util.flags (read without torch): a constructor missing there could not
+    be chosen, and the FLOP model (time-left estimates, estimate_speedup) knows the same names."""
+    import models_vit
+    from util import flops
+    from util.flags import MIM_MODELS, VIT_MODELS
+    assert sorted(name for name in vars(models_mim) if name.startswith('MIM_vit_')) == sorted(MIM_MODELS)
+    assert sorted(name for name in vars(models_vit) if name.startswith('vit_')) == sorted(VIT_MODELS)
+    assert list(models_mim.MODELS) == list(MIM_MODELS) and list(models_vit.MODELS) == list(VIT_MODELS)
+    assert sorted(flops.SHAPES) == sorted(MIM_MODELS)
+
+
 def test_odd_token_grid_raises_clear_error():
     with pytest.raises(ValueError, match=r'odd token grid.*3x3'):
         models_mim.MIM_vit_tiny_patch16(img_size=48)

@@ -468,21 +468,6 @@ def _epoch_of(line: str) -> int | None:
     return epoch if isinstance(epoch, int) else None
 
 
-def add_save_flags(group, save_freq: int, also: str = '') -> None:
-    """--save_freq and --save_last_freq, for the scripts that train (their meaning is save_checkpoint's)."""
-    group.add_argument('--save_freq', default=save_freq, type=int,
-                       help=f'keep checkpoint-<epoch>.pth every N epochs and at the end{also}')
-    group.add_argument('--save_last_freq', default=1, type=int,
-                       help='refresh checkpoint-last.pth, the point a rerun resumes from, every N epochs (default: '
-                            'every epoch); the last epoch and every --save_freq epoch are always written. Raise it '
-                            'when epochs take seconds and checkpoints hundreds of MB (the study does)')
-
-
-def check_save_flags(args: argparse.Namespace) -> None:
-    if args.save_freq < 1 or args.save_last_freq < 1:
-        raise SystemExit('error: --save_freq and --save_last_freq must be at least 1')
-
-
 def checkpoint_state(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      loss_scaler, epoch: int, rng_states: list, extra: dict[str, Any] | None = None) -> dict:
     """What a checkpoint file holds (upstream's keys, plus every rank's RNG state)."""

@@ -23,10 +23,6 @@ from torchvision.transforms import InterpolationMode
 
 from util.cli import USABLE_CPUS
 from util.dist import is_main_process
-
-# 10 loader workers per process (MAE's, and upstream LocalMIM fine-tuning's; its pretraining has
-# 12), fewer where this process may use fewer cores
-DEFAULT_NUM_WORKERS = min(10, USABLE_CPUS)
 _noted_worker_counts: set[int] = set()
 
 

@@ -20,19 +20,6 @@ import torch.distributed as dist
 T = TypeVar('T')
 
 
-def add_dist_args(parser: argparse.ArgumentParser) -> None:
-    """Upstream's distributed flags; `--local-rank` and `--local_rank` both accepted."""
-    group = parser.add_argument_group('distributed (set by torch.distributed.launch / torchrun)')
-    group.add_argument('--world_size', default=1, type=int,
-                       help='number of processes; taken from the launcher when it sets WORLD_SIZE')
-    group.add_argument('--local_rank', '--local-rank', dest='local_rank', default=-1, type=int,
-                       help='set by torch.distributed.launch; do not pass by hand')
-    group.add_argument('--dist_on_itp', action='store_true', help=argparse.SUPPRESS)
-    group.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
-    group.add_argument('--dist_backend', default=None, choices=['nccl', 'gloo'],
-                       help='default: nccl on CUDA, gloo on CPU')
-
-
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 

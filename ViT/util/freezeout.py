@@ -23,10 +23,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-import torch.nn as nn
+if TYPE_CHECKING:  # annotations only: the parsers and the study's launcher read this module without torch
+    import torch
+    import torch.nn as nn
 
 SCALE_FUNCTIONS: dict[str, Callable[[float], float]] = {
     'linear': lambda x: x,

@@ -50,8 +50,8 @@ from torchvision.transforms import InterpolationMode
 from util.data import (CROP_RATIO, CROP_SCALE, ClassFolder, DataLayoutError, EpochSampler, UnreadableImage,
                        build_pretrain_loader, check_num_workers, load_rgb, normalize_uint8_range, resolve_image_folder,
                        sample_crop_boxes, sample_flips)
+from util.flags import BACKENDS, GPU_RESAMPLE_CHOICES
 
-BACKENDS = ('pil', 'gpu', 'gpu-cache')
 # pixels of one padded canvas (batch x height x width); larger batches are resampled in groups
 MAX_CANVAS_PIXELS = 256 * 512 * 512
 
@@ -83,9 +83,6 @@ def crop_grids(boxes: torch.Tensor, flips: torch.Tensor, canvas_h: int, canvas_w
     n = boxes.shape[0]
     return torch.stack([gx[:, None, :].expand(n, out_size, out_size),
                         gy[:, :, None].expand(n, out_size, out_size)], dim=-1)
-
-
-GPU_RESAMPLE_CHOICES = ('bicubic', 'pil')  # --gpu_resample; resized_crop_batch also takes 'bilinear'
 
 
 def _pil_cubic(x: torch.Tensor) -> torch.Tensor:
