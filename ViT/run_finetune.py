@@ -407,8 +407,9 @@ def grad_scaler(args: argparse.Namespace, device: torch.device) -> torch.amp.Gra
     return torch.amp.GradScaler(device.type) if args.amp == 'fp16' else None
 
 
-def make_schedule(args: argparse.Namespace, optimizer, train_loader) -> PlainSchedule:
-    optimizer_steps_per_epoch(len(train_loader), args.accum_iter)
+def make_schedule(args: argparse.Namespace, optimizer, train_loader, start_epoch: int) -> PlainSchedule:
+    if start_epoch < args.epochs:  # a rerun that only evaluates the saved last epoch takes no step
+        optimizer_steps_per_epoch(len(train_loader), args.accum_iter)
     return PlainSchedule(optimizer, args.lr, args.min_lr, args.warmup_epochs, args.epochs, len(train_loader),
                          args.accum_iter)
 
@@ -483,10 +484,10 @@ def train_and_finish(args: argparse.Namespace, model: torch.nn.Module, criterion
     continues = checkpoint.start_run_folder(args.output_dir, args.log_dir, start_epoch, loaded_from,
                                             keep=(loaded_from, getattr(args, 'finetune', None)))
     log_writer = make_writer(args.log_dir, start_epoch if continues else None)
+    schedule = make_schedule(args, optimizer, train_loader, start_epoch)
     record = fit(ModelHandle(model, ddp_wrapper(args, device)), criterion, train_loader, val_loader, optimizer,
-                 make_schedule(args, optimizer, train_loader), loss_scaler, device, args, start_epoch, n_parameters,
-                 save_checkpoint, mixup_fn, log_writer, checkpoint_extra={'classes': list(val_loader.dataset.classes)},
-                 unevaluated=unevaluated)
+                 schedule, loss_scaler, device, args, start_epoch, n_parameters, save_checkpoint, mixup_fn, log_writer,
+                 checkpoint_extra={'classes': list(val_loader.dataset.classes)}, unevaluated=unevaluated)
     if log_writer is not None:
         log_writer.close()
     if dist.is_main_process() and args.output_dir:

@@ -452,16 +452,20 @@ def _log_epochs(out: Path) -> list[int]:
 def test_a_run_stopped_during_evaluation_keeps_the_epoch(tmp_path, demo_data, monkeypatch, capsys, stopped_at):
     """fit saves an epoch's checkpoint (with its training record) before evaluating it: a run stopped
     during the evaluation keeps the epoch's training, and the rerun evaluates that epoch first (also
-    when it was the last one), then goes on. Its log and best checkpoint end as a straight run's."""
+    when it was the last one), then goes on. Its log and best checkpoint end as a straight run's.
+    (--accum_iter 3 leaves micro-batches over: a rerun that only evaluates says nothing of them.)"""
     import engine_finetune
     import run_finetune
     argv = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--batch_size', '4', '--num_workers', '0',
-            '--device', 'cpu', '--data_path', str(demo_data), '--epochs', '2', '--warmup_epochs', '0']
+            '--device', 'cpu', '--data_path', str(demo_data), '--epochs', '2', '--warmup_epochs', '0',
+            '--accum_iter', '3']
+    left_over = 'skipped each epoch'
 
     def run(out: Path) -> None:
         run_finetune.main(run_finetune.get_args_parser().parse_args([*argv, '--output_dir', str(out)]))
     straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
     run(straight)
+    assert left_over in capsys.readouterr().out
     real_evaluate, evaluated = engine_finetune.evaluate, []
 
     def stopped_in_evaluation(*a, **k):
@@ -477,8 +481,10 @@ def test_a_run_stopped_during_evaluation_keeps_the_epoch(tmp_path, demo_data, mo
     monkeypatch.setattr(engine_finetune, 'evaluate', real_evaluate)
     capsys.readouterr()
     run(stopped)  # the same process: its lock is its own
+    rerun = capsys.readouterr().out
     assert (f'epoch {stopped_at} was saved, but the run stopped before its evaluation was logged: evaluating '
-            f'{stopped / "checkpoint-last.pth"} first') in capsys.readouterr().out
+            f'{stopped / "checkpoint-last.pth"} first') in rerun
+    assert (left_over in rerun) == (stopped_at == 0), rerun  # trains epoch 1, or nothing
     timing = {'train_epoch_time', 'train_images_per_s', 'train_data_wait_s'}
     lines = [[{k: v for k, v in json.loads(line).items() if k not in timing}
               for line in (out / 'log.txt').read_text().splitlines()] for out in (straight, stopped)]
