@@ -50,7 +50,7 @@ from util.checkpoint import write_text_atomic
 from util.cli import ArgumentParser, check_output_folder
 from util import freezeout as fo
 from util.data import IMAGE_EXTENSIONS, class_folders, is_hidden, resolve_image_folder
-from util.flags import BACKENDS, GPU_RESAMPLE_CHOICES
+from util.flags import AMP_CHOICES, BACKENDS, GPU_RESAMPLE_CHOICES, MIM_MODELS
 from util.gpu_data import build_loader
 from util.lr_sched import set_group_lrs, warmup_cosine_lr
 from util.optim import build_adamw, param_groups_weight_decay
@@ -62,12 +62,12 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description='LocalMIM / FreezeOut throughput benchmark')
-    p.add_argument('--model', default='MIM_vit_base_patch16', help=f'one of: {", ".join(sorted(models_mim.MODELS))}')
+    p.add_argument('--model', default='MIM_vit_base_patch16', help=f'one of: {", ".join(sorted(MIM_MODELS))}')
     p.add_argument('--input_size', default=224, type=int, help='image side')
     p.add_argument('--batch_size', default=256, type=int, help='images per step')
     p.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
+    p.add_argument('--amp', default='auto', choices=list(AMP_CHOICES),
                    help="the project step's precision, as run_pretrain.py (the reference is always fp16 on CUDA)")
     p.add_argument('--steps', default=20, type=int, help='timed steps (and timed loader batches)')
     p.add_argument('--warmup', default=5, type=int, help='untimed steps first (and after each freeze change)')

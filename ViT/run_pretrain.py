@@ -11,8 +11,8 @@ import argparse
 
 from util import freezeout as fo
 from util.cli import ArgumentParser
-from util.flags import (BACKENDS, DEFAULT_NUM_WORKERS, GPU_RESAMPLE_CHOICES, MIM_MODELS, add_dist_args, add_save_flags,
-                        answer_before_imports, check_save_flags)
+from util.flags import (AMP_CHOICES, BACKENDS, DEFAULT_NUM_WORKERS, GPU_RESAMPLE_CHOICES, MIM_MODELS, add_dist_args,
+                        add_save_flags, answer_before_imports, check_save_flags)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--min_lr', type=float, default=1e-6,
                    help='floor of the cosine (plain runs; FreezeOut anneals each layer to 0)')
     g.add_argument('--warmup_epochs', type=int, default=40, help='epochs of linear lr warmup')
-    g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
+    g.add_argument('--amp', default='auto', choices=list(AMP_CHOICES),
                    help='mixed precision: auto = bf16 on GPUs that support it, none on CPU; '
                         'fp16 uses a GradScaler')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (recompiles once per freeze event)')

@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 
 from util import flops  # noqa: E402
 from util.cli import USABLE_CPUS, ArgumentParser, check_output_folder, python_command  # noqa: E402
+from util.flags import BACKENDS  # noqa: E402
 
 FREEZEOUT_CONFIGS = {
     'cubic0.8': ['--how_scale', 'cubic', '--t_0', '0.8'],
@@ -79,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--seeds', default=[0, 1], type=int, nargs=2, metavar=('FIRST', 'SECOND'),
                    help='seed of every config, and the second seed for regular and the best config')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    p.add_argument('--data_backend', default=None,
+    p.add_argument('--data_backend', default=None, choices=list(BACKENDS),
                    help='pretraining input backend (default: gpu-cache on a GPU, pil on CPU)')
     p.add_argument('--num_workers', default=max(1, min(15, USABLE_CPUS - 1)), type=int,
                    help='DataLoader workers of every run (default: the usable CPUs less one, at most 15, here '

@@ -23,6 +23,7 @@ from torchvision.transforms import InterpolationMode
 
 from util.cli import USABLE_CPUS
 from util.dist import is_main_process
+
 _noted_worker_counts: set[int] = set()
 
 

@@ -15,6 +15,8 @@ MIM_MODELS = ('MIM_vit_tiny_patch16', 'MIM_vit_small_patch16', 'MIM_vit_base_pat
               'MIM_vit_huge_patch14')
 VIT_MODELS = tuple(name[len('MIM_'):] for name in MIM_MODELS)
 
+AMP_CHOICES = ('auto', 'bf16', 'fp16', 'none')  # --amp (util.runtime.resolve_device_and_amp)
+
 # --data_backend (util.gpu_data) and --gpu_resample; resized_crop_batch also takes 'bilinear'
 BACKENDS = ('pil', 'gpu', 'gpu-cache')
 GPU_RESAMPLE_CHOICES = ('bicubic', 'pil')
@@ -76,7 +78,7 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: str, trains: bool 
                    'folder for log.txt (one JSON line per result) and, with --dump_features, knn_features.pth; '
                    'empty for none')
     g.add_argument('--device', default=None, help='cuda or cpu; unset: cuda when available')
-    g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
+    g.add_argument('--amp', default='auto', choices=list(AMP_CHOICES),
                    help='mixed precision: auto = bf16 on GPUs that support it, none on CPU; fp16 uses a GradScaler'
                    if trains else 'precision of the encoder\'s forward pass: auto = bf16 on GPUs that support it, '
                    'none on CPU (the linear classifier is fitted in float32)')
