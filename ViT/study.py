@@ -501,8 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f'interrupted: the runs recorded so far are in {args.results}; {again} continues with the '
               'others (the run cut short starts again from scratch)', file=sys.stderr, flush=True)
         raise SystemExit(130) from None
-    if study.results['runs']:  # (every run failed in a new study: no empty JSON, table and plot)
-        study.save()
+    study.save()
     table = Path(args.results).parent / 'study_results.md'
     if table.is_file():
         print(table.read_text())
