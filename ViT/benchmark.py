@@ -41,20 +41,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
-import models_mim
-from engine_pretrain import ModelHandle, train_one_epoch
-from util import flops, gpu_data
-from util.checkpoint import write_text_atomic
-from util.cli import ArgumentParser, check_output_folder
 from util import freezeout as fo
-from util.data import IMAGE_EXTENSIONS, class_folders, is_hidden, resolve_image_folder
-from util.flags import AMP_CHOICES, BACKENDS, GPU_RESAMPLE_CHOICES, MIM_MODELS
-from util.gpu_data import build_loader
-from util.lr_sched import set_group_lrs, warmup_cosine_lr
-from util.optim import build_adamw, param_groups_weight_decay
-from util.runtime import allow_recompiles, check_number_flags, resolve_device_and_amp
+from util.cli import ArgumentParser, check_output_folder
+from util.flags import AMP_CHOICES, BACKENDS, GPU_RESAMPLE_CHOICES, MIM_MODELS, answer_before_imports
 
 LR, WEIGHT_DECAY = 1.5e-4, 0.05
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -101,6 +90,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument('--check_targets', default=None, metavar='FOLDER',
                    help="only report: the performance targets checked against measure_gpu.sh's results in FOLDER")
     return p
+
+
+if __name__ == '__main__':
+    answer_before_imports(get_args_parser())
+
+# the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
+# --help and a refused flag are answered without them
+import torch  # noqa: E402
+
+import models_mim  # noqa: E402
+from engine_pretrain import ModelHandle, train_one_epoch  # noqa: E402
+from util import flops, gpu_data  # noqa: E402
+from util.checkpoint import write_text_atomic  # noqa: E402
+from util.data import IMAGE_EXTENSIONS, class_folders, is_hidden, resolve_image_folder  # noqa: E402
+from util.gpu_data import build_loader  # noqa: E402
+from util.lr_sched import set_group_lrs, warmup_cosine_lr  # noqa: E402
+from util.optim import build_adamw, param_groups_weight_decay  # noqa: E402
+from util.runtime import allow_recompiles, check_number_flags, resolve_device_and_amp  # noqa: E402
 
 
 def log(message: str) -> None:

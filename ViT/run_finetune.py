@@ -80,27 +80,27 @@ if __name__ == '__main__':
 
 # the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
 # --help and a refused flag are answered without them
-import dataclasses
-import math
-import re
-from pathlib import Path
-from typing import Callable, Sequence
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
 
-import torch
+import torch  # noqa: E402
 
-import models_vit
-from engine_finetune import evaluate, fit, logged_accuracies
-from engine_pretrain import ModelHandle
-from util.checkpoint import find_resume_checkpoint, save_checkpoint
-from util.runtime import run_main, set_lr, setup
-from util import checkpoint, dist
-from util.data import (DataLayoutError, build_classification_datasets, build_eval_loader, build_train_loader,
-                       eval_transform, finetune_train_transform)
-from util.encoder_loading import load_pretrained_encoder
-from util.log import append_json_line, make_writer
-from util.lr_decay import describe_groups, param_groups_lrd
-from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch
-from util.optim import build_adamw
+import models_vit  # noqa: E402
+from engine_finetune import evaluate, fit, logged_accuracies  # noqa: E402
+from engine_pretrain import ModelHandle  # noqa: E402
+from util.checkpoint import find_resume_checkpoint, save_checkpoint  # noqa: E402
+from util.runtime import run_main, set_lr, setup  # noqa: E402
+from util import checkpoint, dist  # noqa: E402
+from util.data import (DataLayoutError, build_classification_datasets, build_eval_loader,  # noqa: E402
+                       build_train_loader, eval_transform, finetune_train_transform)
+from util.encoder_loading import load_pretrained_encoder  # noqa: E402
+from util.log import append_json_line, make_writer  # noqa: E402
+from util.lr_decay import describe_groups, param_groups_lrd  # noqa: E402
+from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch  # noqa: E402
+from util.optim import build_adamw  # noqa: E402
 
 HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head init
 

@@ -53,20 +53,20 @@ if __name__ == '__main__':
 
 # the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
 # --help and a refused flag are answered without them
-import time
-from pathlib import Path
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import torch
-import torch.nn.functional as F
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-import models_vit
-from engine_finetune import extract_features, gather_in_dataset_order
-from run_finetune import check_common_args
-from util.runtime import run_main, setup
-from util import dist
-from util.data import build_classification_datasets, build_eval_loader, eval_transform
-from util.encoder_loading import load_pretrained_encoder
-from util.log import PassProgress, append_json_line, format_seconds
+import models_vit  # noqa: E402
+from engine_finetune import extract_features, gather_in_dataset_order  # noqa: E402
+from run_finetune import check_common_args  # noqa: E402
+from util.runtime import run_main, setup  # noqa: E402
+from util import dist  # noqa: E402
+from util.data import build_classification_datasets, build_eval_loader, eval_transform  # noqa: E402
+from util.encoder_loading import load_pretrained_encoder  # noqa: E402
+from util.log import PassProgress, append_json_line, format_seconds  # noqa: E402
 
 
 MIN_TEMPERATURE = 0.0125  # exp(1 / T) stays below float32's largest value (exp(88.7))

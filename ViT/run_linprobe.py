@@ -49,16 +49,16 @@ if __name__ == '__main__':
 
 # the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
 # --help and a refused flag are answered without them
-import torch
-import torch.nn as nn
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
-import models_vit
-from run_finetune import (build_data, check_common_args, encoder_to_load, evaluate_only, optimizer_and_resume,
-                          start_run, train_and_finish)
-from util.runtime import run_main
-from util.data import eval_transform, linprobe_train_transform
-from util.encoder_loading import load_pretrained_encoder
-from util.optim import param_groups_weight_decay
+import models_vit  # noqa: E402
+from run_finetune import (build_data, check_common_args, encoder_to_load, evaluate_only,  # noqa: E402
+                          optimizer_and_resume, start_run, train_and_finish)
+from util.runtime import run_main  # noqa: E402
+from util.data import eval_transform, linprobe_train_transform  # noqa: E402
+from util.encoder_loading import load_pretrained_encoder  # noqa: E402
+from util.optim import param_groups_weight_decay  # noqa: E402
 
 HEAD_INIT_STD = 0.01  # MAE's linear-probe head init (MoCo v3)
 

@@ -112,22 +112,22 @@ if __name__ == '__main__':
 
 # the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
 # --help and a refused flag are answered without them
-import dataclasses
-import time
-from collections.abc import Sequence
-from pathlib import Path
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import torch
+import torch  # noqa: E402
 
-import models_mim
-from engine_pretrain import SCALE_NAMES, ModelHandle, epoch_done_line, train_one_epoch
-from util import checkpoint, dist, flops
-from util.checkpoint import find_resume_checkpoint, save_checkpoint
-from util.gpu_data import build_loader, check_cpu_decode_share, input_bound_hint
-from util.log import RunEta, append_json_line, format_seconds, make_writer
-from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch
-from util.optim import build_adamw, param_groups_weight_decay
-from util.runtime import allow_recompiles, run_main, set_lr, setup
+import models_mim  # noqa: E402
+from engine_pretrain import SCALE_NAMES, ModelHandle, epoch_done_line, train_one_epoch  # noqa: E402
+from util import checkpoint, dist, flops  # noqa: E402
+from util.checkpoint import find_resume_checkpoint, save_checkpoint  # noqa: E402
+from util.gpu_data import build_loader, check_cpu_decode_share, input_bound_hint  # noqa: E402
+from util.log import RunEta, append_json_line, format_seconds, make_writer  # noqa: E402
+from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch  # noqa: E402
+from util.optim import build_adamw, param_groups_weight_decay  # noqa: E402
+from util.runtime import allow_recompiles, run_main, set_lr, setup  # noqa: E402
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -223,7 +223,7 @@ def test_vit_python_sets_the_command_the_tools_start_their_runs_with(tmp_path, m
 # ---- --help and a refused flag without torch ----------------------------------------------------
 
 HEAVY = ('torch', 'torchvision', 'timm')
-ENTRY_SCRIPTS = ['run_pretrain', 'run_finetune', 'run_linprobe', 'run_knn', 'study']
+ENTRY_SCRIPTS = ['run_pretrain', 'run_finetune', 'run_linprobe', 'run_knn', 'study', 'benchmark']
 
 
 def _imported_modules(importtime_stderr: str) -> set[str]:

@@ -1,7 +1,7 @@
 """The command-line flags that several scripts share, and the choices their flags offer, free of
 torch: the scripts build their parsers from this module and answer --help and a refused flag
-(`answer_before_imports`) before importing torch, timm and torchvision, which take most of the
-6-8 s such an answer took on the 2-core development VM."""
+(`answer_before_imports`) before importing torch, timm and torchvision, which took most of the
+6-8 s of such an answer on the 2-core development VM."""
 from __future__ import annotations
 
 import argparse
