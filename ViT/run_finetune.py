@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Callable, Sequence
 
 from util.cli import ArgumentParser
 from util.flags import (add_batch_args, add_model_args, add_readout_args, add_run_args, add_training_run_args,
@@ -80,12 +85,6 @@ if __name__ == '__main__':
 
 # the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
 # --help and a refused flag are answered without them
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable, Sequence  # noqa: E402
-
 import torch  # noqa: E402
 
 import models_vit  # noqa: E402

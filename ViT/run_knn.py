@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
+import time
+from pathlib import Path
 
 from util.cli import ArgumentParser
 from util.flags import add_model_args, add_readout_args, add_run_args, answer_before_imports
@@ -53,9 +55,6 @@ if __name__ == '__main__':
 
 # the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
 # --help and a refused flag are answered without them
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

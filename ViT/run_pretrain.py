@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import util.startup  # noqa: F401 - first: a Ctrl-C during the imports ends quietly
 import argparse
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
 from util import freezeout as fo
 from util.cli import ArgumentParser
@@ -112,11 +116,6 @@ if __name__ == '__main__':
 
 # the rest of the imports load torch, timm and torchvision (seconds): after the parser, so that
 # --help and a refused flag are answered without them
-import dataclasses  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import torch  # noqa: E402
 
 import models_mim  # noqa: E402
