@@ -81,7 +81,11 @@ class MAE_Decoder(nn.Module):
             layers = [nn.AvgPool2d(kernel_size=2, stride=2)]
         else:
             raise NotImplementedError(f'scale_factor={scale} is not supported')
-        layers.append(nn.Conv2d(hidden, out_dim, kernel_size=1))
+        # The head reads the token grid as a channels-last view (see forward), so this 1x1 conv's weight
+        # gradient comes channels-last. For a (27, d, 1, 1) weight that is the same memory as contiguous
+        # but other strides, which autograd accepts and DDP does not ('Grad strides do not match bucket
+        # view strides', every distributed run): giving the weight those strides (same memory) ends it.
+        layers.append(nn.Conv2d(hidden, out_dim, kernel_size=1).to(memory_format=torch.channels_last))
         self.pred = nn.Sequential(*layers)
         self.initialize_weights()
 
@@ -104,7 +108,7 @@ class MAE_Decoder(nn.Module):
             x = blk(x)
         x = self.norm(x)  # (B, 1 + L, d)
         side = int(self.num_patches ** 0.5)
-        x = x[:, 1:].transpose(1, 2).reshape(x.size(0), -1, side, side)  # (B, d, side, side)
+        x = x[:, 1:].transpose(1, 2).reshape(x.size(0), -1, side, side)  # (B, d, side, side), channels-last
         x = self.pred(x)  # (B, out_dim, side*scale, side*scale)
         return x.flatten(2, 3).transpose(1, 2)
 

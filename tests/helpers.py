@@ -183,6 +183,17 @@ def assert_same_tensors(a: dict, b: dict, what: str) -> None:
     assert not diff, f'{what}: {len(diff)} tensors differ, e.g. {diff[:5]}'
 
 
+def grad_layout_mismatches(model: torch.nn.Module) -> list[str]:
+    """Parameters whose gradient has other strides than the parameter: DDP copies those instead of
+    all-reducing in place and warns 'Grad strides do not match bucket view strides'."""
+    return [f'{name} {tuple(p.shape)}: param strides {p.stride()}, grad strides {p.grad.stride()}'
+            for name, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+
+
+# DDP's warning for the case above, which a distributed run's output must not contain
+DDP_STRIDE_WARNING = 'Grad strides do not match bucket view strides'
+
+
 def assert_same_optimizer_state(a: dict, b: dict, what: str) -> None:
     """Optimizer state_dicts: same per-parameter entries, tensors bitwise equal."""
     assert a['state'].keys() == b['state'].keys(), f'{what}: state of different parameters'

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import free_port, run_cmd, subprocess_env
+import models_mim
+from helpers import DDP_STRIDE_WARNING, free_port, grad_layout_mismatches, run_cmd, subprocess_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason='needs a CUDA GPU (run on the device machine: ViT/measure_gpu.sh stage 6)')
@@ -267,8 +268,20 @@ def test_torchrun_nccl_pil_fp16_freezeout(demo_data, tmp_path):
                   free_port(), 'run_pretrain.py', *TINY, '--data_backend', 'pil', '--amp', 'fp16', '--epochs', '2',
                   '--t_0', '0.5', '--how_scale', 'linear', '--data_path', demo_data, '--output_dir', tmp_path])
     assert 'backend nccl' in res.stdout
+    assert DDP_STRIDE_WARNING not in res.output, res.describe()
     epochs_ok(tmp_path, 2)
     assert 'FreezeOut: step' in res.stdout
+
+
+@pytest.mark.parametrize('amp', [torch.bfloat16, torch.float16])
+def test_cuda_gradients_have_their_parameters_strides(amp):
+    """cuDNN picks the head convs' gradient layout on the GPU: it must be the parameters' (else DDP
+    copies each such gradient and warns)."""
+    model = models_mim.MIM_vit_tiny_patch16(img_size=64).cuda()
+    with torch.autocast('cuda', dtype=amp):
+        loss = model(torch.randn(2, 3, 64, 64, device='cuda'), mask_ratio=0.75)
+    loss.backward()
+    assert grad_layout_mismatches(model) == []
 
 
 def test_finetune_and_knn_on_gpu(gpu_cache_run, demo_data, tmp_path):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import models_mim
+from helpers import grad_layout_mismatches
 
 NBINS = 9
 SCALES = [4.0, 2.0, 1.0, 0.5]
@@ -600,6 +601,26 @@ def test_bf16_autocast_step_keeps_float32_targets_and_loss():
     loss.backward()
     opt.step()
     assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('amp', [False, True])
+def test_every_gradient_has_its_parameters_strides(amp, threads):
+    """DDP all-reduces a gradient in place only when its strides are the parameter's: the decoders'
+    1x1 head convs read a channels-last token grid, so their weights are made channels-last too.
+    (The CPU's conv kernel, and so the gradient's layout, depends on the thread count.)"""
+    torch.manual_seed(0)
+    model = models_mim.MIM_vit_tiny_patch16(img_size=64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            loss = model(torch.randn(2, 3, 64, 64), mask_ratio=0.75)
+        loss.backward()
+    finally:
+        torch.set_num_threads(before)
+    assert sum(p.grad is not None for p in model.parameters()) > 100
+    assert grad_layout_mismatches(model) == []
 
 
 def test_a_model_too_shallow_for_four_distinct_taps_is_refused():
