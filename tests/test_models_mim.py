@@ -544,8 +544,20 @@ def test_set_frozen_freezes_prefix_and_drops_taps():
                 assert p.requires_grad == (j in live), (j, name)
 
     imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # the frozen prefix runs with autograd off (not only with requires_grad False): layer by layer,
+    # seen from inside each layer's forward (a hook on the layer itself runs after it returns)
+    layers = [model.patch_embed.proj, *(blk.attn for blk in model.blocks)]
+    grad_mode = {}
+    def record(n):
+        def hook(module, inputs, output):
+            grad_mode[n] = torch.is_grad_enabled()
+        return hook
+    handles = [m.register_forward_hook(record(n)) for n, m in enumerate(layers)]
     torch.manual_seed(0)
     latent, _, _ = model.forward_encoder(imgs, 0.75)
+    for h in handles:
+        h.remove()
+    assert grad_mode == {n: n >= k for n in range(len(layers))}
     assert latent[0] is None and latent[1] is None
     assert latent[2] is not None and latent[3] is not None
 
