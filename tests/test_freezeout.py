@@ -59,7 +59,11 @@ def test_schedule_end_of_warmup_peaks_per_layer():
 @pytest.mark.parametrize('kwargs, words', [
     (dict(t_0=0.0), '(0, 1]'),
     (dict(t_0=1.5), '(0, 1]'),
-    (dict(t_0=0.5, how_scale='cubic', warmup_epochs=20, epochs=100), 'warmup'),
+    (dict(t_0=0.5, how_scale='cubic', warmup_epochs=20, epochs=100), 'at 0.125 of the run (cubic(0.5)), inside the '
+                                                                      'warmup (20 of 100 epochs = 0.200)'),
+    # at its very end: the cosine would have no steps (a zero span)
+    (dict(t_0=0.5, how_scale='linear', warmup_epochs=5, epochs=10), 'at 0.500 of the run (linear(0.5)), at the end '
+                                                                    'of the warmup (5 of 10 epochs = 0.500)'),
     (dict(how_scale='quartic'), 'how_scale'),
     (dict(decoder_freeze='sometimes'), 'decoder_freeze'),
 ])

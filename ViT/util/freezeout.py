@@ -6,7 +6,7 @@ Layers i = 0..L-1 (L = depth + 1): 0 is the patch embedding + cls_token, i = b+1
     T        = epochs * optimizer steps per epoch
     freeze_i = ceil(t_i * T)                       first optimizer step (0-based) at which i is frozen
     peak_i   = lr / t_i with scale_lr, else lr
-    lr_i(s)  = peak_i * s / W                               s < W (W = warmup steps, as upstream)
+    lr_i(s)  = peak_i * s / W                               s < W (W = warmup_epochs x steps per epoch)
              = peak_i * (1 + cos(pi * (s - W) / (t_i * T - W))) / 2     W <= s < freeze_i
              = 0, frozen                                    s >= freeze_i
 
@@ -93,8 +93,9 @@ def validate(t_0: float, how_scale: str, decoder_freeze: str, warmup_epochs: flo
     warmup_fraction = warmup_epochs / epochs
     if first <= warmup_fraction:
         raise FreezeOutConfigError(
-            f'the first layer would freeze at {first:.3f} of the run ({how_scale}({t_0})), inside the '
-            f'warmup ({warmup_epochs} of {epochs} epochs = {warmup_fraction:.3f}); raise --t_0, '
+            f'the first layer would freeze at {first:.3f} of the run ({how_scale}({t_0})), '
+            f'{"inside" if first < warmup_fraction else "at the end of"} the warmup ({warmup_epochs} of {epochs} '
+            f'epochs = {warmup_fraction:.3f}), before its cosine could start; raise --t_0, '
             f'use a gentler --how_scale or shorten --warmup_epochs')
 
 
