@@ -81,10 +81,12 @@ class MAE_Decoder(nn.Module):
             layers = [nn.AvgPool2d(kernel_size=2, stride=2)]
         else:
             raise NotImplementedError(f'scale_factor={scale} is not supported')
-        # The head reads the token grid as a channels-last view (see forward), so this 1x1 conv's weight
-        # gradient comes channels-last. For a (27, d, 1, 1) weight that is the same memory as contiguous
-        # but other strides, which autograd accepts and DDP does not ('Grad strides do not match bucket
-        # view strides', every distributed run): giving the weight those strides (same memory) ends it.
+        # The head's input is channels-last (the token grid is a transposed view, see forward; the
+        # transposed convs keep that layout), and a conv kernel may then return this 1x1 conv's weight
+        # gradient channels-last: for a contiguous (27, d, 1, 1) weight the same memory with other
+        # strides, which autograd keeps and DDP copies with a warning ('Grad strides do not match bucket
+        # view strides'; seen on CPU with several threads). A channels-last weight (same memory) gets its
+        # gradient in its own layout.
         layers.append(nn.Conv2d(hidden, out_dim, kernel_size=1).to(memory_format=torch.channels_last))
         self.pred = nn.Sequential(*layers)
         self.initialize_weights()
