@@ -6,6 +6,7 @@ import argparse
 import sys
 
 import pytest
+import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from util import runtime
@@ -154,6 +155,43 @@ def test_a_full_disk_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch
         raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), 'x')
     with pytest.raises(FileNotFoundError):
         runtime.run_main(missing_file, run_parser)
+
+
+# torch's message for a CUDA allocation that failed (its first three sentences are kept)
+OOM_MESSAGE = ('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which '
+               '1.06 GiB is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use. If '
+               'reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True')
+OOM_KEPT = ('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which '
+            '1.06 GiB is free.')
+
+
+@pytest.mark.parametrize('flags, advice', [
+    (['--batch_size', '256', '--accum_iter', '2'], 'try --batch_size 128 --accum_iter 4 (the same effective batch'),
+    (['--batch_size', '9'], 'try --batch_size 3 --accum_iter 3 (the same effective batch'),  # 9 = 3 x 3, exact
+    (['--batch_size', '7'], 'try --batch_size 1 --accum_iter 7 (the same effective batch'),
+    (['--batch_size', '1'], '--batch_size is 1 already: a smaller --model or --input_size would need less'),
+])
+def test_a_gpu_out_of_memory_is_one_line_with_flags_that_keep_the_effective_batch(flags, advice, tmp_path,
+                                                                                  monkeypatch, capsys):
+    def out_of_memory(args):
+        raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
+    run_parser = parser()
+    run_parser.add_argument('--batch_size', type=int, default=64)
+    run_parser.add_argument('--accum_iter', type=int, default=1)
+    run_parser.add_argument('--output_dir', default=str(tmp_path))
+    monkeypatch.setattr(sys, 'argv', ['run_x.py', *flags])
+    with pytest.raises(SystemExit) as e:
+        runtime.run_main(out_of_memory, run_parser)
+    assert e.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f'error: out of GPU memory ({OOM_KEPT}); {advice}{"" if "already" in advice else ", so the same lr)"}; '
+        'no checkpoint was saved yet: that command starts again']
+
+
+def test_out_of_memory_in_a_script_without_accumulation_names_its_batch_size(tmp_path):
+    args = argparse.Namespace(batch_size=256)
+    assert runtime.out_of_memory_line(args, torch.cuda.OutOfMemoryError(OOM_MESSAGE), resumable=False) == (
+        f'error: out of GPU memory ({OOM_KEPT}); lower --batch_size (now 256)')
 
 
 # ---- flags checked before any work ---------------------------------------------------------------

@@ -127,8 +127,9 @@ def allow_recompiles(graphs: int, config=None) -> None:
     setattr(config, name, max(getattr(config, name), graphs))
 
 
-def resume_hint(args: argparse.Namespace) -> str:
-    """How to continue an interrupted training run, judged by what its folder holds now."""
+def resume_hint(args: argparse.Namespace, rerun: str = 'the same command') -> str:
+    """How to continue an interrupted training run, judged by what its folder holds now; `rerun`
+    names the command that would (e.g. 'that command', after advice to change flags)."""
     folder = getattr(args, 'output_dir', None)
     if not folder or getattr(args, 'eval', False):
         return ''
@@ -137,12 +138,31 @@ def resume_hint(args: argparse.Namespace) -> str:
     except (CheckpointError, KeyError, ValueError):
         newest = None
     if newest is None:
-        return '; no checkpoint was saved yet: the same command starts again'
+        return f'; no checkpoint was saved yet: {rerun} starts again'
     if getattr(args, 'resume', None):
         return f'; to continue from the newest checkpoint saved, rerun with --resume {newest}'
     if not getattr(args, 'auto_resume', True):
         return f'; to continue, rerun without --no_auto_resume (it resumes from {newest})'
-    return f'; the same command resumes from {newest}'
+    return f'; {rerun} resumes from {newest}'
+
+
+def out_of_memory_line(args: argparse.Namespace, error: BaseException, resumable: bool) -> str:
+    """The one line a GPU out-of-memory stop ends with: torch's first sentences (what was asked,
+    what the card had free) and the flags that trade memory for steps at the same effective batch."""
+    what = ' '.join(re.split(r'(?<=\.)\s+', str(error).strip())[:3])
+    batch = getattr(args, 'batch_size', None)
+    if batch is None:
+        advice = ''
+    elif batch == 1:
+        advice = '; --batch_size is 1 already: a smaller --model or --input_size would need less'
+    elif hasattr(args, 'accum_iter'):
+        factor = next(d for d in range(2, batch + 1) if batch % d == 0)  # keeps batch x accum_iter exact
+        advice = (f'; try --batch_size {batch // factor} --accum_iter {args.accum_iter * factor} (the same '
+                  f'effective batch, so the same lr)')
+    else:
+        advice = f'; lower --batch_size (now {batch})'
+    hint = resume_hint(args, 'that command' if advice else 'the same command') if resumable else ''
+    return f'error: out of GPU memory ({what}){advice}{hint}'
 
 
 class Terminated(BaseException):
@@ -247,8 +267,8 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
              resumable: bool = True) -> None:
     """An entry script's `__main__`: parses the flags and runs `main`. Ctrl-C, SIGTERM (one
     process only), a data file that cannot be decoded (raised in a DataLoader worker, whose
-    traceback would bury the file's name) and a full disk end with one line instead of a
-    traceback that says how to continue. Under a launcher, whatever stops a
+    traceback would bury the file's name), a full disk and a GPU out of memory end with one line
+    instead of a traceback that says how to continue. Under a launcher, whatever stops a
     rank (those, an `error:` exit, a bad flag, a traceback) is also what the launcher's summary
     shows (`tell_launcher`); a rank whose collective broke because another rank died first says
     that in one line."""
@@ -285,6 +305,8 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
         elif e.code not in (None, 0):
             tell_launcher(f'exit status {e.code}: see this rank\'s output above')
         raise
+    except torch.cuda.OutOfMemoryError as e:
+        _stop(out_of_memory_line(args, e, resumable), 1)
     except Exception as e:
         if _raised_in_sigterm_handler(e):
             signal.signal(signal.SIGCHLD, lambda *_: None)  # as the handler would have, had it run
