@@ -178,6 +178,17 @@ def test_benchmark_and_study_refuse_missing_or_bad_inputs(tmp_path):
     assert not (tmp_path / 'runs').exists()
 
 
+@pytest.mark.parametrize('script', ['run_pretrain', 'run_finetune', 'run_linprobe', 'run_knn'])
+def test_a_missing_data_path_stops_before_the_output_folder_is_made(script, tmp_path):
+    """A mistyped --data_path used to leave an empty output folder holding only its .run.lock."""
+    from util.runtime import setup
+    out = tmp_path / 'out'
+    args = _parse(script, ['--data_path', str(tmp_path / 'nowhere'), '--output_dir', str(out), '--device', 'cpu'])
+    with pytest.raises(SystemExit, match=f'^error: --data_path {re.escape(str(tmp_path))}/nowhere does not exist$'):
+        setup(args)
+    assert not out.exists()
+
+
 def test_an_output_folder_behind_a_folder_that_cannot_be_entered_is_an_error_line(tmp_path, monkeypatch):
     """Path.exists raises PermissionError under a folder this user cannot enter (root can enter
     any, so the test makes exists raise as it would)."""

@@ -120,6 +120,15 @@ def _refuse_dataset_root(root: Path, path: str, split: str) -> None:
             f'(<data_path>/{split}/<class>/<image> or <data_path>/<class>/<image>)')
 
 
+def require_data_path(path: str) -> Path:
+    """`path` with ~ expanded; a DataLayoutError when it does not exist. Cheap, so the entry scripts
+    call it before creating or locking their output folder (a mistyped --data_path leaves none)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataLayoutError(f'--data_path {path} does not exist')
+    return root
+
+
 def resolve_image_folder(path: str, split: str = 'train', refuse_a_dataset_root: bool = True) -> Path:
     """Folder whose sub-folders are the classes.
 
@@ -127,9 +136,7 @@ def resolve_image_folder(path: str, split: str = 'train', refuse_a_dataset_root:
     `<path>/<split>` (upstream's layout) and `<path>/<split>/image_folders`; the first unless
     its sub-folders look like data splits (`refuse_a_dataset_root`).
     """
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise DataLayoutError(f'--data_path {path} does not exist')
+    root = require_data_path(path)
     candidates = [root / split / 'image_folders', root / split, root]
     for c in candidates:
         if next(_class_folder_iter(c), None) is not None:  # the first one found will do: no full listing

@@ -21,7 +21,7 @@ import torch
 from util import dist, startup
 from util.cli import check_output_folder
 from util.checkpoint import CheckpointError, newest_checkpoint
-from util.data import UnreadableImage
+from util.data import UnreadableImage, require_data_path
 from util.log import require_tensorboard
 
 
@@ -99,6 +99,9 @@ def setup(args: argparse.Namespace) -> torch.device:
     device = resolve_device_and_amp(args)
     if hasattr(args, 'log_dir'):
         args.log_dir = args.log_dir or args.output_dir
+
+    if getattr(args, 'data_path', None):
+        require_data_path(args.data_path)
 
     def check_outputs() -> None:
         for flag in ('output_dir', 'log_dir'):
