@@ -123,6 +123,9 @@ def test_a_flag_error_is_one_line_under_the_scripts_name_with_the_closest_flags(
         with pytest.raises(SystemExit):
             importlib.import_module(name).get_args_parser().parse_args(['--t0=0.8', '--how-scale', 'linear'])
         assert '(did you mean --t_0 / --how_scale?)' in capsys.readouterr().err
+        with pytest.raises(SystemExit):  # two near-misses of one flag name it once
+            importlib.import_module(name).get_args_parser().parse_args(['--epochz', '1', '--epohcs', '2'])
+        assert '(did you mean --epochs?)' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('name', ['run_finetune', 'run_linprobe', 'run_knn'])

@@ -135,6 +135,8 @@ def _resnet_like() -> dict:
     ('bare_resnet', 'no "model" entry'),
     ('resnet', 'not a ViT encoder checkpoint'),
     ('wrong_width', 'width 384'),
+    ('wrong_width_recorded', 'use --model vit_small_patch16 (the checkpoint was pretrained as MIM_vit_small_patch16)'),
+    ('wrong_depth_recorded', 'use --model vit_small_patch16 (the checkpoint was pretrained as MIM_vit_small_patch16)'),
     ('missing_blocks', 'blocks'),
     ('not_a_dict', 'not a checkpoint dict'),
     ('empty', 'is empty (0 bytes)'),
@@ -151,6 +153,12 @@ def test_wrong_files_are_refused(tmp_path, kind, phrase):
         torch.save({'model': _resnet_like(), 'epoch': 0}, path)
     elif kind == 'wrong_width':
         torch.save({'model': _pretrain_state(builder=models_mim.MIM_vit_small_patch16)}, path)
+    elif kind == 'wrong_width_recorded':  # the checkpoint's args say which model it was
+        torch.save({'model': _pretrain_state(builder=models_mim.MIM_vit_small_patch16),
+                    'args': {'model': 'MIM_vit_small_patch16'}}, path)
+    elif kind == 'wrong_depth_recorded':
+        state = {k: v for k, v in _pretrain_state().items() if not k.startswith('blocks.11.')}
+        torch.save({'model': state, 'args': {'model': 'MIM_vit_small_patch16'}}, path)
     elif kind == 'missing_blocks':
         state = {k: v for k, v in _pretrain_state().items() if not k.startswith('blocks.11.')}
         torch.save({'model': state}, path)

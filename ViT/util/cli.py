@@ -51,7 +51,7 @@ class ArgumentParser(argparse.ArgumentParser):
         names = [o[2:] for a in self._actions for o in a.option_strings if o.startswith('--')]
         guesses = [difflib.get_close_matches(word.split('=')[0][2:], names, n=1, cutoff=0.6)
                    for word in message.split(': ', 1)[1].split() if word.startswith('--')]
-        guesses = ['--' + g[0] for g in guesses if g]
+        guesses = list(dict.fromkeys('--' + g[0] for g in guesses if g))  # two typos of one flag: named once
         return f' (did you mean {" / ".join(guesses)}?)' if guesses else ''
 
 

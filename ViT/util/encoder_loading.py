@@ -44,10 +44,24 @@ class LoadReport:
     head_initialised: bool = False
 
 
-def _describe(ckpt: dict[str, Any]) -> str:
-    """'pretrained as X, epoch N' from the checkpoint's own args, when it has them."""
+def _pretrained_model(ckpt: dict[str, Any]) -> str | None:
+    """The --model the checkpoint's own args name, when it has them."""
     args = ckpt.get('args')
     model = args.get('model') if isinstance(args, dict) else getattr(args, 'model', None)
+    return model if isinstance(model, str) else None
+
+
+def _model_advice(ckpt: dict[str, Any]) -> str:
+    """Which --model to choose: the classifier name of the one the checkpoint records, else the rule."""
+    pretrained = _pretrained_model(ckpt)
+    if pretrained:
+        return f'use --model {pretrained.removeprefix("MIM_")} (the checkpoint was pretrained as {pretrained})'
+    return 'choose the --model the encoder was pretrained as (MIM_vit_X -> vit_X)'
+
+
+def _describe(ckpt: dict[str, Any]) -> str:
+    """'pretrained as X, epoch N' from the checkpoint's own args, when it has them."""
+    model = _pretrained_model(ckpt)
     parts = [f'pretrained as {model}'] if model else []
     if 'epoch' in ckpt:
         parts.append(f'epoch {ckpt["epoch"]}')
@@ -95,12 +109,10 @@ def load_pretrained_encoder(model: nn.Module, path: str | Path, head_init_std: f
     w, tw = state['patch_embed.proj.weight'], target['patch_embed.proj.weight']
     if w.shape != tw.shape:
         _fail(f'{path}: its patch embedding has width {w.shape[0]} and patch {w.shape[-1]}, but {model_name} '
-              f'has width {tw.shape[0]} and patch {tw.shape[-1]}; choose the --model the encoder was '
-              'pretrained as (MIM_vit_X -> vit_X)')
+              f'has width {tw.shape[0]} and patch {tw.shape[-1]}; {_model_advice(ckpt)}')
     depth = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.'))
     if depth != len(model.blocks):
-        _fail(f'{path}: the encoder has {depth} blocks, {model_name} has {len(model.blocks)}; choose the '
-              '--model the encoder was pretrained as')
+        _fail(f'{path}: the encoder has {depth} blocks, {model_name} has {len(model.blocks)}; {_model_advice(ckpt)}')
 
     report = LoadReport(dropped=dropped)
     # a fine-tuned checkpoint's classifier is not part of the encoder: the head always starts afresh
