@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from engine_pretrain import ModelHandle, autocast_context
 from util import checkpoint, dist
-from util.log import EpochProgress, RunEta, append_json_line, format_seconds
+from util.log import EpochProgress, RunEta, append_json_line, format_seconds, start_line
 from util.optim import backward, optimizer_step
 
 
@@ -249,7 +249,7 @@ def fit(handle: ModelHandle, criterion: Callable, train_loader, val_loader, opti
         record = close_epoch(start_epoch - 1, unevaluated[1], unevaluated[0], None)
     if start_epoch >= args.epochs:  # only the last epoch's evaluation was left
         return record
-    print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
+    print(start_line(args.epochs, start_epoch))
     run_start = time.time()
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()

@@ -123,7 +123,7 @@ from engine_pretrain import SCALE_NAMES, ModelHandle, epoch_done_line, train_one
 from util import checkpoint, dist, flops  # noqa: E402
 from util.checkpoint import find_resume_checkpoint, save_checkpoint  # noqa: E402
 from util.gpu_data import build_loader, check_cpu_decode_share, input_bound_hint  # noqa: E402
-from util.log import RunEta, append_json_line, format_seconds, make_writer  # noqa: E402
+from util.log import RunEta, append_json_line, format_seconds, make_writer, start_line  # noqa: E402
 from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch  # noqa: E402
 from util.optim import build_adamw, param_groups_weight_decay  # noqa: E402
 from util.runtime import allow_recompiles, run_main, set_lr, setup  # noqa: E402
@@ -162,6 +162,19 @@ def check_args(args: argparse.Namespace) -> None:
         if given:
             raise SystemExit(f'error: {", ".join(given)} configure(s) FreezeOut, which is off without --t_0: '
                              f'add --t_0 (e.g. 0.8), or drop them for a plain LocalMIM run')
+
+
+def check_fresh_start_epoch(args: argparse.Namespace, schedule, start_step: int) -> None:
+    """--start_epoch without a checkpoint: the initial weights start mid-schedule. Under FreezeOut,
+    layers whose freeze step has passed would stay at their random init for the whole run."""
+    frozen = schedule.schedule.num_frozen(start_step) if args.t_0 is not None else 0
+    if frozen:
+        raise SystemExit(f'error: --start_epoch {args.start_epoch} with no checkpoint to resume from: FreezeOut\'s '
+                         f'schedule has {fo.layers_frozen(frozen)} by then, which would keep their random init for '
+                         f'the whole run; resume from a checkpoint (--resume, or the run\'s --output_dir), or drop '
+                         f'--start_epoch')
+    print(f'note: --start_epoch {args.start_epoch} with no checkpoint to resume from: the initial weights '
+          f'train from epoch {args.start_epoch}\'s point of the lr schedule')
 
 
 # flags whose change between a checkpoint and its resumption changes the run
@@ -290,6 +303,8 @@ def main(args: argparse.Namespace) -> dict:
     resume_path = find_resume_checkpoint(args)
     if resume_path is not None:
         start_epoch = resume_training(args, resume_path, model, optimizer, loss_scaler, schedule, steps_per_epoch)
+    elif start_epoch > 0:
+        check_fresh_start_epoch(args, schedule, start_epoch * steps_per_epoch)
     if start_epoch >= args.epochs:  # a finished run relaunched (e.g. requeued): nothing to train
         more = ('a FreezeOut schedule spans its --epochs, so training longer is a new run (another --output_dir)'
                 if args.t_0 is not None else 'raise --epochs to train more')
@@ -312,7 +327,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.t_0 is not None and args.output_dir and dist.is_main_process():
         print(f'wrote {fo.write_table(table, args.output_dir)}')
     log_writer = make_writer(args.log_dir, start_epoch if continues else None)
-    print(f'Start training for {args.epochs} epochs (from epoch {start_epoch})')
+    print(start_line(args.epochs, start_epoch))
     run_start = time.time()
     eta = RunEta(args.epochs, estimated_epoch_costs(args, schedule_table.freeze_steps if args.t_0 is not None else (),
                                                    steps_per_epoch))

@@ -165,6 +165,30 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     assert res.returncode == 0, res.stderr  # free again
 
 
+def test_a_run_folder_that_holds_only_its_lock_is_removed_up_to_what_the_run_made(tmp_path):
+    import os
+    kept = tmp_path / 'existing'
+    kept.mkdir()
+    folder = kept / 'a' / 'b' / 'run'
+    made_from = checkpoint.first_missing_folder(folder)
+    assert made_from == (kept / 'a').resolve()
+    folder.mkdir(parents=True)
+    checkpoint.lock_run_folder(str(folder))
+    checkpoint.remove_if_unused(folder, made_from, os.getpid() + 1)  # another process's exit (a forked worker)
+    assert (folder / '.run.lock').is_file()
+    checkpoint.remove_if_unused(folder, made_from, os.getpid())
+    assert not (kept / 'a').exists() and kept.is_dir()  # what existed before the run stays
+    assert str(folder.resolve()) not in checkpoint._held_locks
+    checkpoint.remove_if_unused(folder, made_from, os.getpid())  # --log_dir == --output_dir: a second call
+    # a folder the run wrote into stays, lock and all
+    folder.mkdir(parents=True)
+    checkpoint.lock_run_folder(str(folder))
+    (folder / 'log.txt').write_text('{}\n')
+    checkpoint.remove_if_unused(folder, made_from, os.getpid())
+    assert sorted(p.name for p in folder.iterdir()) == ['.run.lock', 'log.txt']
+    checkpoint._held_locks.pop(str(folder.resolve())).close()
+
+
 def test_a_killed_runs_folder_is_free_at_once_though_its_forked_workers_live_on(tmp_path):
     """A run killed with SIGKILL leaves its loader workers (forked children) running for a while; they
     must not keep the folder locked."""

@@ -99,3 +99,9 @@ def test_run_eta_weighs_the_epochs_left_by_their_cost_at_the_recent_pace():
     assert line.progress(0, 70.0) == '1 of 3 epochs done, run eta 0:02:20'
     assert line.progress(1, 50.0) == '2 of 3 epochs done, run eta 0:00:50'
     assert line.progress(2, 50.0) == '3 of 3 epochs done'
+
+
+def test_the_start_line_says_which_epochs_a_resumed_run_has_left():
+    from util.log import start_line
+    assert start_line(12, 0) == 'Start training for 12 epochs'  # upstream's line
+    assert start_line(12, 8) == 'Start training: epochs 8-11 of 12 (4 left, epochs numbered from 0)'

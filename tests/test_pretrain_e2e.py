@@ -276,6 +276,9 @@ BAD_INPUTS = {
     'truncated-jpeg': (lambda tmp, data: _truncated_jpeg(tmp, data), 'cannot decode '),
     'input-size-not-a-multiple': (lambda tmp, data: ['--data_path', data, '--input_size', '40'], 'not a multiple'),
     'freezeout-flags-without-t0': (lambda tmp, data: ['--data_path', data, '--how_scale', 'linear'], 'without --t_0'),
+    'start-epoch-past-a-freeze': (lambda tmp, data: ['--data_path', data, '--epochs', '4', '--warmup_epochs', '1',
+                                                     '--t_0', '0.5', '--how_scale', 'linear', '--start_epoch', '3'],
+                                  'would keep their random init'),
     'output-dir-under-a-file': (lambda tmp, data: ['--data_path', data, *_under_a_file(tmp)],
                                 'cannot create --output_dir'),
     'bare-tensor-checkpoint': (lambda tmp, data: ['--data_path', data, *_bare_tensor(tmp)], 'not a checkpoint dict'),
@@ -297,6 +300,15 @@ def test_bad_input_gives_clear_error(data, tmp_path, case):
     assert 'error' in res.stderr.lower(), res.describe()
     assert fragment.lower() in res.stderr.lower(), res.describe()
     assert not (out.exists() and list(out.glob('checkpoint-*.pth'))), 'a failed run wrote checkpoints'
+    # the folder this run made is gone again when it wrote nothing there (it used to keep its .run.lock)
+    assert not out.exists() or [p.name for p in out.iterdir()] != ['.run.lock'], case
+
+
+def test_a_fresh_start_epoch_before_any_freeze_trains_the_rest_with_a_note(data, tmp_path):
+    res = run_ok('--data_path', data, '--output_dir', tmp_path / 'out', '--epochs', '3', '--start_epoch', '2')
+    assert 'note: --start_epoch 2 with no checkpoint to resume from' in res.stdout, res.describe()
+    assert 'Start training: epochs 2-2 of 3 (1 left' in res.stdout, res.describe()
+    assert [r['epoch'] for r in read_log(tmp_path / 'out')] == [2]
 
 
 # ---- 5. both spellings of the launcher's local-rank flag --------------------------------------

@@ -375,6 +375,34 @@ def _lock(folder: str) -> str | None:
     return None
 
 
+def first_missing_folder(folder: str | Path) -> Path | None:
+    """The outermost of `folder` and its parents that does not exist yet (what creating it makes)."""
+    missing = [p for p in (Path(folder).resolve(), *Path(folder).resolve().parents) if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def remove_if_unused(folder: str | Path, made_from: Path, pid: int) -> None:
+    """At the exit of process `pid`, which made `folder` (and its parents up to `made_from`) for
+    its run: removes them again when the run left nothing there but its lock, as a run does that
+    stops on a bad flag, checkpoint or data folder before writing anything."""
+    folder = Path(folder).resolve()
+    if os.getpid() != pid or not folder.is_dir():  # a forked child exiting, or removed already
+        return
+    try:
+        if any(entry.name != '.run.lock' for entry in folder.iterdir()):
+            return
+        handle = _held_locks.pop(str(folder), None)
+        if handle is not None:
+            handle.close()
+        (folder / '.run.lock').unlink(missing_ok=True)
+        for path in (folder, *folder.parents):
+            path.rmdir()  # an OSError once a folder is not empty (or not ours to remove) ends the walk
+            if path == made_from:
+                break
+    except OSError:
+        pass
+
+
 def continues_folder(output_dir: str | None, resumed_from: str | Path | None) -> bool:
     """Whether a run resumed from `resumed_from` continues --output_dir's own run (the checkpoint is in it)."""
     return bool(output_dir and resumed_from is not None

@@ -45,6 +45,14 @@ class DeviceMeans:
         self.counts.clear()
 
 
+def start_line(epochs: int, start_epoch: int) -> str:
+    """The line before the first epoch: upstream's, and on a resumed run which epochs are left."""
+    if start_epoch == 0:
+        return f'Start training for {epochs} epochs'
+    return (f'Start training: epochs {start_epoch}-{epochs - 1} of {epochs} '
+            f'({epochs - start_epoch} left, epochs numbered from 0)')
+
+
 def format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 

@@ -3,6 +3,7 @@ seeds, output folder."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import json
 import math
@@ -20,7 +21,7 @@ import torch
 
 from util import dist, startup
 from util.cli import check_output_folder
-from util.checkpoint import CheckpointError, newest_checkpoint
+from util.checkpoint import CheckpointError, first_missing_folder, newest_checkpoint, remove_if_unused
 from util.data import UnreadableImage, require_data_path
 from util.log import require_tensorboard
 
@@ -107,7 +108,10 @@ def setup(args: argparse.Namespace) -> torch.device:
         for flag in ('output_dir', 'log_dir'):
             folder = getattr(args, flag, None)
             if folder:  # a folder that refuses files: said now, not after the training
+                made_from = first_missing_folder(folder)
                 check_output_folder(folder, f'--{flag} {folder}')
+                if made_from is not None:  # a run that stops before writing anything leaves no empty folder
+                    atexit.register(remove_if_unused, folder, made_from, os.getpid())
         if getattr(args, 'log_dir', None) and not getattr(args, 'eval', False):  # --eval writes no events
             require_tensorboard()  # before the data set-up and the run folder's changes, not after
     dist.on_main(check_outputs)
