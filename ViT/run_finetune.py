@@ -95,7 +95,7 @@ from util.runtime import run_main, set_lr, setup  # noqa: E402
 from util import checkpoint, dist  # noqa: E402
 from util.data import (DataLayoutError, build_classification_datasets, build_eval_loader,  # noqa: E402
                        build_train_loader, eval_transform, finetune_train_transform)
-from util.encoder_loading import load_pretrained_encoder  # noqa: E402
+from util.encoder_loading import load_pretrained_encoder, written_by  # noqa: E402
 from util.log import append_json_line, make_writer  # noqa: E402
 from util.lr_decay import describe_groups, param_groups_lrd  # noqa: E402
 from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch  # noqa: E402
@@ -316,6 +316,7 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
     if 'model' not in ckpt:
         raise checkpoint.CheckpointError(f'{path} has no "model" entry; not a checkpoint of this script')
     saved = ckpt.get('args') or {}
+    check_written_by_this_script(args, path, ckpt['model'], model)
     if (not args.resume and not args.eval and 'finetune' in saved
             and _encoder_file(saved['finetune']) != _encoder_file(getattr(args, 'finetune', None))):
         if saved['finetune'] and not Path(saved['finetune']).exists():  # moved or deleted: the same one, or not
@@ -356,6 +357,28 @@ def resume(args: argparse.Namespace, model: torch.nn.Module, optimizer, loss_sca
     print(f'{"evaluating" if args.eval else "resumed from"} {path} (epoch {epoch})')
     stats = ckpt.get('train_stats')
     return Resumed(epoch + 1, path, stats if isinstance(stats, dict) else None)
+
+
+def check_written_by_this_script(args: argparse.Namespace, path: Path, state: dict, model: torch.nn.Module) -> None:
+    """A checkpoint of another script (a pretraining one, or a probe's in a fine-tune and back)
+    named as such, before its weights fail to fit with a list of missing keys."""
+    theirs, this = written_by(state), written_by(model.state_dict())
+    if theirs is None or theirs == this:
+        return
+    own = f'--resume and --eval take {this}\'s own checkpoints'
+    if args.resume:
+        way = 'pass it as --finetune' if theirs == 'run_pretrain.py' else \
+            f'{"evaluate" if args.eval else "resume"} it with {theirs}'
+        message = f'{path} is a checkpoint of {theirs}: {way} ({own})'
+    elif args.eval:
+        message = f'--output_dir {args.output_dir} holds a run of {theirs} ({path}): evaluate it with {theirs}, ' \
+                  f'or name this script\'s checkpoint with --resume'
+    else:
+        other = '(a pretraining checkpoint goes to --finetune)' if theirs == 'run_pretrain.py' else \
+            f'(or continue that run with {theirs})'
+        message = f'--output_dir {args.output_dir} holds a run of {theirs} ({path}): write this run into another ' \
+                  f'--output_dir {other}'
+    raise checkpoint.CheckpointError(message)
 
 
 def evaluate_only(args: argparse.Namespace, model: torch.nn.Module, val_loader, device: torch.device,

@@ -172,6 +172,46 @@ def test_wrong_files_are_refused(tmp_path, kind, phrase):
     assert message.startswith('error: ') and phrase in message, message
 
 
+def _probe_model() -> torch.nn.Module:
+    import run_linprobe
+    return run_linprobe.build_probe(argparse.Namespace(model='vit_tiny_patch16', input_size=32, nb_classes=4,
+                                                       global_pool=False, finetune='', eval=True))
+
+
+def test_a_checkpoint_of_another_script_is_named_as_such(tmp_path):
+    """Before: a list of missing keys and advice about --global_pool that did not help."""
+    from run_finetune import check_written_by_this_script
+    from util.encoder_loading import written_by
+    states = {'run_pretrain.py': _pretrain_state(), 'run_finetune.py': _tiny().state_dict(),
+              'run_linprobe.py': _probe_model().state_dict()}
+    assert {name: written_by(state) for name, state in states.items()} == {name: name for name in states}
+    assert written_by({f'module.{k}': v for k, v in states['run_pretrain.py'].items()}) == 'run_pretrain.py'
+    assert written_by({'fc.weight': torch.zeros(2, 2)}) is None
+    path = tmp_path / 'checkpoint-last.pth'
+
+    def check(model, state, **flags):
+        args = argparse.Namespace(**{'resume': '', 'eval': False, 'output_dir': str(tmp_path), **flags})
+        with pytest.raises(SystemExit) as stop:
+            check_written_by_this_script(args, path, state, model)
+        return str(stop.value.code)
+
+    # auto-resume found another script's run in --output_dir
+    assert check(_tiny(), states['run_pretrain.py']) == (
+        f'error: --output_dir {tmp_path} holds a run of run_pretrain.py ({path}): write this run into another '
+        '--output_dir (a pretraining checkpoint goes to --finetune)')
+    assert check(_probe_model(), states['run_finetune.py']).endswith('(or continue that run with run_finetune.py)')
+    assert check(_tiny(), states['run_linprobe.py'], eval=True).endswith(
+        'evaluate it with run_linprobe.py, or name this script\'s checkpoint with --resume')
+    # an explicit --resume
+    assert check(_tiny(), states['run_linprobe.py'], resume=str(path), eval=True) == (
+        f'error: {path} is a checkpoint of run_linprobe.py: evaluate it with run_linprobe.py (--resume and --eval '
+        'take run_finetune.py\'s own checkpoints)')
+    assert 'pass it as --finetune' in check(_probe_model(), states['run_pretrain.py'], resume=str(path))
+    # its own kind passes (whether it fits is load_state_dict's to say)
+    check_written_by_this_script(argparse.Namespace(resume=str(path), eval=True, output_dir=''), path,
+                                 _probe_model().state_dict(), _probe_model())
+
+
 def test_wrong_file_cli_exits_cleanly(tmp_path, demo_data):
     bad = tmp_path / 'garbage.pth'
     bad.write_bytes(b'definitely not a checkpoint' * 10)
@@ -325,7 +365,8 @@ def test_finetune_end_to_end_then_eval(tmp_path, demo_data, pretrain_ckpt):
                       '1.0', '--reprob', '0.25', '--clip_grad', '5.0', '--drop_path', '0.1', '--print_freq', '2'])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert 'position embedding interpolated from 2x2 to 4x4' in res.stdout
-    assert "missing keys (left at init): ['fc_norm.weight', 'fc_norm.bias', 'head.weight', 'head.bias']" in res.stdout
+    assert ("missing keys (left at init: the read-out, which pretraining does not train): ['fc_norm.weight', "
+            "'fc_norm.bias', 'head.weight', 'head.bias']") in res.stdout
     assert re.search(r'Epoch \[1\] \[8/8\] .* grad norm [\d.]+  \d+ img/s  data wait \d+%', res.stdout), res.stdout
     accuracy = [line for line in res.stdout.splitlines() if line.startswith('Accuracy of the network')]
     assert len(accuracy) == 2 and re.search(r'; 1 of 2 epochs done, run eta \d+:\d\d:\d\d$', accuracy[0]), accuracy

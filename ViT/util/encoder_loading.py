@@ -31,6 +31,18 @@ PRETRAIN_ONLY = re.compile(r'^(norm\.\d+\.|decoder\.|hog_enc\.|decoder_|mask_tok
 HEAD_SIDE = ('head.', 'fc_norm.', 'norm.')
 
 
+def written_by(state: dict[str, Any]) -> str | None:
+    """Which script's checkpoint a model state dict is, from its entries: run_pretrain.py (the
+    LocalMIM decoders and HOG layers), run_linprobe.py (a BatchNorm + Linear head) or
+    run_finetune.py (a Linear head); None for anything else."""
+    keys = [k.removeprefix('module.') for k in state]
+    if any(PRETRAIN_ONLY.match(k) for k in keys):
+        return 'run_pretrain.py'
+    if 'head.1.weight' in keys:
+        return 'run_linprobe.py'
+    return 'run_finetune.py' if 'head.weight' in keys else None
+
+
 def _fail(message: str) -> None:
     raise checkpoint.CheckpointError(message)
 
@@ -148,7 +160,9 @@ def load_pretrained_encoder(model: nn.Module, path: str | Path, head_init_std: f
     report.missing, report.unexpected = list(result.missing_keys), list(result.unexpected_keys)
     print(f'dropped pretraining-only entries: {len(dropped)} ({", ".join(sorted({k.split(".")[0] for k in dropped}))})'
           if dropped else 'dropped pretraining-only entries: none')
-    print(f'missing keys (left at init): {report.missing}')
+    readout = report.missing and all(k.startswith(HEAD_SIDE) for k in report.missing)
+    print(f'missing keys (left at init{": the read-out, which pretraining does not train" if readout else ""}): '
+          f'{report.missing}')
     print(f'unexpected keys (ignored): {report.unexpected}')
     if 'head.weight' in report.missing:
         trunc_normal_(model.head.weight, std=head_init_std)
