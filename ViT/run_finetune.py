@@ -145,10 +145,14 @@ def continues_a_run(args: argparse.Namespace) -> bool:
 
 
 def encoder_to_load(args: argparse.Namespace, random_init_note: str) -> str | None:
-    """--finetune, unless --eval (the checkpoint holds every weight) or the file is gone and the run
+    """--finetune, unless --eval or --resume (the checkpoint holds every weight) or the file is gone and the run
     continues from its own checkpoint, which replaces the encoder's weights anyway (a pretraining
     folder started afresh moves its checkpoints aside; a big encoder may be deleted)."""
     if args.eval:
+        return None
+    if args.resume and args.finetune:  # its weights would be loaded only to be replaced
+        print(f'note: --resume {args.resume} holds every weight of the run it continues, so --finetune '
+              f'{args.finetune} is not loaded')
         return None
     if args.finetune and not Path(args.finetune).is_file():  # check_common_args: only when continuing a run
         print(f'note: --finetune {args.finetune} does not exist; continuing the run in {args.output_dir}, whose '

@@ -616,6 +616,8 @@ def test_finetune_resume_is_exact(tmp_path, demo_data, pretrain_ckpt):
     res = run_script(['run_finetune.py', *common, '--output_dir', str(resumed),
                       '--resume', str(straight / 'checkpoint-1.pth')])
     assert res.returncode == 0 and 'resumed from' in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    # the encoder is not loaded only to be replaced (and its head init draws no RNG the resume restores)
+    assert 'loading encoder from' not in res.stdout and f'so --finetune {pretrain_ckpt} is not loaded' in res.stdout
     a = torch.load(straight / 'checkpoint-last.pth', weights_only=True)['model']
     b = torch.load(resumed / 'checkpoint-last.pth', weights_only=True)['model']
     assert a.keys() == b.keys()
