@@ -1,5 +1,7 @@
 """util.data: folder layouts, the seeded crop/flip pipeline and the loader."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +134,16 @@ def test_missing_path_message(tmp_path):
     with pytest.raises(SystemExit, match='does not exist') as e:
         resolve_image_folder(str(tmp_path / 'nope'))
     assert 'nope' in str(e.value)
+
+
+def test_a_class_folder_or_an_image_given_as_data_path_is_named_as_such(tmp_path):
+    make_classes(tmp_path / 'train', classes=('cat', 'dog'))
+    one_class = tmp_path / 'train' / 'cat'
+    with pytest.raises(SystemExit, match=r'holds images, not class folders of images: it looks like one class'):
+        resolve_image_folder(str(one_class))
+    image = next(one_class.iterdir())
+    with pytest.raises(SystemExit, match=rf'^error: --data_path {re.escape(str(image))} is a file; give the folder'):
+        resolve_image_folder(str(image))
 
 
 def test_empty_folder_message(tmp_path):

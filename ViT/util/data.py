@@ -7,6 +7,7 @@ number of workers, and an interrupted run resumes with exactly the same inputs.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import warnings
@@ -137,12 +138,19 @@ def resolve_image_folder(path: str, split: str = 'train', refuse_a_dataset_root:
     its sub-folders look like data splits (`refuse_a_dataset_root`).
     """
     root = require_data_path(path)
+    if not root.is_dir():
+        raise DataLayoutError(f'--data_path {path} is a file; give the folder that holds the class folders '
+                              f'(<data_path>/{split}/<class>/<image> or <data_path>/<class>/<image>)')
     candidates = [root / split / 'image_folders', root / split, root]
     for c in candidates:
         if next(_class_folder_iter(c), None) is not None:  # the first one found will do: no full listing
             if c == root and refuse_a_dataset_root:
                 _refuse_dataset_root(root, path, split)
             return c
+    first_entries = itertools.islice(os.scandir(root), 1000)  # a look, not a listing of a huge folder
+    if any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(e.name) for e in first_entries):
+        raise DataLayoutError(f'--data_path {path} holds images, not class folders of images: it looks like one '
+                              f'class; give the folder above it, which holds every class folder')
     tried = ', '.join(str(c) for c in candidates)
     raise DataLayoutError(
         f'no class folders with images found for split "{split}" under --data_path {path}. '
