@@ -150,6 +150,10 @@ echo "=== $now: $quoted_env$quoted_cmd" >>"$log"
     for w in ${env_words[@]+"${env_words[@]}"}; do
         export "$w"
     done
+    if ! command -v -- "${cmd[0]}" >/dev/null; then  # after the env words: they may set PATH
+        echo "record.sh: ${cmd[0]}: no such command (not a program on PATH, a shell builtin or an executable file)"
+        exit 127
+    fi
     exec "${cmd[@]}"
 ) 2>&1 | tee -i -a "$log"
 status=${PIPESTATUS[0]}

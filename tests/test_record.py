@@ -131,6 +131,7 @@ def test_exit_status_of_failing_command_not_found(tmp_path):
     res = run_record(["definitely-not-a-command-xyz", "--output_dir",
                       str(tmp_path / "o")], cwd=tmp_path)
     assert res.returncode == 127
+    assert 'record.sh: definitely-not-a-command-xyz: no such command' in res.stdout + res.stderr
 
 
 def test_vit_symlink_works(tmp_path):
