@@ -122,6 +122,7 @@ import models_mim  # noqa: E402
 from engine_pretrain import SCALE_NAMES, ModelHandle, epoch_done_line, train_one_epoch  # noqa: E402
 from util import checkpoint, dist, flops  # noqa: E402
 from util.checkpoint import find_resume_checkpoint, save_checkpoint  # noqa: E402
+from util.encoder_loading import written_by  # noqa: E402
 from util.gpu_data import build_loader, check_cpu_decode_share, input_bound_hint  # noqa: E402
 from util.log import RunEta, append_json_line, format_seconds, make_writer, start_line  # noqa: E402
 from util.lr_sched import PlainSchedule, optimizer_steps_per_epoch  # noqa: E402
@@ -221,15 +222,15 @@ def resume_training(args: argparse.Namespace, path: Path, model: torch.nn.Module
     ckpt = checkpoint.load(path)
     if 'model' not in ckpt:
         raise checkpoint.CheckpointError(f'{path} has no "model" entry; not a pretraining checkpoint')
+    writer = written_by(ckpt['model']) if isinstance(ckpt['model'], dict) else None
+    if writer in ('run_finetune.py', 'run_linprobe.py'):  # before the note on its flags, which would be noise
+        raise checkpoint.CheckpointError(
+            f'{path} is a classifier checkpoint ({writer}); run_pretrain.py resumes only its own checkpoints (and '
+            f'the classifier scripts take pretraining ones as --finetune)')
     checkpoint.note_changed_flags(path, ckpt.get('args'), args, RESUME_FLAGS)
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
-        keys = ckpt['model'].keys() if isinstance(ckpt['model'], dict) else ()
-        if 'head.weight' in keys and not any(k.startswith('decoder') for k in keys):
-            raise checkpoint.CheckpointError(
-                f'{path} is a classifier checkpoint (run_finetune.py / run_linprobe.py); run_pretrain.py resumes '
-                f'only its own checkpoints (and the classifier scripts take pretraining ones as --finetune)') from None
         raise checkpoint.CheckpointError(
             f'{path} does not fit --model {args.model} at --input_size {args.input_size}: '
             f'{checkpoint.state_dict_mismatch(e)} (resume with the run\'s own flags, or start afresh with '

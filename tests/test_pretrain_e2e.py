@@ -251,7 +251,7 @@ def _classifier_checkpoint(tmp_path):
     import models_vit
     path = tmp_path / 'finetuned.pth'
     model = models_vit.build_model('vit_tiny_patch16', img_size=32, num_classes=4)
-    torch.save({'model': model.state_dict(), 'epoch': 0}, path)
+    torch.save({'model': model.state_dict(), 'epoch': 0, 'args': {'model': 'vit_tiny_patch16'}}, path)
     return ['--resume', path]
 
 
@@ -300,6 +300,7 @@ def test_bad_input_gives_clear_error(data, tmp_path, case):
     assert 'error' in res.stderr.lower(), res.describe()
     assert fragment.lower() in res.stderr.lower(), res.describe()
     assert not (out.exists() and list(out.glob('checkpoint-*.pth'))), 'a failed run wrote checkpoints'
+    assert 'flags that differ' not in res.stdout, res.describe()  # e.g. a classifier's --model: noise here
     # the folder this run made is gone again when it wrote nothing there (it used to keep its .run.lock)
     assert not out.exists() or [p.name for p in out.iterdir()] != ['.run.lock'], case
 
