@@ -146,6 +146,16 @@ def test_a_class_folder_or_an_image_given_as_data_path_is_named_as_such(tmp_path
         resolve_image_folder(str(image))
 
 
+def test_an_evaluation_split_given_as_training_data_gets_a_note(tmp_path, capsys):
+    make_classes(tmp_path / 'train', classes=('cat', 'dog'))
+    make_classes(tmp_path / 'val', classes=('cat', 'dog'))
+    assert resolve_image_folder(str(tmp_path / 'val')) == tmp_path / 'val'
+    assert 'is named like an evaluation split, and is read as the training images' in capsys.readouterr().out
+    resolve_image_folder(str(tmp_path / 'train'))
+    resolve_image_folder(str(tmp_path))
+    assert capsys.readouterr().out == ''
+
+
 def test_empty_folder_message(tmp_path):
     (tmp_path / 'train' / 'cat').mkdir(parents=True)  # a class folder without images
     with pytest.raises(SystemExit) as e:

@@ -71,6 +71,7 @@ def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
 # folder names that mark a data split, not a class: a class folder so named means --data_path is
 # a dataset root whose splits would be pooled (pretraining on val) into a few "classes"
 SPLIT_NAMES = frozenset({'train', 'training', 'val', 'valid', 'validation', 'test', 'testing', 'eval'})
+TRAIN_NAMES = frozenset({'train', 'training'})
 
 
 def is_hidden(name: str) -> bool:
@@ -146,6 +147,9 @@ def resolve_image_folder(path: str, split: str = 'train', refuse_a_dataset_root:
         if next(_class_folder_iter(c), None) is not None:  # the first one found will do: no full listing
             if c == root and refuse_a_dataset_root:
                 _refuse_dataset_root(root, path, split)
+            if c == root and split == 'train' and root.resolve().name.lower() in SPLIT_NAMES - TRAIN_NAMES:
+                print(f'note: --data_path {path} is named like an evaluation split, and is read as the training '
+                      f'images; its parent folder would train on its train/ split')
             return c
     first_entries = itertools.islice(os.scandir(root), 1000)  # a look, not a listing of a huge folder
     if any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(e.name) for e in first_entries):
