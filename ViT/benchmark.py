@@ -503,7 +503,7 @@ def bench_loaders(args: argparse.Namespace, device: torch.device, result: dict, 
             try:
                 rates[backend] = time_loader(loader, max(args.warmup, 1), args.steps, device)
                 log(f'[loader {backend}] {rates[backend]:.0f} img/s ({len(loader.dataset)} images, '
-                    f'set-up {setup[backend]:.1f}s, {args.num_workers} workers)')
+                    f'set-up {setup[backend]:.1f}s, {args.num_workers} worker{"s" * (args.num_workers != 1)})')
                 if e2e_ks:
                     e2e[backend] = time_end_to_end(args, loader, e2e_ks, device)
                     log(f'[end to end {backend}] ' +
@@ -767,6 +767,12 @@ def main(argv: list[str] | None = None) -> dict:
         gpu_data.check_cpu_decode_share('gpu', share)
     fo.validate(args.t_0, args.how_scale, args.decoder_freeze, 0, 1)
     models_mim.check_model(args.model, args.input_size)
+    num_layers = flops.SHAPES[args.model].depth + 1  # FreezeOut's layers: the patch embedding and each block
+    ks = sorted(set(args.ks)) if args.ks else list(range(num_layers))
+    e2e_ks = [0, num_layers - 1] if args.e2e_ks is None else sorted(set(args.e2e_ks))
+    for flag, values in (('--ks', ks), ('--e2e_ks', e2e_ks)):
+        if values and (values[0] < 0 or values[-1] >= num_layers):  # --e2e_ks alone: none
+            raise SystemExit(f'error: {flag} must lie in 0..{num_layers - 1} for {args.model}')
     if args.data_path:  # before the step timings, not after them
         resolve_image_folder(args.data_path, 'train')
     out = Path(args.out)
@@ -781,13 +787,6 @@ def main(argv: list[str] | None = None) -> dict:
     images = args.steps * args.batch_size
 
     project = ProjectStep(args, device)
-    num_layers = project.model.num_layers
-    ks = sorted(set(args.ks)) if args.ks else list(range(num_layers))
-    if ks[0] < 0 or ks[-1] >= num_layers:
-        raise SystemExit(f'error: --ks must lie in 0..{num_layers - 1} for {args.model}')
-    e2e_ks = [0, num_layers - 1] if args.e2e_ks is None else sorted(set(args.e2e_ks))
-    if any(k < 0 or k >= num_layers for k in e2e_ks):
-        raise SystemExit(f'error: --e2e_ks must lie in 0..{num_layers - 1} for {args.model}')
 
     ref = ref_spread = None
     if not args.skip_reference:
@@ -799,7 +798,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference = None  # frees its model and optimizer state
         if device.type == 'cuda':
             torch.cuda.empty_cache()
-    if device.type != 'cuda':
+    if device.type != 'cuda' and not args.skip_reference:
         notes.append('CPU: the reference runs in fp32 without GradScaler (no fp16 autocast on CPU)')
 
     def save(res: dict) -> None:  # after each k, after the step timings and after each backend

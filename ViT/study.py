@@ -379,7 +379,8 @@ class Study:
             record['finetuned_encoder'] = encoder_note
         self.longest_run = max(self.longest_run, wall)
         self.save()
-        print(f'{key}: fine-tune {record["finetune_top1"]:.1f}% top-1 ({len(epochs)} epochs, {wall:.0f}s)', flush=True)
+        print(f'{key}: fine-tune {record["finetune_top1"]:.1f}% top-1 ({len(epochs)} epoch{"s" * (len(epochs) != 1)}, '
+              f'{wall:.0f}s)', flush=True)
 
     def flops_saving(self, flags: list[str]) -> float:
         if '--t_0' not in flags:
@@ -473,9 +474,11 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.data_backend = args.data_backend or ('gpu-cache' if args.device.startswith('cuda') else 'pil')
+    if not Path(args.data_path).exists():
+        raise SystemExit(f'error: --data_path {args.data_path} does not exist')
     if not (Path(args.data_path) / 'train').is_dir() or not (Path(args.data_path) / 'val').is_dir():
         raise SystemExit(f'error: --data_path {args.data_path} needs train/ and val/ class folders '
-                         '(e.g. ../shared/data/imagenette-128)')
+                         f'(e.g. {ROOT.parent / "shared" / "data" / "imagenette-128"})')
     from util.data import build_classification_datasets
     # the scoring scripts' own check of both splits (empty class folders, val classes that train lacks): a data
     # error would otherwise fail every run of the study in turn, each after its pretraining

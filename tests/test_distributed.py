@@ -160,6 +160,7 @@ def test_torchrun_freeze_events_mid_epoch_no_hang(data, tmp_path):
     assert f'all {epochs} epochs are done' in again.stdout
     # a --world_size that is not the launcher's count: the real one is used, and said once
     assert again.stdout.count('note: --world_size 4, but 2 process(es) were started by the launcher') == 1
+    assert 'start 4 with torchrun --nproc_per_node=4' in again.stdout
     assert len(read_log(out)) == epochs  # nothing appended
 
 
@@ -173,6 +174,9 @@ def test_world_size_flag_without_a_launcher_is_a_note(monkeypatch, capsys):
     dist.init_distributed_mode(args)
     assert (args.world_size, args.distributed) == (1, False)
     assert 'note: --world_size 4, but 1 process(es) run (no launcher)' in capsys.readouterr().out
+    args.world_size, args.local_rank = 4, 0  # --local-rank: what torch.distributed.launch passes
+    dist.init_distributed_mode(args)
+    assert 'start 4 with python -m torch.distributed.launch --nproc_per_node=4' in capsys.readouterr().out
     args.world_size = 1  # upstream's default: nothing to say
     dist.init_distributed_mode(args)
     assert capsys.readouterr().out == ''

@@ -49,7 +49,7 @@ def test_quick_study_end_to_end(tmp_path):
     assert regular['final_loss'] == pytest.approx(sum(regular['final_loss_by_scale'].values()))
     assert runs[f'{best}/seed0']['flops_saving_estimate'] > 0.05
     assert 'finetune_top1' in runs['regular/seed0'] and 'finetune_top1' in runs[f'{best}/seed0']
-    assert re.search(r'^regular/seed0: fine-tune [\d.]+% top-1 \(1 epochs, \d+s\)$', r.stdout, re.M), r.stdout
+    assert re.search(r'^regular/seed0: fine-tune [\d.]+% top-1 \(1 epoch, \d+s\)$', r.stdout, re.M), r.stdout
     for tuned in (runs['regular/seed0'], runs[f'{best}/seed0']):  # loops and input wait inside the wall time
         assert 0 <= tuned['finetune_data_wait_s'] < tuned['finetune_train_s'] < tuned['finetune_wall_s']
     table = (results.parent / 'study_results.md').read_text()

@@ -86,9 +86,11 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     # --world_size is upstream's spelling of the intended count (its default 1 means "not given"); the
     # effective batch and lr follow the real count
     if asked not in (1, args.world_size) and args.rank == 0:
+        # torch.distributed.launch hands each process --local-rank; torchrun only the environment
+        launcher = 'python -m torch.distributed.launch' if getattr(args, 'local_rank', -1) >= 0 else 'torchrun'
         print(f'note: --world_size {asked}, but {args.world_size} process(es) '
               f'{"were started by the launcher" if args.world_size > 1 else "run (no launcher)"}: the run uses '
-              f'{args.world_size}; start {asked} with torchrun --nproc_per_node={asked} for the batch you asked for',
+              f'{args.world_size}; start {asked} with {launcher} --nproc_per_node={asked} for the batch you asked for',
               flush=True)
     if not launched:
         args.distributed = False
