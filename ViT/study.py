@@ -474,12 +474,11 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.data_backend = args.data_backend or ('gpu-cache' if args.device.startswith('cuda') else 'pil')
-    if not Path(args.data_path).exists():
-        raise SystemExit(f'error: --data_path {args.data_path} does not exist')
+    from util.data import build_classification_datasets, require_data_path
+    require_data_path(args.data_path)
     if not (Path(args.data_path) / 'train').is_dir() or not (Path(args.data_path) / 'val').is_dir():
         raise SystemExit(f'error: --data_path {args.data_path} needs train/ and val/ class folders '
                          f'(e.g. {ROOT.parent / "shared" / "data" / "imagenette-128"})')
-    from util.data import build_classification_datasets
     # the scoring scripts' own check of both splits (empty class folders, val classes that train lacks): a data
     # error would otherwise fail every run of the study in turn, each after its pretraining
     build_classification_datasets(args.data_path, None, None)

@@ -172,8 +172,8 @@ def test_benchmark_and_study_refuse_missing_or_bad_inputs(tmp_path):
         bad.write_text(text)
         with pytest.raises(SystemExit, match=message):
             study.load_results(bad)
-    for where, message in ((tmp_path / 'nowhere', 'does not exist$'), (tmp_path, r'needs train/ and val/ class '
-                                                                              r'folders \(e\.g\. /.*imagenette-128\)$')):
+    no_splits = r'needs train/ and val/ class folders \(e\.g\. /.*imagenette-128\)$'
+    for where, message in ((tmp_path / 'nowhere', 'does not exist$'), (tmp_path, no_splits)):
         with pytest.raises(SystemExit, match=message):
             study.main(['--quick', '--device', 'cpu', '--data_path', str(where), '--out', str(tmp_path / 'runs')])
     data = tmp_path / 'data'
