@@ -87,6 +87,8 @@ def test_cpu_run_writes_results_and_skips_gpu_backends(tmp_path):
     png = (out / 'benchmark_freeze.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
     assert 'schedule average' in res.stdout and '[project] k=12' in res.stdout
+    assert ', 0 workers)' in res.stdout  # the pil loader's line
+    assert any(n.startswith('CPU: the reference runs in fp32') for n in result['notes'])
 
 
 def test_cpu_run_subset_of_ks_without_data(tmp_path):
@@ -99,6 +101,7 @@ def test_cpu_run_subset_of_ks_without_data(tmp_path):
     assert 'partial' not in result and not any(n.startswith('partial') for n in result['notes'])  # finished
     assert result['loader_img_per_s'] == {} and result['end_to_end_img_per_s'] == {}
     assert result['reference_step_img_per_s'] is None
+    assert not any('reference runs in' in n for n in result['notes'])  # --skip_reference: no note about it
     assert positive(result['schedule_average_img_per_s'])
     assert any('interpolates' in n for n in result['notes'])
 
